@@ -216,9 +216,7 @@ class RoundSpec(_Strict):
                 raise ValueError(f"spans must be contiguous from block 0; span {span.name} starts at {span.start}")
             expected = span.end
         if expected != self.base.num_layers:
-            raise ValueError(
-                f"spans end at block {expected} but the base model has {self.base.num_layers} blocks"
-            )
+            raise ValueError(f"spans end at block {expected} but the base model has {self.base.num_layers} blocks")
         return self
 
     def span_index(self, span: SpanRange) -> int:

@@ -25,9 +25,15 @@ _LORA_PARAM = re.compile(r"\.lora_[AB]\.(" + ADAPTER_NAME + r")\.weight$")
 
 def peft_lora_config(lora: LoraSettings, base_model: str = "") -> LoraConfig:
     """The ``peft.LoraConfig`` equivalent of ``lora`` (the one written to ``adapter_config.json``)."""
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
-                      base_model_name_or_path=base_model or None)
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT accepts float alpha
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model or None,
+    )
 
 
 def _to_peft_key(module_name: str, prefix: str) -> str:
@@ -57,12 +63,13 @@ def init_lora_(named: dict[str, nn.Parameter], seed: int) -> None:
 
 def attach_lora(span: nn.Module, lora: LoraSettings) -> nn.Module:
     """Inject trainable LoRA layers into ``span`` (a :class:`swarm.span.Span`) and initialise them."""
-    model_type = span.config.model_type
+    model_type: str = getattr(span, "config").model_type  # noqa: B009 (nn.Module attributes are untyped)
     allowed = check_architecture(model_type)
     unknown = [m for m in lora.target_modules if m not in allowed]
     if unknown:
-        raise ValueError(f"lora.target_modules {unknown} do not exist in {model_type} blocks; "
-                         f"allowed values: {', '.join(allowed)}")
+        raise ValueError(
+            f"lora.target_modules {unknown} do not exist in {model_type} blocks; allowed values: {', '.join(allowed)}"
+        )
     inject_adapter_in_model(peft_lora_config(lora), span, adapter_name=ADAPTER_NAME)
     for name, param in span.named_parameters():
         param.requires_grad_(bool(_LORA_PARAM.search(name)))
@@ -97,8 +104,10 @@ def import_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Non
     params = lora_parameters(model)
     missing, unexpected = params.keys() - tensors.keys(), tensors.keys() - params.keys()
     if missing or unexpected:
-        raise KeyError(f"LoRA state does not match this model: missing {sorted(missing)[:3]}, "
-                       f"unexpected {sorted(unexpected)[:3]} (different span, rank or target modules?)")
+        raise KeyError(
+            f"LoRA state does not match this model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]} (different span, rank or target modules?)"
+        )
     for key, value in tensors.items():
         if tuple(value.shape) != tuple(params[key].shape):
             raise ValueError(f"LoRA tensor {key} has shape {tuple(value.shape)}, expected {tuple(params[key].shape)}")

@@ -27,15 +27,18 @@ def _model_class(config: Any, suffix: str) -> type[nn.Module]:
     return cls
 
 
-def _materialize(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+def _materialize(
+    module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype, device: torch.device | str
+) -> None:
     """Load ``prefix``-named tensors into a meta-device module, checking that every parameter is covered."""
-    state = {k[len(prefix):]: v.to(device=device, dtype=dtype) for k, v in tensors.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v.to(device=device, dtype=dtype) for k, v in tensors.items() if k.startswith(prefix)}
     expected = set(module.state_dict().keys())
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:
-        raise KeyError(f"checkpoint tensors under {prefix!r} do not match the architecture: "
-                       f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise KeyError(
+            f"checkpoint tensors under {prefix!r} do not match the architecture: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     module.load_state_dict(state, assign=True, strict=True)
 
 
@@ -64,8 +67,13 @@ class Span(nn.Module):
         seq_len = hidden_states.shape[1]
         position_ids = torch.arange(seq_len, device=hidden_states.device).unsqueeze(0)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        mask_args = dict(config=self.config, inputs_embeds=hidden_states, attention_mask=None,
-                         past_key_values=None, position_ids=position_ids)
+        mask_args = dict(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
         masks: dict[str, Any] = {}
         for i in range(self.span.start, self.span.end):
             kind = self._mask_kind[i]
@@ -73,7 +81,9 @@ class Span(nn.Module):
                 make = create_sliding_window_causal_mask if kind == "sliding" else create_causal_mask
                 masks[kind] = make(**mask_args)  # type: ignore[arg-type]
             hidden_states = self.layers[str(i)](
-                hidden_states, attention_mask=masks[kind], position_ids=position_ids,
+                hidden_states,
+                attention_mask=masks[kind],
+                position_ids=position_ids,
                 position_embeddings=position_embeddings,
             )
         return hidden_states
@@ -101,8 +111,9 @@ class TrainerHead(nn.Module):
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
 
 
-def load_span(path_or_id: str | Path, span: SpanRange, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> Span:
+def load_span(
+    path_or_id: str | Path, span: SpanRange, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> Span:
     """Build blocks ``[start, end)`` and read only their tensors from the checkpoint's safetensors files."""
     root = resolve_checkpoint(path_or_id)
     config = read_config(root)
@@ -122,8 +133,9 @@ def load_span(path_or_id: str | Path, span: SpanRange, dtype: torch.dtype = torc
     return module.eval()
 
 
-def load_trainer_head(path_or_id: str | Path, dtype: torch.dtype = torch.float32,
-                      device: torch.device | str = "cpu") -> TrainerHead:
+def load_trainer_head(
+    path_or_id: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> TrainerHead:
     """Read the token embeddings, final norm and LM head (tied to the embeddings when the config says so)."""
     root = resolve_checkpoint(path_or_id)
     config = read_config(root)

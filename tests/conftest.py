@@ -15,8 +15,15 @@ def _save_tiny(out: Path, arch: str, layers: int, seed: int) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
-    cfg = cls(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = cls(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     return out

@@ -89,8 +89,9 @@ def test_replicas_initialise_identically(tiny_checkpoint: Callable[..., Path]) -
     b = export_lora_state(attach_lora(load_span(ckpt, SpanRange(start=2, end=5)), LORA))
     shared = a.keys() & b.keys()
     assert shared and all(torch.equal(a[k], b[k]) for k in shared)
-    other = export_lora_state(attach_lora(load_span(ckpt, SpanRange(start=0, end=3)),
-                                          LORA.model_copy(update={"init_seed": 1})))
+    other = export_lora_state(
+        attach_lora(load_span(ckpt, SpanRange(start=0, end=3)), LORA.model_copy(update={"init_seed": 1}))
+    )
     assert any(not torch.equal(a[k], other[k]) for k in a if "lora_A" in k)
 
 

@@ -90,7 +90,9 @@ def test_unknown_architecture(tmp_path: Path) -> None:
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="unknown architecture model_type='gpt2'; allowed values: llama, mistral, qwen2"):
+    with pytest.raises(
+        ValueError, match="unknown architecture model_type='gpt2'; allowed values: llama, mistral, qwen2"
+    ):
         load_span(tmp_path, SpanRange(start=0, end=1))
 
 
