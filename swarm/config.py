@@ -228,7 +228,7 @@ class RoundSpec(_Strict):
 
     def run_id(self, span: SpanRange) -> str:
         """hivemind ``run_id`` of the optimizer group that trains ``span`` in this round."""
-        return f"{self.round_id}.span{span.start}-{span.end}"
+        return f"{self.round_id}_span{span.start}-{span.end}"
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

@@ -1,0 +1,83 @@
+"""``swarm coordinator``: run a coordinator until SIGTERM / SIGINT. Wire it with ``register(app)``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import typer
+
+from coordinator.config import CoordinatorConfig
+from coordinator.server import serve
+from swarm.config import RoundSpec
+
+
+def run(config: CoordinatorConfig) -> None:
+    """Serve ``config``, print where, block until SIGTERM or SIGINT, then stop cleanly."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server = serve(config)
+        try:
+            typer.echo(f"coordinator gRPC listening on {server.address}")
+            typer.echo(f"coordinator metrics on {server.metrics_url or '(off)'}")
+            typer.echo(f"coordinator state in {config.db_path if config.store == 'sqlite' else '(memory)'}")
+            while not stop.wait(1.0):
+                pass
+            typer.echo("coordinator stopping")
+        finally:
+            server.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    typer.echo("coordinator stopped")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``coordinator`` command to ``app``."""
+
+    @app.command("coordinator")
+    def coordinator(
+        host: str = typer.Option("127.0.0.1", help="Interface to listen on for gRPC and metrics (0.0.0.0 = all)."),
+        port: int = typer.Option(50051, help="gRPC port (0 = pick a free port; the bound one is printed)."),
+        metrics_port: int = typer.Option(
+            9400, help="HTTP port of /metrics and /health (0 = pick a free port, -1 = no metrics server)."
+        ),
+        workdir: Path = typer.Option(
+            Path("swarm-work"), help="Working directory; state goes to WORKDIR/coordinator/state.sqlite3."
+        ),
+        round_spec: Path | None = typer.Option(
+            None, exists=True, dir_okay=False, help="RoundSpec JSON file: the round to open when none is open."
+        ),
+        join_token: str = typer.Option(
+            "", envvar="SWARM_JOIN_TOKEN", help="Secret peers must present to join ('' = anyone may join)."
+        ),
+        heartbeat_interval: float = typer.Option(5.0, help="Seconds between heartbeats that peers are asked for."),
+        heartbeat_timeout: float = typer.Option(
+            30.0, help="Seconds without a heartbeat after which a peer is dropped and its span rebalanced."
+        ),
+        max_message_mb: float = typer.Option(
+            64.0, help="Largest gRPC message accepted, in MiB (span-state uploads must fit)."
+        ),
+        log_level: str = typer.Option("INFO", help="Python logging level: DEBUG, INFO, WARNING, ERROR."),
+    ) -> None:
+        """Run the round coordinator: membership, span assignment, round lifecycle, adapter registry."""
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            config = CoordinatorConfig(
+                host=host,
+                port=port,
+                metrics_port=None if metrics_port < 0 else metrics_port,
+                workdir=workdir,
+                round_spec=RoundSpec.load(round_spec) if round_spec else None,
+                join_token=join_token,
+                heartbeat_interval_s=heartbeat_interval,
+                heartbeat_timeout_s=heartbeat_timeout,
+                max_message_mb=max_message_mb,
+            )
+        except ValueError as e:  # pydantic's ValidationError is a ValueError; its text names each field
+            typer.echo(f"invalid coordinator settings: {e}", err=True)
+            raise typer.Exit(2) from None
+        run(config)

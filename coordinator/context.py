@@ -1,0 +1,37 @@
+"""What every handler works with: the store, the config, metrics, a clock and one lock."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from coordinator.config import CoordinatorConfig
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.state import CoordinatorStore
+from coordinator.store_memory import MemoryStore
+from coordinator.store_sqlite import SqliteStore
+
+
+@dataclass
+class CoordinatorContext:
+    """Shared by the gRPC servicer, the sweep thread and tests (which call handlers directly).
+
+    ``lock`` serialises the read-modify-write sequences of handlers; each store call is atomic
+    on its own, and every sequence converges if a crash cuts it short.
+    """
+
+    store: CoordinatorStore
+    config: CoordinatorConfig
+    metrics: CoordinatorMetrics = field(default_factory=CoordinatorMetrics)
+    clock: Callable[[], float] = time.time
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @classmethod
+    def from_config(cls, config: CoordinatorConfig, clock: Callable[[], float] = time.time) -> CoordinatorContext:
+        """Open the store the config names and export its state metrics."""
+        store: CoordinatorStore = SqliteStore(config.db_path) if config.store == "sqlite" else MemoryStore()
+        ctx = cls(store=store, config=config, clock=clock)
+        ctx.metrics.watch(store, clock)
+        return ctx

@@ -1,0 +1,198 @@
+"""Membership RPCs as plain functions: (context, request message) -> response message.
+
+Raise :class:`~coordinator.validation.HandlerError` for a failed call; the servicer turns it
+into a gRPC status. Tests call these directly, without sockets.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import grpc
+
+from coordinator.assignment import choose_span
+from coordinator.context import CoordinatorContext
+from coordinator.lifecycle import action_for
+from coordinator.membership import expire_members, rebalance_round
+from coordinator.rounds import advance, live_replicas, round_progress
+from coordinator.state import Capacity, Heartbeat, JoinRejection, MemberRecord, MemberState, RoundRecord
+from coordinator.state import Conflict as StoreConflict
+from coordinator.validation import (
+    HandlerError,
+    check_count,
+    check_name,
+    check_real,
+    invalid,
+    software_compatible,
+    span_index,
+    span_message,
+)
+from swarm.proto import Action, RejectCode, RoundState
+from swarm.proto import coordinator_pb2 as pb
+
+
+def resolve_round(ctx: CoordinatorContext, round_id: str) -> RoundRecord:
+    """The named round (NOT_FOUND naming it), or the current one for ``''``."""
+    if round_id:
+        record = ctx.store.get_round(round_id)
+        if record is None:
+            current = ctx.store.current_round()
+            hint = f"; the current round is {current.round_id!r}" if current else "; no round exists yet"
+            raise HandlerError(grpc.StatusCode.NOT_FOUND, f"round {round_id[:128]!r} does not exist{hint}")
+        return record
+    record = ctx.store.current_round()
+    if record is None:
+        raise HandlerError(grpc.StatusCode.NOT_FOUND, "no round exists yet: the operator must open one")
+    return record
+
+
+def refresh(ctx: CoordinatorContext, record: RoundRecord, now: float) -> RoundRecord:
+    """Lazy upkeep on every request: expire silent members, take automatic lifecycle steps."""
+    expire_members(ctx, record, now)
+    return advance(ctx.store, record, now)
+
+
+def _reject(ctx: CoordinatorContext, req: pb.JoinRequest, round_id: str, code: RejectCode, why: str) -> None:
+    ctx.store.add_rejection(JoinRejection(req.peer_id, round_id, code.value, why, ctx.clock()))
+    ctx.metrics.join_rejections.labels(reason=code.value).inc()
+
+
+def _refuse(
+    ctx: CoordinatorContext, req: pb.JoinRequest, record: RoundRecord, code: RejectCode, why: str
+) -> pb.JoinResponse:
+    _reject(ctx, req, record.round_id, code, why)
+    return pb.JoinResponse(accepted=False, reject_reason=why, reject_code=code.value, round_id=record.round_id)
+
+
+def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
+    check_name("peer_id", req.peer_id)
+    for i, addr in enumerate(req.multiaddrs):
+        if not addr.strip():
+            raise invalid(f"multiaddrs[{i}] must be a non-empty multiaddr such as /ip4/1.2.3.4/tcp/31337")
+    check_real("capacity.throughput", req.capacity.throughput, minimum=0.0)
+    with ctx.lock:
+        if ctx.config.join_token and not hmac.compare_digest(req.join_token.encode(), ctx.config.join_token.encode()):
+            why = "join_token is wrong or missing: ask the coordinator's operator for the round's token"
+            _reject(ctx, req, req.round_id, RejectCode.JOIN_TOKEN, why)
+            raise HandlerError(grpc.StatusCode.PERMISSION_DENIED, why)
+        if req.round_id:
+            record = resolve_round(ctx, req.round_id)
+        else:
+            active = ctx.store.active_round()
+            if active is None:
+                raise HandlerError(grpc.StatusCode.FAILED_PRECONDITION, "no round is open for joining; retry later")
+            record = active
+        now = ctx.clock()
+        record = refresh(ctx, record, now)
+        spec = record.spec
+        if record.state not in (RoundState.OPEN, RoundState.TRAINING):
+            why = f"round {record.round_id!r} is {record.state.value}: wait for the next round and join it"
+            return _refuse(ctx, req, record, RejectCode.ROUND_CLOSED, why)
+        if spec.base.fingerprint and req.base_fingerprint != spec.base.fingerprint:
+            why = (
+                f"base model fingerprint {req.base_fingerprint or '(none)'} does not match the round's "
+                f"{spec.base.fingerprint}: load the base model {spec.base.path} and join again"
+            )
+            return _refuse(ctx, req, record, RejectCode.FINGERPRINT, why)
+        required = ctx.config.software_version
+        if not software_compatible(req.software_version, required):
+            why = (
+                f"software version {req.software_version or '(none)'} is not compatible with the coordinator's "
+                f"{required}: install loraswarm {'.'.join(required.split('.')[:2])}.x and join again"
+            )
+            return _refuse(ctx, req, record, RejectCode.SOFTWARE_VERSION, why)
+
+        previous = ctx.store.get_member(record.round_id, req.peer_id)
+        if previous is not None and previous.live:
+            index, epoch = previous.span_index, previous.epoch  # a quick restart keeps its span
+        else:
+            others = [r for r in live_replicas(ctx.store, record.round_id) if r.peer_id != req.peer_id]
+            index, epoch = choose_span(others, len(spec.spans)), 0
+        cap = Capacity(req.capacity.memory_bytes, req.capacity.device, req.capacity.throughput)
+        member = MemberRecord(record.round_id, req.peer_id, index, tuple(req.multiaddrs), cap, cap.throughput,
+                              joined_at=now, last_heartbeat=now, epoch=epoch)  # fmt: skip
+        ctx.store.put_member(member)
+        advance(ctx.store, record, now)
+    return pb.JoinResponse(
+        accepted=True,
+        span=span_message(spec.spans[index]),
+        round_spec_json=record.spec_json,
+        heartbeat_interval_s=ctx.config.heartbeat_interval_s,
+        round_id=record.round_id,
+    )
+
+
+def _beat(req: pb.HeartbeatRequest) -> Heartbeat:
+    p = req.progress
+    check_count("progress.samples", p.samples)
+    check_count("progress.tokens", p.tokens)
+    check_count("progress.epoch", p.epoch)
+    check_real("progress.loss", p.loss)
+    check_real("progress.throughput", p.throughput, minimum=0.0)
+    return Heartbeat(p.samples, p.tokens, p.epoch, p.loss if p.loss != 0 else None, p.throughput)
+
+
+def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+    check_name("peer_id", req.peer_id)
+    beat = _beat(req)
+    interval = ctx.config.heartbeat_interval_s
+    with ctx.lock:
+        record = resolve_round(ctx, req.round_id)
+        now = ctx.clock()
+        record = refresh(ctx, record, now)
+        member = ctx.store.get_member(record.round_id, req.peer_id)
+        if member is None or not member.live:
+            why = "never joined" if member is None else member.state.value
+            return pb.HeartbeatResponse(
+                ok=False, round_state=record.state.value, action=Action.REJOIN.value, heartbeat_interval_s=interval,
+                message=f"peer {req.peer_id} is not a live member of round {record.round_id!r} ({why}): call Join",
+            )  # fmt: skip
+        spec = record.spec
+        if req.HasField("span") and span_index(spec, req.span) != member.span_index:
+            beat = Heartbeat(beat.samples, beat.tokens, 0, beat.loss, beat.throughput)  # epoch of another group
+        try:
+            member = ctx.store.record_heartbeat(record.round_id, req.peer_id, beat, now)
+        except StoreConflict as e:
+            raise invalid(
+                f"progress: {e}; counters are cumulative since the last Join (Join again after a restart)"
+            ) from None
+        record = advance(ctx.store, record, now)
+    return pb.HeartbeatResponse(
+        ok=True,
+        span=span_message(spec.spans[member.span_index]),
+        round_state=record.state.value,
+        action=action_for(record.state).value,
+        heartbeat_interval_s=interval,
+    )
+
+
+def leave(ctx: CoordinatorContext, req: pb.LeaveRequest) -> pb.LeaveResponse:
+    check_name("peer_id", req.peer_id)
+    with ctx.lock:
+        record = resolve_round(ctx, req.round_id)
+        member = ctx.store.get_member(record.round_id, req.peer_id)
+        if member is None or not member.live:
+            return pb.LeaveResponse(ok=False)
+        ctx.store.set_member_states(record.round_id, [req.peer_id], MemberState.LEFT)
+        rebalance_round(ctx, record)
+    return pb.LeaveResponse(ok=True)
+
+
+def get_round_spec(ctx: CoordinatorContext, req: pb.GetRoundSpecRequest) -> pb.GetRoundSpecResponse:
+    with ctx.lock:
+        now = ctx.clock()
+        record = refresh(ctx, resolve_round(ctx, req.round_id), now)
+        progress = round_progress(ctx.store, record, now)
+    return pb.GetRoundSpecResponse(
+        round_id=record.round_id,
+        round_spec_json=record.spec_json,
+        state=record.state.value,
+        created_at=record.created_at,
+        started_at=record.started_at or 0.0,
+        ended_at=record.ended_at or 0.0,
+        samples=progress.samples,
+        epoch=progress.epochs,
+    )
+
+
+__all__ = ["get_round_spec", "heartbeat", "join", "leave", "refresh", "resolve_round"]

@@ -1,0 +1,91 @@
+"""Round operations on a store: open, measure progress, advance through the lifecycle.
+
+These are the building blocks the handlers, the sweep and (later) finalization call. Callers
+hold the coordinator lock around them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from coordinator.assignment import Replica, span_loads
+from coordinator.lifecycle import RoundEvent, RoundProgress, end_reason, round_epochs, transition
+from coordinator.state import AlreadyExists, CoordinatorStore, MemberState, RoundRecord
+from swarm.config import RoundSpec
+from swarm.proto import RoundState
+
+log = logging.getLogger(__name__)
+
+
+class RoundConflict(ValueError):
+    """The round cannot be opened (another is active, the id is taken, the parent is unknown)."""
+
+
+def open_round(store: CoordinatorStore, spec: RoundSpec, now: float) -> RoundRecord:
+    """Create ``spec`` as a new open round; :class:`RoundConflict` says why it cannot be."""
+    active = store.active_round()
+    if active is not None:
+        raise RoundConflict(
+            f"round {active.round_id!r} is still {active.state.value}: finish or fail it before opening "
+            f"round {spec.round_id!r}"
+        )
+    if spec.parent_adapter and store.get_adapter(spec.parent_adapter) is None:
+        raise RoundConflict(
+            f"round {spec.round_id!r} starts from adapter {spec.parent_adapter!r}, which is not in the "
+            f"registry: publish it first or set parent_adapter to ''"
+        )
+    record = RoundRecord.new(spec, now)
+    try:
+        store.create_round(record)
+    except AlreadyExists:
+        existing = store.get_round(spec.round_id)
+        state = existing.state.value if existing else "unknown"
+        raise RoundConflict(
+            f"round id {spec.round_id!r} was already used (that round is {state}): give the new round a new round_id"
+        ) from None
+    log.info("opened round %s (%d spans)", spec.round_id, len(spec.spans))
+    return record
+
+
+def live_replicas(store: CoordinatorStore, round_id: str) -> list[Replica]:
+    return [Replica(m.peer_id, m.span_index, m.throughput) for m in store.list_members(round_id, MemberState.LIVE)]
+
+
+def round_progress(store: CoordinatorStore, record: RoundRecord, now: float) -> RoundProgress:
+    """Samples from contributions; epochs of the slowest span group; seconds since training began."""
+    samples = sum(c.samples for c in store.list_contributions(record.round_id))
+    epoch_by_span: dict[int, int] = {}
+    for m in store.list_members(record.round_id):
+        epoch_by_span[m.span_index] = max(epoch_by_span.get(m.span_index, 0), m.epoch)
+    epochs = round_epochs(epoch_by_span, len(record.spec.spans))
+    elapsed = now - record.started_at if record.started_at is not None else 0.0
+    return RoundProgress(samples, epochs, max(elapsed, 0.0))
+
+
+def apply_event(
+    store: CoordinatorStore, record: RoundRecord, event: RoundEvent, now: float, why: str = ""
+) -> RoundRecord:
+    """Move ``record`` through ``event`` (lifecycle rules apply) and stamp the start/end time."""
+    state = transition(record.state, event)
+    updated = store.set_round_state(
+        record.round_id,
+        state,
+        expected=record.state,
+        started_at=now if state is RoundState.TRAINING else None,
+        ended_at=now if state in (RoundState.FINALIZING, RoundState.FAILED) else None,
+    )
+    log.info("round %s: %s -> %s%s", record.round_id, record.state.value, state.value, f" ({why})" if why else "")
+    return updated
+
+
+def advance(store: CoordinatorStore, record: RoundRecord, now: float) -> RoundRecord:
+    """Take the automatic steps: start once every span is served, end once a limit is reached."""
+    if record.state is RoundState.OPEN:
+        loads = span_loads(live_replicas(store, record.round_id), len(record.spec.spans))
+        if all(s.replicas > 0 for s in loads):
+            record = apply_event(store, record, RoundEvent.START, now, "every span has a live server")
+    if record.state is RoundState.TRAINING:
+        reason = end_reason(record.spec.end, round_progress(store, record, now))
+        if reason is not None:
+            record = apply_event(store, record, RoundEvent.END, now, reason)
+    return record

@@ -1,0 +1,67 @@
+"""Signed announcements of the spans this peer serves, and reading the swarm map back from the DHT."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import hivemind
+from hivemind.utils.logging import get_logger
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import SchemaValidator
+from hivemind.utils import get_dht_time
+
+from swarm.dht_records import RoundRecordsSchema, ServerAnnouncement, dht_prefix, parse_announcement, servers_key
+
+log = get_logger(__name__)
+
+
+def record_validators(round_id: str) -> list:
+    """Validators every DHT node of a round installs: schema of its keys + per-peer signed subkeys."""
+    return [SchemaValidator(RoundRecordsSchema, prefix=dht_prefix(round_id)), RSASignatureValidator()]
+
+
+def fetch_servers(dht: hivemind.DHT, round_id: str) -> list[ServerAnnouncement]:
+    """All valid, unexpired server announcements of a round (malformed ones are skipped)."""
+    found = dht.get(servers_key(round_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    out = []
+    for item in found.value.values():
+        ann = parse_announcement(item.value)
+        if ann is not None:
+            out.append(ann)
+    return out
+
+
+class Announcer(threading.Thread):
+    """Re-announces ``make_record()`` every ``period`` seconds; records expire after 3 periods."""
+
+    def __init__(self, dht: hivemind.DHT, round_id: str, make_record: Callable[[], ServerAnnouncement],
+                 period: float):
+        super().__init__(name="announcer", daemon=True)
+        self.dht, self.round_id, self.make_record, self.period = dht, round_id, make_record, period
+        self.subkey = RSASignatureValidator().local_public_key
+        self._stop_event = threading.Event()
+
+    def announce_once(self, expiration: float | None = None) -> bool:
+        record = self.make_record()
+        return bool(self.dht.store(servers_key(self.round_id), subkey=self.subkey, value=record.dict(),
+                                   expiration_time=expiration or get_dht_time() + 3 * self.period))
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.announce_once()
+            except Exception:
+                log.exception("announcement failed; retrying")
+            self._stop_event.wait(self.period)
+
+    def stop(self, leave: bool = True) -> None:
+        """Stop announcing; ``leave`` replaces our record with one that expires right away."""
+        self._stop_event.set()
+        if leave:
+            try:
+                self.announce_once(expiration=get_dht_time() + 0.5)
+            except Exception:
+                log.warning("could not withdraw the DHT announcement; it expires by itself")

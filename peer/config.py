@@ -1,0 +1,62 @@
+"""Configuration of the peer daemon (pydantic v2, importable without torch)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from swarm.config import SpanRange
+
+
+class PeerConfig(BaseModel):
+    """Everything ``swarm peer`` needs; every CLI flag maps to one field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round_spec: str = Field("", description="Round spec JSON file (used when no coordinator is given).")
+    coordinator: str = Field("", description="Coordinator gRPC address HOST:PORT; the round spec comes from it.")
+    join_token: str = Field("", description="Token the coordinator may require to join.")
+    span: SpanRange | None = Field(None, description="Blocks to host; None = assigned by the coordinator or spec.")
+    span_index: int = Field(-1, description="Index into the round's spans to host (-1 = choose automatically).")
+    num_blocks: int = Field(0, description="With a GPU: max blocks to host (0 = what fits in free memory).")
+    initial_peers: tuple[str, ...] = Field((), description="Multiaddrs of DHT peers to join (empty = start a DHT).")
+    host_maddrs: tuple[str, ...] = Field(("/ip4/0.0.0.0/tcp/0",), description="Multiaddrs libp2p listens on.")
+    announce_maddrs: tuple[str, ...] = Field((), description="Multiaddrs announced to others (e.g. public IP).")
+    identity_path: str = Field("", description="libp2p private key file; created if missing; keeps the peer id.")
+    use_relay: bool = Field(True, description="Let libp2p use relays (hivemind use_relay).")
+    use_auto_relay: bool = Field(False, description="Find relays automatically when behind NAT (hivemind).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the span runs.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Span weights dtype; auto = float32 on CPU, bfloat16 on GPU."
+    )
+    trainer: bool | None = Field(None, description="Drive training batches (default: on when data is given).")
+    data_path: str = Field("", description="Training text for the trainer (overrides the round spec's data).")
+    shard_index: int = Field(0, description="Which data shard this trainer reads (0-based).")
+    num_shards: int = Field(1, description="How many shards the training data is cut into.")
+    max_steps: int = Field(0, description="Stop the trainer after this many micro-batches (0 = run until round end).")
+    request_timeout: float = Field(30.0, description="Seconds before a remote span call fails over.")
+    announce_period: float = Field(5.0, description="Seconds between DHT announcements.")
+    metrics_port: int = Field(-1, description="Port of /metrics and /health (-1 = off, 0 = ephemeral).")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds.")
+    threads: int = Field(0, description="torch intra-op threads (0 = torch default).")
+    ready_file: str = Field("", description="Write a JSON line with peer id, maddrs and metrics port here once up.")
+    seed: int = Field(0, description="Seed of the trainer's batch order.")
+
+    @field_validator("shard_index", "num_shards", "max_steps", "num_blocks")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
+
+    @field_validator("request_timeout", "announce_period")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+    @property
+    def is_trainer(self) -> bool:
+        return bool(self.data_path) if self.trainer is None else self.trainer

@@ -1,0 +1,174 @@
+"""The trainer: drives micro-batches through the chain of spans and backpropagates through the same peers.
+
+Its own spans run locally (twin module, no recomputation); other spans are called on a replica chosen by
+measured throughput, with failover to another replica when a call fails or times out. A span with no live
+server makes the trainer wait and say so.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import hivemind
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.utils.logging import get_logger
+import torch
+
+from peer.announce import fetch_servers
+from peer.remote import RemoteCallError, RemoteSpan
+from peer.server import SpanServer, expert_uid
+from swarm.config import RoundSpec, SpanRange
+from swarm.routing import NoReplicaError, Replica, choose_replica
+from swarm.span import TrainerHead
+
+log = get_logger(__name__)
+
+
+class SpanUnavailableError(RuntimeError):
+    """No server answered for a span within the wait limit."""
+
+
+@dataclass
+class Router:
+    """Knows the replicas of every span (from the DHT) and which peers failed recently."""
+
+    dht: hivemind.DHT
+    spec: RoundSpec
+    local: dict[SpanRange, SpanServer]
+    timeout: float
+    refresh_period: float = 2.0
+    ban_seconds: float = 15.0
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+    _replicas: dict[tuple[int, int], list[Replica]] = field(default_factory=dict)
+    _banned: dict[str, float] = field(default_factory=dict)
+    _refreshed: float = 0.0
+    _handles: dict[tuple[str, str], RemoteSpan] = field(default_factory=dict)
+    _p2p: object = None
+
+    def refresh(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._refreshed < self.refresh_period:
+            return
+        replicas: dict[tuple[int, int], list[Replica]] = {}
+        for ann in fetch_servers(self.dht, self.spec.round_id):
+            if ann.state != "online":
+                continue
+            replicas.setdefault(ann.span, []).append(Replica(ann.peer_id, float(ann.throughput)))
+        self._replicas, self._refreshed = replicas, time.monotonic()
+
+    def peers_seen(self) -> dict[str, int]:
+        return {f"{a}-{b}": len(rs) for (a, b), rs in self._replicas.items()}
+
+    def ban(self, peer_id: str) -> None:
+        self._banned[peer_id] = time.monotonic() + self.ban_seconds
+
+    def pick(self, span: SpanRange, wait: float, say: Callable[[str], None]) -> RemoteSpan:
+        """A remote replica of ``span``, waiting up to ``wait`` seconds for one to appear."""
+        deadline, announced = time.monotonic() + wait, False
+        while True:
+            self.refresh()
+            now = time.monotonic()
+            banned = {p for p, until in self._banned.items() if until > now}
+            mine = str(self.dht.peer_id)
+            candidates = [r for r in self._replicas.get((span.start, span.end), []) if r.peer_id != mine]
+            try:
+                choice = choose_replica(candidates, exclude=banned, rng=self.rng)
+                return self._handle(choice.peer_id, span)
+            except NoReplicaError:
+                if now >= deadline:
+                    raise SpanUnavailableError(f"no live server for span {span.name} after {wait:.0f} s") from None
+                if not announced:
+                    say(f"waiting for a server of span {span.name} (none alive)")
+                    announced = True
+                time.sleep(min(1.0, max(0.05, deadline - now)))
+                self.refresh(force=True)
+
+    def _handle(self, peer_id: str, span: SpanRange) -> RemoteSpan:
+        uid = expert_uid(self.spec.round_id, span)
+        if (peer_id, uid) not in self._handles:
+            if self._p2p is None:
+                self._p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
+            self._handles[peer_id, uid] = RemoteSpan(self._p2p, peer_id, uid, self.timeout)  # type: ignore[arg-type]
+        return self._handles[peer_id, uid]
+
+
+@dataclass
+class StepResult:
+    loss: float
+    samples: int
+    tokens: int
+    seconds: float
+
+
+class ChainTrainer:
+    """One forward/backward of a micro-batch through every span of the round."""
+
+    def __init__(self, spec: RoundSpec, head: TrainerHead, router: Router, *, max_attempts: int = 4,
+                 span_wait: float = 120.0, say: Callable[[str], None] = log.info):
+        self.spec, self.head, self.router = spec, head, router
+        self.max_attempts, self.span_wait, self.say = max_attempts, span_wait, say
+
+    def _remote(self, span: SpanRange, call: Callable[[RemoteSpan], torch.Tensor]) -> torch.Tensor:
+        last: Exception | None = None
+        for _ in range(self.max_attempts):
+            handle = self.router.pick(span, self.span_wait, self.say)
+            try:
+                return call(handle)
+            except RemoteCallError as exc:
+                last = exc
+                self.say(f"span {span.name}: {exc}; failing over to another replica")
+                self.router.ban(handle.peer_id)
+                self.router.refresh(force=True)
+        raise SpanUnavailableError(f"span {span.name}: {self.max_attempts} attempts failed, last: {last}")
+
+    def step(self, input_ids: torch.Tensor) -> StepResult:
+        started = time.perf_counter()
+        batch = int(input_ids.shape[0])
+        with torch.no_grad():
+            hidden = self.head.embed(input_ids)
+        saved: list[tuple[SpanRange, torch.Tensor, torch.Tensor | None]] = []
+        for span in self.spec.spans:
+            server = self.router.local.get(span)
+            if server is not None:
+                inp = hidden.detach().requires_grad_(True)
+                out = server.backend.local_forward(inp)
+                saved.append((span, inp, out))
+                hidden = out.detach()
+            else:
+                inp = hidden.detach()
+                saved.append((span, inp, None))
+                hidden = self._remote(span, lambda h, x=inp: h.forward(x))
+        last = hidden.detach().requires_grad_(True)
+        loss = self.head.loss(last, input_ids)
+        loss.backward()
+        grad = last.grad
+        assert grad is not None
+        for span, inp, out in reversed(saved):
+            if out is not None:
+                out.backward(grad)
+                grad = inp.grad
+                self.router.local[span].backend.local_apply_grads(batch)
+            else:
+                grad = self._remote(span, lambda h, x=inp, g=grad: h.backward(x, g))
+            assert grad is not None
+        return StepResult(float(loss), batch, batch * int(input_ids.shape[1]), time.perf_counter() - started)
+
+    @torch.no_grad()
+    def evaluate(self, sequences: torch.Tensor, batch_size: int) -> float:
+        """Mean held-out loss of the swarm's current LoRA (forward only, through the same chain)."""
+        total, count = 0.0, 0
+        for i in range(0, len(sequences), batch_size):
+            ids = sequences[i : i + batch_size]
+            hidden = self.head.embed(ids)
+            for span in self.spec.spans:
+                server = self.router.local.get(span)
+                if server is not None:
+                    with server.lock:
+                        hidden = server.module(hidden)
+                else:
+                    hidden = self._remote(span, lambda h, x=hidden: h.forward(x))
+            total += float(self.head.loss(hidden, ids)) * len(ids)
+            count += len(ids)
+        return total / max(count, 1)

@@ -1,0 +1,72 @@
+"""DHT keys and record schemas of a round (hivemind ``SchemaValidator`` + ``RSASignatureValidator``).
+
+Each server announces itself under the round's ``servers`` key with its own signed subkey, so nobody can
+overwrite another peer's record. Readers ignore fields they do not know (forward compatibility, like petals'
+``ServerInfo``). hivemind validates schemas with pydantic v1, hence ``pydantic.v1`` here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic.v1 import BaseModel, Extra, StrictFloat, StrictInt, StrictStr, ValidationError, confloat, conint
+
+ONLINE, JOINING, OFFLINE = "online", "joining", "offline"
+
+
+def dht_prefix(round_id: str) -> str:
+    """Prefix of every DHT key of a round."""
+    return f"loraswarm_{round_id}"
+
+
+def servers_key(round_id: str) -> str:
+    return f"{dht_prefix(round_id)}_servers"
+
+
+class ServerAnnouncement(BaseModel):
+    """What a peer tells the swarm about the span it serves."""
+
+    peer_id: StrictStr
+    span_start: conint(strict=True, ge=0)  # type: ignore[valid-type]
+    span_end: conint(strict=True, ge=1)  # type: ignore[valid-type]
+    throughput: confloat(strict=True, ge=0.0)  # type: ignore[valid-type]  # samples/s of forward+backward
+    state: StrictStr = ONLINE
+    version: StrictStr = ""
+    adapter_version: StrictStr = ""
+    expert_uid: StrictStr = ""
+    epoch: StrictInt = 0
+    maddrs: list[StrictStr] = []
+
+    class Config:
+        extra = Extra.ignore
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return (int(self.span_start), int(self.span_end))
+
+
+class RoundRecordsSchema(BaseModel):
+    """Schema of the DHT keys under :func:`dht_prefix`; subkeys carry the owner's public key."""
+
+    servers: dict[bytes, ServerAnnouncement] | None = None
+
+
+def parse_announcement(value: Any) -> ServerAnnouncement | None:
+    """Read one announcement; a malformed one is skipped (returns None) rather than breaking the reader."""
+    try:
+        return ServerAnnouncement.parse_obj(value)
+    except (ValidationError, TypeError):
+        return None
+
+
+__all__ = [
+    "JOINING",
+    "OFFLINE",
+    "ONLINE",
+    "RoundRecordsSchema",
+    "ServerAnnouncement",
+    "StrictFloat",
+    "dht_prefix",
+    "parse_announcement",
+    "servers_key",
+]

@@ -1,0 +1,234 @@
+"""Membership handlers called as plain functions (no sockets), on both stores, with a fake clock."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coordinator import handlers
+from coordinator.config import CoordinatorConfig
+from coordinator.context import CoordinatorContext
+from coordinator.membership import sweep
+from coordinator.rounds import RoundConflict, open_round
+from coordinator.state import AdapterRecord, MemberState
+from coordinator.store_memory import MemoryStore
+from coordinator.store_sqlite import SqliteStore
+from coordinator.validation import HandlerError
+from swarm.config import BaseModelRef, EndCondition, RoundSpec, split_even
+from swarm.proto import RoundState
+from swarm.proto import coordinator_pb2 as pb
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_spec(round_id: str = "r1", num_spans: int = 2, end: EndCondition | None = None) -> RoundSpec:
+    base = BaseModelRef(path="/models/tiny-llama", fingerprint="fp-good", num_layers=4)
+    return RoundSpec(round_id=round_id, base=base, spans=split_even(4, num_spans),
+                     end=end or EndCondition(target_samples=100))  # fmt: skip
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CoordinatorContext]:
+    config = CoordinatorConfig(workdir=tmp_path, join_token="s3cret", heartbeat_interval_s=1, heartbeat_timeout_s=10)
+    store = MemoryStore() if request.param == "memory" else SqliteStore(config.db_path)
+    c = CoordinatorContext(store=store, config=config, clock=Clock())
+    open_round(store, make_spec(), c.clock())
+    yield c
+    store.close()
+
+
+def join_req(peer: str, **kw: object) -> pb.JoinRequest:
+    fields: dict = dict(peer_id=peer, multiaddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{peer}"], base_fingerprint="fp-good",
+                        software_version="0.1.7", join_token="s3cret", capacity=pb.Capacity(throughput=1.0))  # fmt: skip
+    fields.update(kw)
+    return pb.JoinRequest(**fields)
+
+
+def beat(ctx: CoordinatorContext, peer: str, samples: int = 0, **kw: object) -> pb.HeartbeatResponse:
+    progress = pb.Progress(samples=samples, tokens=samples * 10, **kw)  # type: ignore[arg-type]
+    return handlers.heartbeat(ctx, pb.HeartbeatRequest(peer_id=peer, round_id="r1", progress=progress))
+
+
+def error(fn: object, *args: object) -> HandlerError:
+    with pytest.raises(HandlerError) as info:
+        fn(*args)  # type: ignore[operator]
+    return info.value
+
+
+def test_join_assigns_spans_and_starts_training(ctx: CoordinatorContext) -> None:
+    r1 = handlers.join(ctx, join_req("a"))
+    assert r1.accepted and (r1.span.start, r1.span.end) == (0, 2) and r1.round_id == "r1"
+    assert RoundSpec.from_json(r1.round_spec_json) == make_spec() and r1.heartbeat_interval_s == 1
+    assert ctx.store.get_round("r1").state is RoundState.OPEN  # type: ignore[union-attr]
+    assert beat(ctx, "a").action == "wait"
+    r2 = handlers.join(ctx, join_req("b"))
+    assert (r2.span.start, r2.span.end) == (2, 4)
+    assert ctx.store.get_round("r1").state is RoundState.TRAINING  # type: ignore[union-attr]
+    r3 = handlers.join(ctx, join_req("c", capacity=pb.Capacity(throughput=5.0)))
+    assert r3.span.start == 0  # tie on throughput -> lowest index
+    assert handlers.join(ctx, join_req("c")).span.start == 0  # a live member re-joining keeps its span
+    assert beat(ctx, "a").action == "continue"
+
+
+def test_join_rejects_wrong_fingerprint_and_version(ctx: CoordinatorContext) -> None:
+    r = handlers.join(ctx, join_req("a", base_fingerprint="fp-bad"))
+    assert not r.accepted and r.reject_code == "fingerprint"
+    assert "fp-bad does not match the round's fp-good: load the base model /models/tiny-llama" in r.reject_reason
+    r = handlers.join(ctx, join_req("a", software_version="0.2.0"))
+    assert not r.accepted and r.reject_code == "software_version" and "install loraswarm 0.1.x" in r.reject_reason
+    assert [j.reason for j in ctx.store.list_rejections()] == ["fingerprint", "software_version"]
+    assert ctx.store.list_members("r1") == []
+    sample = ctx.metrics.registry.get_sample_value
+    assert sample("swarm_coordinator_join_rejections_total", {"reason": "fingerprint"}) == 1
+
+
+def test_join_wrong_token_is_permission_denied(ctx: CoordinatorContext) -> None:
+    e = error(handlers.join, ctx, join_req("a", join_token="guess"))
+    assert e.code is grpc.StatusCode.PERMISSION_DENIED and "join_token" in e.message
+    assert [j.reason for j in ctx.store.list_rejections()] == ["join_token"]
+
+
+def test_join_unknown_round_is_not_found(ctx: CoordinatorContext) -> None:
+    e = error(handlers.join, ctx, join_req("a", round_id="r404"))
+    assert e.code is grpc.StatusCode.NOT_FOUND and "'r404' does not exist; the current round is 'r1'" in e.message
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [({"peer_id": ""}, "peer_id"), ({"peer_id": "../etc"}, "peer_id"), ({"multiaddrs": [""]}, "multiaddrs[0]"),
+     ({"capacity": pb.Capacity(throughput=math.nan)}, "capacity.throughput"),
+     ({"capacity": pb.Capacity(throughput=-1)}, "capacity.throughput")],
+)  # fmt: skip
+def test_join_malformed_input_names_the_field(ctx: CoordinatorContext, kw: dict, field: str) -> None:
+    kw = dict(kw)  # parameters are shared between the two stores
+    e = error(handlers.join, ctx, join_req(kw.pop("peer_id", "a"), **kw))
+    assert e.code is grpc.StatusCode.INVALID_ARGUMENT and e.message.startswith(field)
+
+
+def test_join_closed_round_is_refused(ctx: CoordinatorContext) -> None:
+    ctx.store.set_round_state("r1", RoundState.FAILED, expected=RoundState.OPEN)
+    e = error(handlers.join, ctx, join_req("a"))
+    assert e.code is grpc.StatusCode.FAILED_PRECONDITION  # no active round to join
+    r = handlers.join(ctx, join_req("a", round_id="r1"))
+    assert not r.accepted and r.reject_code == "round_closed" and "wait for the next round" in r.reject_reason
+
+
+@pytest.mark.parametrize(
+    ("progress", "field"),
+    [({"samples": -1}, "progress.samples"), ({"tokens": -5}, "progress.tokens"), ({"epoch": -1}, "progress.epoch"),
+     ({"loss": math.nan}, "progress.loss"), ({"loss": math.inf}, "progress.loss"),
+     ({"throughput": math.nan}, "progress.throughput")],
+)  # fmt: skip
+def test_heartbeat_malformed_progress(ctx: CoordinatorContext, progress: dict, field: str) -> None:
+    handlers.join(ctx, join_req("a"))
+    req = pb.HeartbeatRequest(peer_id="a", round_id="r1", progress=pb.Progress(**progress))
+    e = error(handlers.heartbeat, ctx, req)
+    assert e.code is grpc.StatusCode.INVALID_ARGUMENT and e.message.startswith(field)
+    assert ctx.store.get_member("r1", "a").live  # type: ignore[union-attr]
+
+
+def test_heartbeat_progress_ends_round(ctx: CoordinatorContext) -> None:
+    handlers.join(ctx, join_req("a"))
+    handlers.join(ctx, join_req("b"))
+    assert beat(ctx, "a", 40, loss=2.5, epoch=1).round_state == "training"
+    e = error(beat, ctx, "a", 30)
+    assert e.code is grpc.StatusCode.INVALID_ARGUMENT and "went backwards" in e.message
+    r = beat(ctx, "b", 60)
+    assert (r.round_state, r.action) == ("finalizing", "finalize")
+    assert sorted((c.peer_id, c.samples, c.tokens) for c in ctx.store.list_contributions("r1")) == [
+        ("a", 40, 400), ("b", 60, 600)]  # fmt: skip
+    spec = handlers.get_round_spec(ctx, pb.GetRoundSpecRequest())
+    assert (spec.state, spec.samples, spec.started_at, spec.ended_at) == ("finalizing", 100, 1000.0, 1000.0)
+
+
+def test_heartbeat_from_unknown_peer_asks_to_rejoin(ctx: CoordinatorContext) -> None:
+    r = beat(ctx, "ghost")
+    assert not r.ok and r.action == "rejoin" and "never joined" in r.message
+    e = error(handlers.heartbeat, ctx, pb.HeartbeatRequest(peer_id="a", round_id="nope"))
+    assert e.code is grpc.StatusCode.NOT_FOUND and "'nope'" in e.message
+
+
+def test_heartbeat_epoch_of_another_span_is_ignored(ctx: CoordinatorContext) -> None:
+    handlers.join(ctx, join_req("a"))
+    old = pb.Span(start=2, end=4)
+    req = pb.HeartbeatRequest(peer_id="a", round_id="r1", progress=pb.Progress(epoch=7), span=old)
+    assert handlers.heartbeat(ctx, req).ok and ctx.store.get_member("r1", "a").epoch == 0  # type: ignore[union-attr]
+    req.span.CopyFrom(pb.Span(start=1, end=3))
+    e = error(handlers.heartbeat, ctx, req)
+    assert e.code is grpc.StatusCode.INVALID_ARGUMENT and "span [1, 3) is not one of round 'r1'" in e.message
+
+
+def test_timeout_marks_dead_and_rebalances(ctx: CoordinatorContext) -> None:
+    for p in "abc":  # a -> span 0, b -> span 1, c -> span 0
+        handlers.join(ctx, join_req(p))
+    clock: Clock = ctx.clock  # type: ignore[assignment]
+    clock.now += 6
+    beat(ctx, "a")
+    beat(ctx, "c")
+    clock.now += 6  # b silent for 12 s > 10 s
+    assert sweep(ctx) == ["b"]
+    assert ctx.store.get_member("r1", "b").state is MemberState.DEAD  # type: ignore[union-attr]
+    moved = beat(ctx, "a")  # a and c tie on throughput; a sorts first and moves to the uncovered span
+    assert moved.ok and (moved.span.start, moved.span.end) == (2, 4)
+    r = beat(ctx, "b")
+    assert not r.ok and r.action == "rejoin" and "(dead)" in r.message
+    assert ctx.metrics.registry.get_sample_value("swarm_coordinator_members_expired_total") == 1
+
+
+def test_lazy_expiry_on_requests(ctx: CoordinatorContext) -> None:
+    handlers.join(ctx, join_req("a"))
+    ctx.clock.now += 11  # type: ignore[attr-defined]
+    handlers.get_round_spec(ctx, pb.GetRoundSpecRequest(round_id="r1"))  # no sweep thread: the request expires it
+    assert ctx.store.get_member("r1", "a").state is MemberState.DEAD  # type: ignore[union-attr]
+    assert handlers.join(ctx, join_req("a")).accepted  # and it may come back
+    assert ctx.store.get_member("r1", "a").live  # type: ignore[union-attr]
+
+
+def test_leave_rebalances(ctx: CoordinatorContext) -> None:
+    for p in "abc":
+        handlers.join(ctx, join_req(p))
+    assert handlers.leave(ctx, pb.LeaveRequest(peer_id="b", round_id="r1")).ok
+    assert ctx.store.get_member("r1", "b").state is MemberState.LEFT  # type: ignore[union-attr]
+    assert ctx.store.get_member("r1", "a").span_index == 1  # type: ignore[union-attr]
+    assert not handlers.leave(ctx, pb.LeaveRequest(peer_id="b", round_id="r1")).ok
+
+
+def test_deadline_ends_round_on_sweep(ctx: CoordinatorContext) -> None:
+    ctx.store.set_round_state("r1", RoundState.FAILED, expected=RoundState.OPEN)
+    open_round(ctx.store, make_spec("r2", num_spans=1, end=EndCondition(deadline_s=30)), ctx.clock())
+    handlers.join(ctx, join_req("a"))
+    assert ctx.store.get_round("r2").state is RoundState.TRAINING  # type: ignore[union-attr]
+    ctx.clock.now += 31  # type: ignore[attr-defined]
+    sweep(ctx)
+    assert ctx.store.get_round("r2").state is RoundState.FINALIZING  # type: ignore[union-attr]
+
+
+def test_open_round_conflicts(ctx: CoordinatorContext) -> None:
+    with pytest.raises(RoundConflict, match="'r1' is still open"):
+        open_round(ctx.store, make_spec("r2"), 0.0)
+    ctx.store.set_round_state("r1", RoundState.FAILED, expected=RoundState.OPEN)
+    with pytest.raises(RoundConflict, match="already used"):
+        open_round(ctx.store, make_spec("r1"), 0.0)
+    with pytest.raises(RoundConflict, match="adapter 'v9'"):
+        open_round(ctx.store, make_spec("r2").model_copy(update={"parent_adapter": "v9"}), 0.0)
+    ctx.store.add_adapter(AdapterRecord("v9", (), "r1", "/x", "h", 0.0))
+    open_round(ctx.store, make_spec("r2").model_copy(update={"parent_adapter": "v9"}), 0.0)
+
+
+def test_get_round_spec_unknown(ctx: CoordinatorContext) -> None:
+    e = error(handlers.get_round_spec, ctx, pb.GetRoundSpecRequest(round_id="zzz"))
+    assert e.code is grpc.StatusCode.NOT_FOUND and "'zzz'" in e.message
+    empty = CoordinatorContext(store=MemoryStore(), config=ctx.config)
+    assert "no round exists yet" in error(handlers.get_round_spec, empty, pb.GetRoundSpecRequest()).message
