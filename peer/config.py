@@ -16,6 +16,7 @@ class PeerConfig(BaseModel):
 
     round_spec: str = Field("", description="Round spec JSON file (used when no coordinator is given).")
     coordinator: str = Field("", description="Coordinator gRPC address HOST:PORT; the round spec comes from it.")
+    coordinator_public_key: str = Field("", description="Coordinator's Ed25519 public key that signs adapters.")
     join_token: str = Field("", description="Token the coordinator may require to join.")
     span: SpanRange | None = Field(None, description="Blocks to host; None = assigned by the coordinator or spec.")
     span_index: int = Field(-1, description="Index into the round's spans to host (-1 = choose automatically).")
@@ -40,7 +41,9 @@ class PeerConfig(BaseModel):
     metrics_port: int = Field(-1, description="Port of /metrics and /health (-1 = off, 0 = ephemeral).")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds.")
     threads: int = Field(0, description="torch intra-op threads (0 = torch default).")
-    ready_file: str = Field("", description="Write a JSON line with peer id, maddrs and metrics port here once up.")
+    ready_file: str = Field("", description="JSON-lines event file: ready (peer id, maddrs, metrics port), eval, epoch.")
+    checkpoint_dir: str = Field("", description="Write the span's LoRA state here after every optimizer epoch.")
+    eval_batches: int = Field(4, description="Held-out micro-batches the trainer evaluates at start and end.")
     seed: int = Field(0, description="Seed of the trainer's batch order.")
 
     @field_validator("shard_index", "num_shards", "max_steps", "num_blocks")

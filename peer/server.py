@@ -73,12 +73,16 @@ class SpanServer:
             optimizer=factory, params=list(lora_parameters(self.module).values()),
             matchmaking_time=opt.matchmaking_time, averaging_timeout=opt.averaging_timeout,
             average_state_every=10**9,  # replicas stay identical through exact gradient averaging
-            verbose=False, on_averaging=on_averaging,
+            averager_opts=dict(request_timeout=max(0.5, opt.matchmaking_time / 2)),
+            verbose=True, on_averaging=on_averaging,
         )
         self.backend = SpanBackend(self.uid, self.module, seq_len=spec.data.seq_len, dtype=dtype,
                                    optimizer=self.optimizer, on_served=on_served, max_batch_size=max_batch_size)
         self.server = Server(dht, {self.uid: self.backend}, num_connection_handlers=1, start=False)
         self.server.conn_handlers = [ValidatingConnectionHandler(dht, {self.uid: self.backend})]
+        # hivemind's Runtime loop never wakes up after its pools are terminated; as a non-daemon thread it would
+        # keep the process alive forever after shutdown().
+        self.server.daemon = True
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch_epochs, name=f"epochs-{span.name}", daemon=True)
 
@@ -126,8 +130,9 @@ class SpanServer:
             return export_lora_state(self.module)
 
     def shutdown(self) -> None:
+        """Stop watching, leave the averaging group, then stop serving (hivemind's Server also stops the DHT)."""
         self._stop.set()
         if self._watcher.is_alive():
             self._watcher.join(timeout=5)
-        self.server.shutdown()
         self.optimizer.shutdown()
+        self.server.shutdown()

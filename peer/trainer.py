@@ -106,9 +106,12 @@ class ChainTrainer:
     """One forward/backward of a micro-batch through every span of the round."""
 
     def __init__(self, spec: RoundSpec, head: TrainerHead, router: Router, *, max_attempts: int = 4,
-                 span_wait: float = 120.0, say: Callable[[str], None] = log.info):
+                 span_wait: float = 120.0, say: Callable[[str], None] = log.info,
+                 on_wire: Callable[[int, int], None] | None = None, on_failover: Callable[[], None] | None = None):
         self.spec, self.head, self.router = spec, head, router
         self.max_attempts, self.span_wait, self.say = max_attempts, span_wait, say
+        self.on_wire = on_wire or (lambda sent, received: None)
+        self.on_failover = on_failover or (lambda: None)
 
     def _remote(self, span: SpanRange, call: Callable[[RemoteSpan], torch.Tensor]) -> torch.Tensor:
         last: Exception | None = None
@@ -118,6 +121,7 @@ class ChainTrainer:
                 return call(handle)
             except RemoteCallError as exc:
                 last = exc
+                self.on_failover()
                 self.say(f"span {span.name}: {exc}; failing over to another replica")
                 self.router.ban(handle.peer_id)
                 self.router.refresh(force=True)
@@ -140,6 +144,7 @@ class ChainTrainer:
                 inp = hidden.detach()
                 saved.append((span, inp, None))
                 hidden = self._remote(span, lambda h, x=inp: h.forward(x))
+                self.on_wire(inp.nbytes, hidden.nbytes)
         last = hidden.detach().requires_grad_(True)
         loss = self.head.loss(last, input_ids)
         loss.backward()
@@ -152,6 +157,7 @@ class ChainTrainer:
                 self.router.local[span].backend.local_apply_grads(batch)
             else:
                 grad = self._remote(span, lambda h, x=inp, g=grad: h.backward(x, g))
+                self.on_wire(2 * inp.nbytes, grad.nbytes)
             assert grad is not None
         return StepResult(float(loss), batch, batch * int(input_ids.shape[1]), time.perf_counter() - started)
 

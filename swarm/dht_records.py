@@ -49,6 +49,9 @@ class RoundRecordsSchema(BaseModel):
     """Schema of the DHT keys under :func:`dht_prefix`; subkeys carry the owner's public key."""
 
     servers: dict[bytes, ServerAnnouncement] | None = None
+    # <prefix>_roster (swarm.roster) is deliberately not a field: its value is a plain dict, which hivemind's
+    # SchemaValidator refuses as a regular (subkey-less) value; it is allowed as an extra key and is protected
+    # end to end by the coordinator's Ed25519 signature inside it (swarm.roster.verify_roster).
 
 
 def parse_announcement(value: Any) -> ServerAnnouncement | None:

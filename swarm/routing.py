@@ -5,6 +5,15 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+
+class _SpanLike(Protocol):
+    start: int
+    end: int
+
+
+SpanT = TypeVar("SpanT", bound=_SpanLike)
 
 
 @dataclass(frozen=True)
@@ -38,3 +47,19 @@ def choose_replica(replicas: Sequence[Replica], exclude: Iterable[str] = (), rng
     if sum(weights) <= 0:
         weights = [1.0] * len(live)
     return (rng or random).choices(live, weights=weights, k=1)[0]
+
+
+def least_served_span(spans: Sequence[SpanT], served: Iterable[tuple[tuple[int, int], float]]) -> SpanT:
+    """The span that most needs capacity: no server first, then lowest summed throughput, then fewest replicas.
+
+    ``served`` lists ``((start, end), throughput)`` of live servers. Ties go to the lowest span index.
+    """
+    totals: dict[tuple[int, int], list[float]] = {}
+    for key, throughput in served:
+        totals.setdefault(key, []).append(max(throughput, 0.0))
+
+    def need(i: int) -> tuple[bool, float, int, int]:
+        got = totals.get((spans[i].start, spans[i].end), [])
+        return (bool(got), sum(got), len(got), i)
+
+    return spans[min(range(len(spans)), key=need)]

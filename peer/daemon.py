@@ -1,0 +1,188 @@
+"""The peer daemon: join the DHT, host a span with LoRA, announce it, optionally train, stop cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.utils.logging import get_logger
+from safetensors.torch import save_file
+
+from peer.announce import Announcer, fetch_servers, record_validators
+from peer.config import PeerConfig
+from peer.metrics import MetricsServer, PeerMetrics
+from peer.server import SpanServer
+from swarm import __version__
+from swarm.config import RoundSpec, SpanRange
+from swarm.dht_records import ONLINE, ServerAnnouncement
+from swarm.routing import least_served_span
+
+log = get_logger(__name__)
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    """``auto`` picks CUDA when present; dtype ``auto`` is float32 on CPU and bfloat16 on GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+    if dtype == "auto":
+        return device, torch.float32 if device == "cpu" else torch.bfloat16
+    return device, getattr(torch, dtype)
+
+
+class EventLog:
+    """Optional JSON-lines file of what the daemon did (ready, eval, epoch, stopped), for scripts and tests."""
+
+    def __init__(self, path: str):
+        self.path = Path(path) if path else None
+        self._lock = threading.Lock()
+
+    def write(self, event: str, **fields: Any) -> None:
+        if self.path is None:
+            return
+        line = json.dumps({"event": event, "time": time.time(), **fields})
+        with self._lock, open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+class PeerDaemon:
+    """Composes DHT, span server, announcer, metrics and (optionally) the trainer of one peer."""
+
+    def __init__(self, config: PeerConfig, spec: RoundSpec, initial_state: dict[str, torch.Tensor] | None = None):
+        self.config, self.spec = config, spec
+        self.stop_event = threading.Event()
+        self.events = EventLog(config.ready_file)
+        self.metrics = PeerMetrics()
+        self.device, self.dtype = resolve_device(config.device, config.dtype)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.dht = hivemind.DHT(
+            initial_peers=list(config.initial_peers), host_maddrs=list(config.host_maddrs),
+            announce_maddrs=list(config.announce_maddrs) or None, identity_path=config.identity_path or None,
+            use_relay=config.use_relay, use_auto_relay=config.use_auto_relay,
+            record_validators=record_validators(spec.round_id), start=True,
+        )
+        self.peer_id = str(self.dht.peer_id)
+        self.span = self._choose_span()
+        self.server = SpanServer(
+            spec, self.span, self.dht, device=self.device, dtype=self.dtype, initial_state=initial_state,
+            on_served=self.metrics.served, on_averaging=self.metrics.averaged,
+            max_batch_size=max(spec.data.micro_batch_size * 4, 1),
+        )
+        self.throughput = 0.0
+        self.announcer = Announcer(self.dht, spec.round_id, self._announcement, config.announce_period)
+        self.metrics_server: MetricsServer | None = None
+        self._last_snapshot_epoch = -1
+
+    def _choose_span(self) -> SpanRange:
+        cfg, spans = self.config, self.spec.spans
+        if cfg.span is not None:
+            self.spec.span_index(cfg.span)
+            return cfg.span
+        if cfg.span_index >= 0:
+            if cfg.span_index >= len(spans):
+                raise ValueError(f"--span-index {cfg.span_index} is out of range: the round has {len(spans)} spans")
+            return spans[cfg.span_index]
+        served = [(a.span, a.throughput) for a in fetch_servers(self.dht, self.spec.round_id) if a.state == ONLINE]
+        return least_served_span(spans, served)
+
+    def _announcement(self) -> ServerAnnouncement:
+        return ServerAnnouncement(
+            peer_id=self.peer_id, span_start=self.span.start, span_end=self.span.end,
+            throughput=float(self.throughput), state=ONLINE, version=__version__,
+            adapter_version=self.spec.parent_adapter, expert_uid=self.server.uid, epoch=self.server.epoch,
+            maddrs=[str(m) for m in self.dht.get_visible_maddrs()],
+        )
+
+    def measure_throughput(self, repeats: int = 2) -> float:
+        """Samples/s of forward+backward of one micro-batch on this span (announced for routing)."""
+        batch = self.spec.data.micro_batch_size
+        x = torch.randn(batch, self.spec.data.seq_len, self.server.module.hidden_size, dtype=self.dtype,
+                        device=self.device)
+        twin = self.server.backend.twin
+        started = time.perf_counter()
+        for _ in range(repeats):
+            out = twin(x.requires_grad_(True))
+            out.float().pow(2).mean().backward()
+        twin.zero_grad(set_to_none=True)
+        self.throughput = batch * repeats / (time.perf_counter() - started)
+        self.metrics.throughput.set(self.throughput)
+        return self.throughput
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": not self.stop_event.is_set(), "peer_id": self.peer_id, "span": self.span.name,
+                "epoch": self.server.epoch, "round_id": self.spec.round_id}
+
+    def start(self) -> None:
+        self.server.start(catch_up=True)
+        self.measure_throughput()
+        self.metrics.set_identity(self.peer_id, self.spec.round_id, (self.span.start, self.span.end), self.device)
+        self.announcer.start()
+        if self.config.metrics_port >= 0:
+            self.metrics_server = MetricsServer(self.metrics.registry, self.config.metrics_host,
+                                                self.config.metrics_port, self.health)
+        self.events.write("ready", peer_id=self.peer_id, span=[self.span.start, self.span.end],
+                          maddrs=[str(m) for m in self.dht.get_visible_maddrs()],
+                          metrics_port=self.metrics_server.port if self.metrics_server else None,
+                          throughput=self.throughput, epoch=self.server.epoch)
+        log.info(f"Peer {self.peer_id} serves span {self.span.name} of round {self.spec.round_id} "
+                 f"({self.throughput:.1f} samples/s)")
+
+    def tick(self) -> None:
+        """Periodic upkeep: metrics and per-epoch LoRA snapshots."""
+        epoch = self.server.epoch
+        self.metrics.epoch.set(epoch)
+        if epoch != self._last_snapshot_epoch:
+            self._last_snapshot_epoch = epoch
+            self.snapshot(epoch)
+
+    def snapshot(self, epoch: int) -> None:
+        """Write this span's LoRA state for ``epoch`` to the checkpoint dir (atomic rename)."""
+        if not self.config.checkpoint_dir:
+            return
+        with self.server.lock:
+            if self.server.epoch != epoch:
+                return
+            state = self.server.lora_state()
+        out = Path(self.config.checkpoint_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".epoch{epoch:05d}.tmp"
+        save_file(state, str(tmp), metadata={"epoch": str(epoch), "span": self.span.name, "peer_id": self.peer_id})
+        os.replace(tmp, out / f"span{self.span.name}_epoch{epoch:05d}.safetensors")
+        self.events.write("epoch", epoch=epoch, span=self.span.name)
+
+    def install_signal_handlers(self) -> None:
+        main_pid = os.getpid()
+
+        def _stop(signum: int, _frame: Any) -> None:
+            if os.getpid() != main_pid:  # a process hivemind forked (TaskPool, ...): die as it expects to
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            log.info(f"Received signal {signum}: finishing the in-flight step and shutting down")
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+
+    def shutdown(self) -> None:
+        """Leave the DHT cleanly: withdraw the announcement, stop serving, stop hivemind (and its p2pd)."""
+        self.stop_event.set()
+        started = time.perf_counter()
+        if self.announcer.is_alive():
+            self.announcer.stop(leave=True)
+        self.server.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        if self.dht.is_alive():
+            self.dht.shutdown()
+        log.info(f"Peer {self.peer_id} shut down in {time.perf_counter() - started:.1f} s")
+        self.events.write("stopped", peer_id=self.peer_id)

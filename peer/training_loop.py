@@ -1,0 +1,88 @@
+"""The trainer role's loop: held-out eval, micro-batches through the chain until the round's end condition."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from hivemind.utils.logging import get_logger
+
+from peer.daemon import PeerDaemon
+from peer.trainer import ChainTrainer, Router, SpanUnavailableError, StepResult
+from swarm.checkpoint import resolve_checkpoint
+from swarm.data import batches, load_round_data
+from swarm.span import load_trainer_head
+
+log = get_logger(__name__)
+
+
+class TrainingLoop:
+    """Drives this peer's data shard through the swarm and reports progress to metrics and the event log."""
+
+    def __init__(self, daemon: PeerDaemon):
+        from transformers import AutoTokenizer
+
+        self.daemon = daemon
+        cfg, spec = daemon.config, daemon.spec
+        tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(spec.base.path))
+        settings = spec.data.model_copy(update={"train_path": cfg.data_path}) if cfg.data_path else spec.data
+        if not settings.train_path:
+            raise ValueError("the trainer needs data: pass --data FILE or set data.train_path in the round spec")
+        self.train, held_out = load_round_data(settings, tokenizer, cfg.shard_index, cfg.num_shards)
+        self.eval_set = held_out[: cfg.eval_batches * settings.micro_batch_size]
+        head = load_trainer_head(spec.base.path, dtype=daemon.dtype, device=daemon.device)
+        self.router = Router(daemon.dht, spec, {daemon.span: daemon.server}, timeout=cfg.request_timeout,
+                             rng=__import__("random").Random(cfg.seed))
+        self.trainer = ChainTrainer(spec, head, self.router, say=log.info, on_wire=daemon.metrics.wire,
+                                    on_failover=daemon.metrics.failovers.inc)
+        self.started = time.monotonic()
+        self.steps = 0
+
+    def evaluate(self, phase: str) -> float:
+        loss = self.trainer.evaluate(self.eval_set.to(self.daemon.device), self.daemon.spec.data.micro_batch_size)
+        self.daemon.metrics.eval_loss.set(loss)
+        self.daemon.events.write("eval", phase=phase, loss=loss, epoch=self.daemon.server.epoch,
+                                 tokens=int(self.eval_set.numel()))
+        log.info(f"Held-out loss ({phase}, epoch {self.daemon.server.epoch}): {loss:.4f}")
+        return loss
+
+    def done(self) -> bool:
+        spec, cfg, server = self.daemon.spec, self.daemon.config, self.daemon.server
+        end = spec.end
+        target_epochs = end.target_epochs or (
+            -(-end.target_samples // spec.optimizer.target_batch_size) if end.target_samples else 0
+        )
+        return bool(
+            self.daemon.stop_event.is_set()
+            or (cfg.max_steps and self.steps >= cfg.max_steps)
+            or (target_epochs and server.epoch >= target_epochs)
+            or (end.deadline_s and time.monotonic() - self.started >= end.deadline_s)
+        )
+
+    def record(self, result: StepResult) -> None:
+        m = self.daemon.metrics
+        m.samples.inc(result.samples)
+        m.tokens.inc(result.tokens)
+        m.loss.set(result.loss)
+        m.step_seconds.observe(result.seconds)
+        m.set_peers_seen(self.router.peers_seen())
+
+    def run(self) -> None:
+        self.evaluate("before")
+        data_epoch = 0
+        while not self.done():
+            for batch in batches(self.train, self.daemon.spec.data.micro_batch_size, self.daemon.config.seed,
+                                 data_epoch):
+                if self.done():
+                    break
+                try:
+                    self.record(self.trainer.step(batch.to(self.daemon.device)))
+                except SpanUnavailableError as exc:
+                    log.warning(f"{exc}; retrying")
+                    continue
+                self.steps += 1
+                self.daemon.tick()
+            data_epoch += 1
+        if not self.daemon.stop_event.is_set():
+            with torch.no_grad():
+                self.evaluate("after")

@@ -1,0 +1,116 @@
+"""Starts real peer daemons (``swarm peer`` subprocesses) on 127.0.0.1 and reads their event files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load_file
+
+from swarm.config import BaseModelRef, DataSettings, EndCondition, OptimizerSettings, RoundSpec, SpanRange
+
+LOCAL = "/ip4/127.0.0.1/tcp/0"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, period: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(period)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def make_spec(base: Path, data: Path, round_id: str, cuts: list[int], *, epochs: int = 8, tbs: int = 32,
+              lr: float = 3e-3) -> RoundSpec:
+    from swarm.checkpoint import fingerprint, read_config
+
+    layers = int(read_config(base).num_hidden_layers)
+    return RoundSpec(
+        round_id=round_id,
+        base=BaseModelRef(path=str(base), fingerprint=fingerprint(base), num_layers=layers),
+        spans=tuple(SpanRange(start=a, end=b) for a, b in zip(cuts, cuts[1:], strict=False)),
+        data=DataSettings(train_path=str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), seq_len=64,
+                          micro_batch_size=8),
+        optimizer=OptimizerSettings(lr=lr, target_batch_size=tbs, matchmaking_time=1.5, averaging_timeout=20),
+        end=EndCondition(target_epochs=epochs),
+    )
+
+
+class Peer:
+    """One ``swarm peer`` process with its own event file and checkpoint dir."""
+
+    def __init__(self, workdir: Path, name: str, spec_path: Path, args: list[str]):
+        self.name, self.dir = name, workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.events_path, self.ckpt = self.dir / "events.jsonl", self.dir / "ckpt"
+        self.log = open(self.dir / "log.txt", "w")  # noqa: SIM115 (closed in stop)
+        cmd = [sys.executable, "-m", "swarm.cli", "peer", "--round-spec", str(spec_path), "--host-maddrs", LOCAL,
+               "--device", "cpu", "--threads", "1", "--events-file", str(self.events_path), "--checkpoint-dir",
+               str(self.ckpt), "--announce-period", "1", "--request-timeout", "10", *args]
+        env = dict(os.environ, HIVEMIND_LOGLEVEL="INFO", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        if not self.events_path.exists():
+            return []
+        rows = [json.loads(line) for line in self.events_path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if kind is None or r["event"] == kind]
+
+    def ready(self, timeout: float = 120) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"peer {self.name} exited with {self.proc.returncode}: {self.tail()}")
+            found = self.events("ready")
+            return found[0] if found else None
+
+        return wait_for(check, timeout, f"peer {self.name} to be ready")  # type: ignore[no-any-return]
+
+    def snapshot(self, epoch: int) -> dict[str, Any] | None:
+        files = list(self.ckpt.glob(f"span*_epoch{epoch:05d}.safetensors"))
+        return load_file(str(files[0])) if files else None
+
+    def epochs(self) -> set[int]:
+        return {int(p.stem.split("epoch")[1]) for p in self.ckpt.glob("span*_epoch*.safetensors")}
+
+    def tail(self, n: int = 3000) -> str:
+        self.log.flush()
+        return (self.dir / "log.txt").read_text()[-n:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default tiny pretrained base (cached across runs by swarm.basemodel)."""
+    from swarm.basemodel import make_base
+
+    return make_base(tmp_path_factory.mktemp("base") / "base", progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from swarm.corpus import generate, write_jsonl
+
+    out = tmp_path_factory.mktemp("data")
+    write_jsonl(generate("finetune", 800, seed=1), out / "train.jsonl")
+    write_jsonl(generate("finetune", 120, seed=2), out / "eval.jsonl")
+    return out
