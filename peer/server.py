@@ -72,7 +72,9 @@ class SpanServer:
             dht=dht, run_id=spec.run_id(span), target_batch_size=opt.target_batch_size,
             optimizer=factory, params=list(lora_parameters(self.module).values()),
             matchmaking_time=opt.matchmaking_time, averaging_timeout=opt.averaging_timeout,
-            average_state_every=10**9,  # replicas stay identical through exact gradient averaging
+            average_state_every=opt.average_state_every or 10**9, delay_state_averaging=False,
+            # Averaging Adam's moments too makes state averaging a full reconciliation of diverged replicas.
+            average_opt_statistics=("exp_avg", "exp_avg_sq") if opt.name == "adamw" else (),
             averager_opts=dict(request_timeout=max(0.5, opt.matchmaking_time / 2)),
             verbose=True, on_averaging=on_averaging,
         )

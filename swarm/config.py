@@ -155,6 +155,11 @@ class OptimizerSettings(_Strict):
     target_batch_size: int = Field(32, description="Samples (sequences) summed over the swarm per epoch.")
     matchmaking_time: float = Field(3.0, description="Seconds hivemind waits to form an averaging group.")
     averaging_timeout: float = Field(30.0, description="Seconds before an all-reduce is abandoned.")
+    average_state_every: int = Field(
+        1,
+        description="Epochs between averaging LoRA weights + optimizer state across replicas (0 = never). Exact "
+        "gradient averaging keeps replicas identical; this re-converges them after a failed all-reduce.",
+    )
 
     @field_validator("lr")
     @classmethod

@@ -41,7 +41,7 @@ def make_spec(base: Path, data: Path, round_id: str, cuts: list[int], *, epochs:
         spans=tuple(SpanRange(start=a, end=b) for a, b in zip(cuts, cuts[1:], strict=False)),
         data=DataSettings(train_path=str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), seq_len=64,
                           micro_batch_size=8),
-        optimizer=OptimizerSettings(lr=lr, target_batch_size=tbs, matchmaking_time=1.5, averaging_timeout=20),
+        optimizer=OptimizerSettings(lr=lr, target_batch_size=tbs, matchmaking_time=3.0, averaging_timeout=30),
         end=EndCondition(target_epochs=epochs),
     )
 

@@ -1,0 +1,47 @@
+"""4 real peer processes, 2 spans x 2 replicas, 2 trainers: loss drops and replicas stay identical."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.harness import Peer, make_spec, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.mark.timeout(420)
+def test_two_spans_two_replicas_two_trainers(tmp_path: Path, demo_base: Path, demo_data: Path) -> None:
+    spec = make_spec(demo_base, demo_data, "swarm4", [0, 2, 4], epochs=5)
+    spec_path = tmp_path / "spec.json"
+    spec.save(spec_path)
+    train = str(demo_data / "train.jsonl")
+    peers: list[Peer] = []
+    try:
+        # Servers first, so that every span group is complete before the trainers start.
+        peers.append(Peer(tmp_path, "s0", spec_path, ["--span-index", "0"]))
+        bootstrap = ["--initial-peers", peers[0].ready()["maddrs"][0]]
+        peers.append(Peer(tmp_path, "s1", spec_path, ["--span-index", "1", *bootstrap]))
+        peers[1].ready()
+        for i in (0, 1):
+            args = ["--span-index", str(i), "--data", train, "--shard-index", str(i), "--num-shards", "2"]
+            peers.append(Peer(tmp_path, f"t{i}", spec_path, [*args, *bootstrap]))
+        trainers = peers[2:]
+        wait_for(lambda: all(len(t.events("eval")) >= 2 for t in trainers), 330, "both trainers to finish")
+
+        for t in trainers:
+            before, after = (e["loss"] for e in t.events("eval"))
+            assert after < 0.9 * before, f"{t.name}: held-out loss {before:.3f} -> {after:.3f}"
+        for server, trainer in ((peers[0], peers[2]), (peers[1], peers[3])):
+            common = sorted(server.epochs() & trainer.epochs())
+            assert len(common) >= 2, f"replicas {server.name}/{trainer.name} share too few epochs: {common}"
+            for epoch in common:
+                a, b = server.snapshot(epoch), trainer.snapshot(epoch)
+                assert a is not None and b is not None and a.keys() == b.keys()
+                differing = [k for k in a if not torch.equal(a[k], b[k])]
+                assert not differing, f"epoch {epoch}: replicas differ in {differing[:3]}"
+    finally:
+        codes = [p.stop() for p in peers]
+    assert codes == [0] * len(peers), f"peers did not stop cleanly on SIGTERM: {codes}"
