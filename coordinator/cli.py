@@ -23,6 +23,8 @@ def run(config: CoordinatorConfig) -> None:
         try:
             typer.echo(f"coordinator gRPC listening on {server.address}")
             typer.echo(f"coordinator metrics on {server.metrics_url or '(off)'}")
+            typer.echo(f"coordinator public key {server.public_key_path}")
+            typer.echo(f"coordinator DHT {' '.join(server.ctx.dht_initial_peers) or '(off)'}")
             typer.echo(f"coordinator state in {config.db_path if config.store == 'sqlite' else '(memory)'}")
             while not stop.wait(1.0):
                 pass
@@ -36,7 +38,10 @@ def run(config: CoordinatorConfig) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``coordinator`` command to ``app``."""
+    """Add the ``coordinator`` command to ``app`` (and ``merge`` to the ``swarm adapters`` sub-app)."""
+    from coordinator.cli_merge import register_merge
+
+    register_merge()
 
     @app.command("coordinator")
     def coordinator(
@@ -61,6 +66,28 @@ def register(app: typer.Typer) -> None:
         max_message_mb: float = typer.Option(
             64.0, help="Largest gRPC message accepted, in MiB (span-state uploads must fit)."
         ),
+        rounds: int = typer.Option(
+            1,
+            help="Rounds to run from --round-spec; each next one starts from the adapter just published (0 = no limit).",
+        ),
+        finalize_timeout: float = typer.Option(
+            600.0, help="Seconds a finalizing round waits for span uploads and final evals before giving up."
+        ),
+        signing_key: Path | None = typer.Option(
+            None,
+            dir_okay=False,
+            help="Ed25519 key that signs adapters (default WORKDIR/coordinator/signing_key, made if missing).",
+        ),
+        dht: bool = typer.Option(True, "--dht/--no-dht", help="Run a DHT node and publish the signed roster in it."),
+        dht_host_maddrs: list[str] = typer.Option(
+            [], "--dht-host-maddrs", help="Multiaddr the DHT node listens on; repeatable (default /ip4/HOST/tcp/0)."
+        ),
+        dht_announce_maddrs: list[str] = typer.Option(
+            [], "--dht-announce-maddrs", help="Multiaddr announced to peers (e.g. a public address); repeatable."
+        ),
+        dht_initial_peers: list[str] = typer.Option(
+            [], "--dht-initial-peers", help="Multiaddr of a DHT node to join (default: start a new DHT); repeatable."
+        ),
         log_level: str = typer.Option("INFO", help="Python logging level: DEBUG, INFO, WARNING, ERROR."),
     ) -> None:
         """Run the round coordinator: membership, span assignment, round lifecycle, adapter registry."""
@@ -76,6 +103,13 @@ def register(app: typer.Typer) -> None:
                 heartbeat_interval_s=heartbeat_interval,
                 heartbeat_timeout_s=heartbeat_timeout,
                 max_message_mb=max_message_mb,
+                rounds=rounds,
+                finalize_timeout_s=finalize_timeout,
+                signing_key=signing_key,
+                dht=dht,
+                dht_host_maddrs=tuple(dht_host_maddrs),
+                dht_announce_maddrs=tuple(dht_announce_maddrs),
+                dht_initial_peers=tuple(dht_initial_peers),
             )
         except ValueError as e:  # pydantic's ValidationError is a ValueError; its text names each field
             typer.echo(f"invalid coordinator settings: {e}", err=True)

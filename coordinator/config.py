@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +46,28 @@ class CoordinatorConfig(BaseModel):
     max_workers: int = Field(16, ge=1, description="Threads serving gRPC requests.")
     download_chunk_bytes: int = Field(1 << 20, ge=1024, description="Bytes per DownloadAdapter chunk.")
     stop_grace_s: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get to finish on stop.")
+    rounds: int = Field(
+        1, ge=0, description="Rounds to run from round_spec: each next one starts from the last adapter (0 = no limit)."
+    )
+    finalize_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for span uploads and final evals once a round is finalizing."
+    )
+    finalize_poll_s: float = Field(1.0, gt=0, description="How often the finalizer checks a finalizing round.")
+    replica_atol: float = Field(
+        1e-6, ge=0, description="Largest |difference| between replicas' uploads of a span that still agree."
+    )
+    signing_key: Path | None = Field(
+        None, description="Ed25519 key that signs adapters (None = WORKDIR/coordinator/signing_key, made if missing)."
+    )
+    dht: bool = Field(True, description="Run a hivemind DHT node and publish the signed roster in it.")
+    dht_host_maddrs: tuple[str, ...] = Field(
+        (), description="Multiaddrs the DHT node listens on (empty = /ip4/<host>/tcp/0)."
+    )
+    dht_announce_maddrs: tuple[str, ...] = Field(
+        (), description="Multiaddrs announced to peers (empty = the bound ones)."
+    )
+    dht_initial_peers: tuple[str, ...] = Field((), description="Multiaddrs of DHT nodes to join (empty = a new DHT).")
+    roster_interval_s: float = Field(5.0, gt=0, description="Seconds between roster publications in the DHT.")
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorConfig:
@@ -71,6 +94,31 @@ class CoordinatorConfig(BaseModel):
     def blob_dir(self) -> Path:
         """Uploaded span states: ``blob_dir/<round>/span<a>-<b>/<peer>.epoch<n>.safetensors``."""
         return self.state_dir / "span_states"
+
+    @property
+    def adapters_dir(self) -> Path:
+        """Published adapters: ``adapters_dir/<version>/``."""
+        return self.workdir / "adapters"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.signing_key or self.state_dir / "signing_key"
+
+    @property
+    def public_key_path(self) -> Path:
+        """The public half of the signing key, written at start for operators to hand to peers."""
+        return self.state_dir / "public_key.pem"
+
+    @property
+    def effective_dht_host_maddrs(self) -> tuple[str, ...]:
+        if self.dht_host_maddrs:
+            return self.dht_host_maddrs
+        host = "127.0.0.1" if self.host == "localhost" else self.host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:  # a host name: listen everywhere
+            return ("/ip4/0.0.0.0/tcp/0",)
+        return (f"/ip{ip.version}/{host}/tcp/0",)
 
     @property
     def max_message_bytes(self) -> int:

@@ -27,6 +27,7 @@ class CoordinatorContext:
     metrics: CoordinatorMetrics = field(default_factory=CoordinatorMetrics)
     clock: Callable[[], float] = time.time
     lock: threading.RLock = field(default_factory=threading.RLock)
+    dht_initial_peers: tuple[str, ...] = ()  # the coordinator DHT node's multiaddrs, sent in JoinResponse
 
     @classmethod
     def from_config(cls, config: CoordinatorConfig, clock: Callable[[], float] = time.time) -> CoordinatorContext:

@@ -119,6 +119,7 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
         round_spec_json=record.spec_json,
         heartbeat_interval_s=ctx.config.heartbeat_interval_s,
         round_id=record.round_id,
+        dht_initial_peers=list(ctx.dht_initial_peers),
     )
 
 
@@ -143,11 +144,21 @@ def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.Heartbeat
         member = ctx.store.get_member(record.round_id, req.peer_id)
         if member is None or not member.live:
             why = "never joined" if member is None else member.state.value
+            active = ctx.store.active_round()
             return pb.HeartbeatResponse(
                 ok=False, round_state=record.state.value, action=Action.REJOIN.value, heartbeat_interval_s=interval,
                 message=f"peer {req.peer_id} is not a live member of round {record.round_id!r} ({why}): call Join",
+                next_round_id=active.round_id if active else "",
             )  # fmt: skip
         spec = record.spec
+        successor = ctx.store.active_round() if record.state.terminal else None
+        if successor is not None:  # this round is over and the next one is open: move there
+            return pb.HeartbeatResponse(
+                ok=False, round_state=record.state.value, action=Action.REJOIN.value, heartbeat_interval_s=interval,
+                next_round_id=successor.round_id,
+                message=f"round {record.round_id!r} is {record.state.value}; round {successor.round_id!r} is "
+                f"{successor.state.value}: call Join for it",
+            )  # fmt: skip
         if req.HasField("span") and span_index(spec, req.span) != member.span_index:
             beat = Heartbeat(beat.samples, beat.tokens, 0, beat.loss, beat.throughput)  # epoch of another group
         try:
@@ -183,6 +194,7 @@ def get_round_spec(ctx: CoordinatorContext, req: pb.GetRoundSpecRequest) -> pb.G
         now = ctx.clock()
         record = refresh(ctx, resolve_round(ctx, req.round_id), now)
         progress = round_progress(ctx.store, record, now)
+        published = next((a for a in ctx.store.list_adapters() if a.round_id == record.round_id), None)
     return pb.GetRoundSpecResponse(
         round_id=record.round_id,
         round_spec_json=record.spec_json,
@@ -192,6 +204,8 @@ def get_round_spec(ctx: CoordinatorContext, req: pb.GetRoundSpecRequest) -> pb.G
         ended_at=record.ended_at or 0.0,
         samples=progress.samples,
         epoch=progress.epochs,
+        reason=record.reason,
+        adapter_version=published.version if published else "",
     )
 
 

@@ -20,6 +20,9 @@ from coordinator.state import CoordinatorStore, MemberState
 from swarm.proto import RoundState
 
 P = "swarm_coordinator_"
+#: Values of the ``outcome`` label of ``swarm_coordinator_finalize_total`` (coordinator.finalize.Outcome).
+FINALIZE_OUTCOMES = ("published", "missing_span", "no_eval", "worse_than_parent", "nonfinite", "invalid_state",
+                     "invalid_spec", "error")  # fmt: skip
 
 
 class CoordinatorMetrics:
@@ -41,6 +44,17 @@ class CoordinatorMetrics:
         self.members_expired = Counter(P + "members_expired", "Members marked dead after missed heartbeats.",
                                        registry=r)  # fmt: skip
         self.rebalance_moves = Counter(P + "rebalance_moves", "Peers moved to an uncovered span.", registry=r)
+        self.finalize = Counter(P + "finalize", "Finalized rounds by outcome (published or the failure reason).",
+                                ["outcome"], registry=r)  # fmt: skip
+        for outcome in FINALIZE_OUTCOMES:
+            self.finalize.labels(outcome=outcome)
+        self.replica_disagreements = Counter(
+            P + "replica_disagreements", "Span replicas outvoted at finalization (uploads that disagreed).", registry=r
+        )
+        self.roster_publishes = Counter(P + "roster_publishes", "Roster publications in the DHT by result.",
+                                        ["result"], registry=r)  # fmt: skip
+        for result in ("ok", "error"):
+            self.roster_publishes.labels(result=result)
 
     def watch(self, store: CoordinatorStore, clock: Callable[[], float] = time.time) -> None:
         """Export the state metrics of ``store`` (call once)."""
@@ -80,6 +94,8 @@ class StateCollector:
                                labels=["round"]),
             "adapters": c(P + "adapters_published", "Adapters in the registry."),
             "eval": g(P + "eval_loss", "Token-weighted eval loss by adapter version.", labels=["version"]),
+            "adapter_eval": g(P + "adapter_eval_loss", "Eval loss recorded in each published adapter's manifest.",
+                              labels=["version", "phase"]),
         }  # fmt: skip
 
     def _fill(self, f: dict[str, Any]) -> None:
@@ -87,7 +103,12 @@ class StateCollector:
         rounds = store.list_rounds()
         for state in RoundState:
             f["rounds"].add_metric([state.value], sum(r.state is state for r in rounds))
-        f["adapters"].add_metric([], len(store.list_adapters()))
+        adapters = store.list_adapters()
+        f["adapters"].add_metric([], len(adapters))
+        for a in adapters:
+            for phase, loss in (("before", a.eval_loss_before), ("after", a.eval_loss_after)):
+                if loss is not None:
+                    f["adapter_eval"].add_metric([a.version, phase], loss)
         for version, loss in eval_losses(store).items():
             f["eval"].add_metric([version], loss)
         current = store.current_round()

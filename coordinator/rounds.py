@@ -65,7 +65,7 @@ def round_progress(store: CoordinatorStore, record: RoundRecord, now: float) -> 
 def apply_event(
     store: CoordinatorStore, record: RoundRecord, event: RoundEvent, now: float, why: str = ""
 ) -> RoundRecord:
-    """Move ``record`` through ``event`` (lifecycle rules apply) and stamp the start/end time."""
+    """Move ``record`` through ``event`` (lifecycle rules apply), stamp the start/end time, store ``why``."""
     state = transition(record.state, event)
     updated = store.set_round_state(
         record.round_id,
@@ -73,6 +73,7 @@ def apply_event(
         expected=record.state,
         started_at=now if state is RoundState.TRAINING else None,
         ended_at=now if state in (RoundState.FINALIZING, RoundState.FAILED) else None,
+        reason=why,
     )
     log.info("round %s: %s -> %s%s", record.round_id, record.state.value, state.value, f" ({why})" if why else "")
     return updated

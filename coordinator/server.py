@@ -6,7 +6,9 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,11 +16,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from coordinator.config import CoordinatorConfig
 from coordinator.context import CoordinatorContext
 from coordinator.membership import Sweeper
-from coordinator.rounds import RoundConflict, open_round
+from coordinator.periodic import Periodic
+from coordinator.publish import continue_series, finalize_step, series_rounds
+from coordinator.round_metrics import register_round_metrics
 from coordinator.servicer import CoordinatorServicer
 from coordinator.status_http import StatusHttpServer
+from coordinator.status_page import status_routes
+from swarm.keys import load_or_create_signing_key, write_public_key
 from swarm.proto import SERVICE_NAME
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    import hivemind
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,8 @@ class CoordinatorServer:
         self._health = health.HealthServicer()
         self._http: StatusHttpServer | None = None
         self._sweeper = Sweeper(self.ctx)
+        self._threads: list[Periodic] = []  # finalizer, roster publisher
+        self.dht: hivemind.DHT | None = None
         self._serving = False
         self._closed = False
 
@@ -53,20 +64,42 @@ class CoordinatorServer:
     def metrics_url(self) -> str | None:
         return None if self.metrics_port is None else f"http://{_hostport(self.config.host, self.metrics_port)}/metrics"
 
+    @property
+    def public_key_path(self) -> Path:
+        """PEM public key of the adapter signing key: what peers need (``--coordinator-public-key``)."""
+        return self.config.public_key_path
+
     def _open_configured_round(self) -> None:
+        """Open the configured round, or the next of its series (e.g. after a restart), if none is active."""
         spec = self.config.round_spec
         if spec is None:
             return
-        active = self.ctx.store.active_round()
-        if active is not None:
-            if active.round_id != spec.round_id:
-                log.warning("round %s is %s; round spec %s waits until it ends", active.round_id,
-                            active.state.value, spec.round_id)  # fmt: skip
-            return
-        try:
-            open_round(self.ctx.store, spec, self.ctx.clock())
-        except RoundConflict as e:  # e.g. restarted with the spec of a round that already ended
-            log.warning("not opening the configured round: %s", e)
+        with self.ctx.lock:
+            active = self.ctx.store.active_round()
+            if active is not None:
+                if active not in series_rounds(self.ctx):
+                    log.warning("round %s is %s; round spec %s waits until it ends", active.round_id,
+                                active.state.value, spec.round_id)  # fmt: skip
+                return
+            if continue_series(self.ctx, self.ctx.clock()) is None:  # a conflict is logged as a warning
+                log.info("no round opened for round spec %s (series done, or see the warning above)", spec.round_id)
+
+    def _start_background(self) -> None:
+        """Signing key, DHT node (a process: started before gRPC spawns threads), finalizer and roster threads."""
+        cfg = self.config
+        key = load_or_create_signing_key(cfg.signing_key_path)
+        write_public_key(key, cfg.public_key_path)
+        if cfg.dht:
+            from coordinator.dht_node import start_dht, visible_maddrs
+            from coordinator.roster import RosterPublisher
+
+            self.dht = start_dht(cfg)
+            self.ctx.dht_initial_peers = visible_maddrs(self.dht)
+            roster = RosterPublisher(self.ctx, key, self.dht)
+            self._threads.append(Periodic("coordinator-roster", cfg.roster_interval_s, roster.publish_once))
+        self._threads.append(
+            Periodic("coordinator-finalize", cfg.finalize_poll_s, lambda: finalize_step(self.ctx, key))
+        )
 
     def start(self) -> CoordinatorServer:
         try:
@@ -80,6 +113,7 @@ class CoordinatorServer:
     def _start(self) -> None:
         cfg = self.config
         self._open_configured_round()
+        self._start_background()
         limit = cfg.max_message_bytes
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="coordinator-rpc"),
@@ -101,9 +135,14 @@ class CoordinatorServer:
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
         if cfg.metrics_port is not None:
-            self._http = StatusHttpServer(cfg.host, cfg.metrics_port, self.ctx.metrics.registry, lambda: self._serving)
+            register_round_metrics(self.ctx)
+            routes, prefix_routes = status_routes(self.ctx)  # the status page: /, /api/status, /adapters/...
+            self._http = StatusHttpServer(cfg.host, cfg.metrics_port, self.ctx.metrics.registry, lambda: self._serving,
+                                          routes=routes, prefix_routes=prefix_routes)  # fmt: skip
             self.metrics_port = self._http.start().port
         self._sweeper.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, grace: float | None = None) -> None:
         """Stop answering (health NOT_SERVING first), let in-flight RPCs finish, close the store. Idempotent."""
@@ -113,12 +152,17 @@ class CoordinatorServer:
         self._serving = False
         self._health.enter_graceful_shutdown()
         self._sweeper.stop()
+        for thread in self._threads:
+            thread.stop()
         if self._grpc is not None:
             self._grpc.stop(self.config.stop_grace_s if grace is None else grace).wait()
             self._grpc = None
         if self._http is not None:
             self._http.stop()
             self._http = None
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
         with self.ctx.lock:
             self.ctx.store.close()
 

@@ -52,6 +52,7 @@ class RoundRecord:
     started_at: float | None = None  # when training started
     ended_at: float | None = None  # when training stopped (finalizing or failed)
     parent_adapter: str = ""
+    reason: str = ""  # why the round is in its state: end reason, failure reason, publish notes
 
     @cached_property
     def spec(self) -> RoundSpec:
@@ -190,8 +191,9 @@ class CoordinatorStore(ABC):
         expected: RoundState,
         started_at: float | None = None,
         ended_at: float | None = None,
+        reason: str | None = None,
     ) -> RoundRecord:
-        """Compare-and-set the state (:class:`Conflict` if it is not ``expected``); set the given times."""
+        """Compare-and-set the state (:class:`Conflict` if it is not ``expected``); set the given times and reason."""
 
     # --- members
     @abstractmethod

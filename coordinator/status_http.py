@@ -1,54 +1,43 @@
-"""A small HTTP thread serving ``/metrics`` (the coordinator's own registry) and ``/health``."""
+"""The coordinator's HTTP thread: ``/metrics`` (its own registry), ``/health`` and the status page routes."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from collections.abc import Callable, Mapping
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        pass
+from swarm.http import HttpServerThread, Request, Response, Route
 
 
 class StatusHttpServer:
-    """``/metrics`` in Prometheus text format; ``/health`` is 200 while ``healthy()`` is true, else 503."""
+    """``/metrics`` in Prometheus text format; ``/health`` is 200 while ``healthy()`` is true, else 503.
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, healthy: Callable[[], bool]) -> None:
-        metrics_app = make_wsgi_app(registry)
+    ``routes`` / ``prefix_routes`` add pages (the status page, its JSON and adapter downloads).
+    """
 
-        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            path = environ.get("PATH_INFO", "/")
-            if path == "/health":
-                ok = healthy()
-                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-                return [b"ok\n" if ok else b"not serving\n"]
-            if path == "/metrics":
-                return metrics_app(environ, start_response)
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found: see /metrics and /health\n"]
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        healthy: Callable[[], bool],
+        *,
+        routes: Mapping[str, Route] | None = None,
+        prefix_routes: Mapping[str, Route] | None = None,
+    ) -> None:
+        def health(_: Request) -> Response:
+            ok = healthy()
+            return Response.text("ok\n" if ok else "not serving\n", 200 if ok else 503)
 
-        self._httpd = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
-        self.port: int = self._httpd.server_port
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="coordinator-http", daemon=True
-        )
+        self._http = HttpServerThread(
+            host, port, registry=registry, routes={"/health": health, **(routes or {})},
+            prefix_routes=prefix_routes, name="coordinator-http",
+        )  # fmt: skip
+        self.port: int = self._http.port
 
     def start(self) -> StatusHttpServer:
-        self._thread.start()
+        self._http.start()
         return self
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self._httpd.shutdown()
-            self._thread.join(5.0)
-        self._httpd.server_close()
+        self._http.stop()

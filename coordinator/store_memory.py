@@ -58,6 +58,7 @@ class MemoryStore(CoordinatorStore):
         expected: RoundState,
         started_at: float | None = None,
         ended_at: float | None = None,
+        reason: str | None = None,
     ) -> RoundRecord:
         with self._lock:
             current = self._rounds.get(round_id)
@@ -70,6 +71,7 @@ class MemoryStore(CoordinatorStore):
                 state=state,
                 started_at=current.started_at if started_at is None else started_at,
                 ended_at=current.ended_at if ended_at is None else ended_at,
+                reason=current.reason if reason is None else reason,
             )
             self._rounds[round_id] = updated
             return updated

@@ -62,6 +62,7 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE join_rejections (id INTEGER PRIMARY KEY AUTOINCREMENT, peer_id TEXT NOT NULL,
             round_id TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL)""",
     ],
+    ["ALTER TABLE rounds ADD COLUMN reason TEXT NOT NULL DEFAULT ''"],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -79,7 +80,7 @@ class StoreVersionError(StoreError):
 
 
 def _round(row: Any) -> RoundRecord:
-    return RoundRecord(row[0], row[1], RoundState(row[2]), row[3], row[4], row[5], row[6])
+    return RoundRecord(row[0], row[1], RoundState(row[2]), row[3], row[4], row[5], row[6], row[7])
 
 
 def _member(row: Any) -> MemberRecord:
@@ -155,9 +156,9 @@ class SqliteStore(CoordinatorStore):
         try:
             with self._tx() as c:
                 c.execute(
-                    "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (r.round_id, r.spec_json, r.state.value, r.created_at, r.started_at, r.ended_at,
-                     r.parent_adapter),
+                     r.parent_adapter, r.reason),
                 )  # fmt: skip
         except sqlite3.IntegrityError as e:
             raise AlreadyExists(f"round {r.round_id!r} already exists") from e
@@ -177,6 +178,7 @@ class SqliteStore(CoordinatorStore):
         expected: RoundState,
         started_at: float | None = None,
         ended_at: float | None = None,
+        reason: str | None = None,
     ) -> RoundRecord:
         with self._tx() as c:
             row = c.execute("SELECT state FROM rounds WHERE round_id = ?", (round_id,)).fetchone()
@@ -186,8 +188,8 @@ class SqliteStore(CoordinatorStore):
                 raise Conflict(f"round {round_id!r} is {row[0]}, expected {expected.value}")
             c.execute(
                 "UPDATE rounds SET state = ?, started_at = COALESCE(?, started_at), "
-                "ended_at = COALESCE(?, ended_at) WHERE round_id = ?",
-                (state.value, started_at, ended_at, round_id),
+                "ended_at = COALESCE(?, ended_at), reason = COALESCE(?, reason) WHERE round_id = ?",
+                (state.value, started_at, ended_at, reason, round_id),
             )
             return _round(c.execute("SELECT * FROM rounds WHERE round_id = ?", (round_id,)).fetchone())
 

@@ -59,6 +59,12 @@ class PeerDaemon:
     def __init__(self, config: PeerConfig, spec: RoundSpec, initial_state: dict[str, torch.Tensor] | None = None):
         self.config, self.spec = config, spec
         self.stop_event = threading.Event()
+        self.finalize_event = threading.Event()  # the coordinator ended training: stop stepping
+        self.round_over = threading.Event()  # the round is over for this peer: leave and maybe rejoin
+        self.on_eval: list[Any] = []  # callbacks (phase, loss, epoch, tokens)
+        self.trained_samples = 0
+        self.trained_tokens = 0
+        self.last_loss = 0.0
         self.events = EventLog(config.ready_file)
         self.metrics = PeerMetrics()
         self.device, self.dtype = resolve_device(config.device, config.dtype)

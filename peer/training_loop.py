@@ -7,6 +7,7 @@ import time
 import torch
 from hivemind.utils.logging import get_logger
 
+from peer.announce import fetch_servers
 from peer.daemon import PeerDaemon
 from peer.trainer import ChainTrainer, Router, SpanUnavailableError, StepResult
 from swarm.checkpoint import resolve_checkpoint
@@ -42,7 +43,10 @@ class TrainingLoop:
         loss = self.trainer.evaluate(self.eval_set.to(self.daemon.device), self.daemon.spec.data.micro_batch_size)
         self.daemon.metrics.eval_loss.set(loss)
         self.daemon.events.write("eval", phase=phase, loss=loss, epoch=self.daemon.server.epoch,
-                                 tokens=int(self.eval_set.numel()))
+                                 tokens=int(self.eval_set.numel()),
+                                 samples=self.steps * self.daemon.spec.data.micro_batch_size)
+        for callback in self.daemon.on_eval:
+            callback(phase, loss, self.daemon.server.epoch, int(self.eval_set.numel()))
         log.info(f"Held-out loss ({phase}, epoch {self.daemon.server.epoch}): {loss:.4f}")
         return loss
 
@@ -54,6 +58,7 @@ class TrainingLoop:
         )
         return bool(
             self.daemon.stop_event.is_set()
+            or self.daemon.finalize_event.is_set()
             or (cfg.max_steps and self.steps >= cfg.max_steps)
             or (target_epochs and server.epoch >= target_epochs)
             or (end.deadline_s and time.monotonic() - self.started >= end.deadline_s)
@@ -61,13 +66,33 @@ class TrainingLoop:
 
     def record(self, result: StepResult) -> None:
         m = self.daemon.metrics
+        self.daemon.trained_samples += result.samples
+        self.daemon.trained_tokens += result.tokens
+        self.daemon.last_loss = result.loss
         m.samples.inc(result.samples)
         m.tokens.inc(result.tokens)
         m.loss.set(result.loss)
         m.step_seconds.observe(result.seconds)
         m.set_peers_seen(self.router.peers_seen())
 
+    def wait_for_group(self, timeout: float = 60.0) -> None:
+        """Wait until hivemind's tracker sees every announced replica of our span before the first step.
+
+        Otherwise the first epochs end with "proceeding with local gradients" on each replica separately.
+        """
+        daemon = self.daemon
+        tracker = daemon.server.optimizer.tracker
+        deadline = time.monotonic() + timeout
+        while not daemon.stop_event.is_set() and time.monotonic() < deadline:
+            replicas = sum(1 for a in fetch_servers(daemon.dht, daemon.spec.round_id) if a.span == (
+                daemon.span.start, daemon.span.end))
+            if tracker.global_progress.num_peers >= max(replicas, 1):
+                return
+            time.sleep(0.5)
+        log.warning(f"span {daemon.span.name}: not every replica is visible to the optimizer yet; starting anyway")
+
     def run(self) -> None:
+        self.wait_for_group()
         self.evaluate("before")
         data_epoch = 0
         while not self.done():

@@ -12,14 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import grpc
 import typer
 
+from swarm.adapter_client import AdapterDownloadError, list_adapters, pull_adapter
 from swarm.adapter_manifest import Manifest
 from swarm.keys import generate_signing_key, load_public_key, public_key_fingerprint, write_public_key
 
 adapters_app = typer.Typer(
     name="adapters",
-    help="Inspect and verify community adapters; create the coordinator's signing key.",
+    help="List, pull, verify and merge community adapters; create the coordinator's signing key.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -116,3 +118,70 @@ def keygen_command(
     typer.echo(f"private key: {path} (mode 0600, keep it secret)")
     typer.echo(f"public key:  {pub_path}")
     typer.echo(f"fingerprint: {public_key_fingerprint(pub)}")
+
+
+def _channel(coordinator: str) -> grpc.Channel:
+    return grpc.insecure_channel(coordinator, options=[("grpc.max_receive_message_length", 256 << 20)])
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@adapters_app.command("list")
+def list_command(
+    coordinator: Annotated[
+        str, typer.Option("--coordinator", "-c", help="Coordinator gRPC address HOST:PORT.", envvar="SWARM_COORDINATOR")
+    ],
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the coordinator.")] = 30.0,
+) -> None:
+    """Print the coordinator's adapter registry as a table, oldest first."""
+    from datetime import datetime, timezone
+
+    try:
+        with _channel(coordinator) as channel:
+            entries = list_adapters(channel, timeout)
+    except grpc.RpcError as e:
+        fail("list failed", f"{coordinator}: {e.code().name}: {e.details()}")
+    header = f"{'VERSION':<12} {'PARENTS':<16} {'ROUND':<16} {'CREATED (UTC)':<20} {'EVAL BEFORE':>11} {'EVAL AFTER':>10}  SHA256"
+    typer.echo(header)
+    for a in entries:
+        created = datetime.fromtimestamp(a.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        before = a.eval_loss_before if a.HasField("eval_loss_before") else None
+        after = a.eval_loss_after if a.HasField("eval_loss_after") else None
+        typer.echo(f"{a.version:<12} {','.join(a.parents) or '-':<16} {a.round_id:<16} {created:<20} "
+                   f"{_loss(before):>11} {_loss(after):>10}  {a.sha256[:12]}")  # fmt: skip
+    if not entries:
+        typer.echo("(no adapter published yet)")
+
+
+@adapters_app.command("pull")
+def pull_command(
+    version: Annotated[str, typer.Argument(help="Adapter version to download, e.g. v3 ('latest' = the newest).")],
+    coordinator: Annotated[
+        str, typer.Option("--coordinator", "-c", help="Coordinator gRPC address HOST:PORT.", envvar="SWARM_COORDINATOR")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create (must not exist or be empty).")],
+    public_key: Annotated[
+        Path,
+        typer.Option("--public-key", "-k", help="PEM Ed25519 public key of the coordinator; checked before keeping."),
+    ],
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds the whole download may take.")] = 300.0,
+) -> None:
+    """Download an adapter, verify its signature and hashes, and keep it only if they verify."""
+    from swarm.adapter import AdapterVerificationError
+
+    try:
+        key = load_public_key(public_key)
+    except (OSError, ValueError) as e:
+        fail("pull failed", f"cannot load public key: {e}")
+    try:
+        with _channel(coordinator) as channel:
+            manifest = pull_adapter(channel, "" if version == "latest" else version, out, key, timeout)
+    except grpc.RpcError as e:
+        fail("pull failed", f"{coordinator}: {e.code().name}: {e.details()}")
+    except (AdapterDownloadError, AdapterVerificationError, OSError) as e:
+        fail("pull failed", f"{e} (nothing kept at {out})")
+    typer.echo(f"adapter {manifest.version} saved to {out} (verified, signed by key {public_key_fingerprint(key)})")
+    for line in describe_manifest(manifest):
+        typer.echo(line)

@@ -64,6 +64,7 @@ class JoinResponse(_message.Message):
         "reject_reason",
         "round_id",
         "reject_code",
+        "dht_initial_peers",
     )
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +73,7 @@ class JoinResponse(_message.Message):
     REJECT_REASON_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     REJECT_CODE_FIELD_NUMBER: _ClassVar[int]
+    DHT_INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     span: Span
     round_spec_json: str
@@ -79,6 +81,7 @@ class JoinResponse(_message.Message):
     reject_reason: str
     round_id: str
     reject_code: str
+    dht_initial_peers: _containers.RepeatedScalarFieldContainer[str]
     def __init__(
         self,
         accepted: bool | None = ...,
@@ -88,6 +91,7 @@ class JoinResponse(_message.Message):
         reject_reason: str | None = ...,
         round_id: str | None = ...,
         reject_code: str | None = ...,
+        dht_initial_peers: _Iterable[str] | None = ...,
     ) -> None: ...
 
 class Progress(_message.Message):
@@ -130,19 +134,21 @@ class HeartbeatRequest(_message.Message):
     ) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("ok", "span", "round_state", "action", "heartbeat_interval_s", "message")
+    __slots__ = ("ok", "span", "round_state", "action", "heartbeat_interval_s", "message", "next_round_id")
     OK_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     ROUND_STATE_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     span: Span
     round_state: str
     action: str
     heartbeat_interval_s: float
     message: str
+    next_round_id: str
     def __init__(
         self,
         ok: bool | None = ...,
@@ -151,6 +157,7 @@ class HeartbeatResponse(_message.Message):
         action: str | None = ...,
         heartbeat_interval_s: float | None = ...,
         message: str | None = ...,
+        next_round_id: str | None = ...,
     ) -> None: ...
 
 class LeaveRequest(_message.Message):
@@ -174,7 +181,18 @@ class GetRoundSpecRequest(_message.Message):
     def __init__(self, round_id: str | None = ...) -> None: ...
 
 class GetRoundSpecResponse(_message.Message):
-    __slots__ = ("round_id", "round_spec_json", "state", "created_at", "started_at", "ended_at", "samples", "epoch")
+    __slots__ = (
+        "round_id",
+        "round_spec_json",
+        "state",
+        "created_at",
+        "started_at",
+        "ended_at",
+        "samples",
+        "epoch",
+        "reason",
+        "adapter_version",
+    )
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +201,8 @@ class GetRoundSpecResponse(_message.Message):
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     round_spec_json: str
     state: str
@@ -191,6 +211,8 @@ class GetRoundSpecResponse(_message.Message):
     ended_at: float
     samples: int
     epoch: int
+    reason: str
+    adapter_version: str
     def __init__(
         self,
         round_id: str | None = ...,
@@ -201,6 +223,8 @@ class GetRoundSpecResponse(_message.Message):
         ended_at: float | None = ...,
         samples: int | None = ...,
         epoch: int | None = ...,
+        reason: str | None = ...,
+        adapter_version: str | None = ...,
     ) -> None: ...
 
 class ListAdaptersRequest(_message.Message):

@@ -49,12 +49,13 @@ def make_spec(base: Path, data: Path, round_id: str, cuts: list[int], *, epochs:
 class Peer:
     """One ``swarm peer`` process with its own event file and checkpoint dir."""
 
-    def __init__(self, workdir: Path, name: str, spec_path: Path, args: list[str]):
+    def __init__(self, workdir: Path, name: str, spec_path: Path, args: list[str], use_spec: bool = True):
         self.name, self.dir = name, workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.events_path, self.ckpt = self.dir / "events.jsonl", self.dir / "ckpt"
         self.log = open(self.dir / "log.txt", "w")  # noqa: SIM115 (closed in stop)
-        cmd = [sys.executable, "-m", "swarm.cli", "peer", "--round-spec", str(spec_path), "--host-maddrs", LOCAL,
+        spec_args = ["--round-spec", str(spec_path)] if use_spec else []
+        cmd = [sys.executable, "-m", "swarm.cli", "peer", *spec_args, "--host-maddrs", LOCAL,
                "--device", "cpu", "--threads", "1", "--events-file", str(self.events_path), "--checkpoint-dir",
                str(self.ckpt), "--announce-period", "1", "--request-timeout", "10", *args]
         env = dict(os.environ, HIVEMIND_LOGLEVEL="INFO", PYTHONUNBUFFERED="1")

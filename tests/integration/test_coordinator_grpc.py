@@ -37,7 +37,7 @@ RPC_TIMEOUT = 10.0
 
 def start(tmp_path: Path, **kw: object) -> CoordinatorServer:
     fields: dict = dict(host="127.0.0.1", port=0, metrics_port=0, workdir=tmp_path, round_spec=SPEC,
-                        join_token="tok", max_message_mb=1, download_chunk_bytes=64 << 10)  # fmt: skip
+                        join_token="tok", max_message_mb=1, download_chunk_bytes=64 << 10, dht=False)  # fmt: skip
     fields.update(kw)
     return serve(CoordinatorConfig(**fields))
 
@@ -197,7 +197,7 @@ def test_cli_prints_addresses_and_stops_on_sigterm(tmp_path: Path) -> None:
     spec_file = tmp_path / "round.json"
     SPEC.save(spec_file)
     args = [sys.executable, "-c", CLI, "coordinator", "--port", "0", "--metrics-port", "0", "--workdir",
-            str(tmp_path), "--round-spec", str(spec_file)]  # fmt: skip
+            str(tmp_path), "--round-spec", str(spec_file), "--no-dht"]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None

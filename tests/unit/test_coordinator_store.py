@@ -66,8 +66,10 @@ def test_round_state_is_compare_and_set(store: CoordinatorStore) -> None:
     assert (r.state, r.started_at, r.ended_at) == (RoundState.TRAINING, 5.0, None)
     with pytest.raises(Conflict, match="training, expected open"):
         store.set_round_state("r1", RoundState.FAILED, expected=RoundState.OPEN)
-    r = store.set_round_state("r1", RoundState.FINALIZING, expected=RoundState.TRAINING, ended_at=9.0)
-    assert (r.started_at, r.ended_at) == (5.0, 9.0)  # times not given are kept
+    r = store.set_round_state("r1", RoundState.FINALIZING, expected=RoundState.TRAINING, ended_at=9.0, reason="end")
+    assert (r.started_at, r.ended_at, r.reason) == (5.0, 9.0, "end")  # times not given are kept
+    r = store.set_round_state("r1", RoundState.FAILED, expected=RoundState.FINALIZING)
+    assert r.reason == "end" and store.get_round("r1") == r  # a reason not given is kept
     with pytest.raises(NotFound, match="nope"):
         store.set_round_state("nope", RoundState.FAILED, expected=RoundState.OPEN)
 
@@ -188,6 +190,23 @@ def test_sqlite_reopen_finds_everything(tmp_path: Path) -> None:
     assert s2.list_adapters() == [ad] and s2.list_rejections() == [rej]
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s2.close()
+
+
+def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
+    from coordinator.store_sqlite import MIGRATIONS
+
+    path = tmp_path / "state.sqlite3"
+    con = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        con.execute(statement)
+    con.execute("INSERT INTO rounds VALUES ('r1', ?, 'published', 1.0, 2.0, 3.0, '')", (spec().to_json(),))
+    con.execute("PRAGMA user_version = 1")
+    con.commit()
+    con.close()
+    s = SqliteStore(path)
+    r = s.get_round("r1")
+    assert r is not None and r.state is RoundState.PUBLISHED and r.reason == ""
+    s.close()
 
 
 def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:

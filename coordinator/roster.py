@@ -1,0 +1,72 @@
+"""The coordinator's hivemind DHT node and the signed roster it publishes there every few seconds.
+
+The roster of the current round (see :mod:`swarm.roster` for its format) is stored under
+``loraswarm_<round_id>_roster`` with an expiration of three publication periods, signed by the
+coordinator's Ed25519 key; peers read it with ``dht.get(roster_key(round_id), latest=True)`` and
+trust it only after :func:`swarm.roster.verify_roster`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.context import CoordinatorContext
+from coordinator.state import CoordinatorStore, MemberState, RoundRecord
+from swarm.roster import ROSTER_FORMAT, roster_key, sign_roster
+
+if TYPE_CHECKING:
+    import hivemind
+
+log = logging.getLogger(__name__)
+
+
+def build_roster(store: CoordinatorStore, record: RoundRecord, now: float) -> dict[str, Any]:
+    """The live members of ``record`` with their spans and throughput, plus the round's state and time."""
+    spans = record.spec.spans
+    peers = [
+        {
+            "peer_id": m.peer_id,
+            "span": [spans[m.span_index].start, spans[m.span_index].end],
+            "throughput": m.throughput,
+            "epoch": m.epoch,
+            "multiaddrs": list(m.multiaddrs),
+        }
+        for m in store.list_members(record.round_id, MemberState.LIVE)
+    ]
+    return {
+        "format": ROSTER_FORMAT,
+        "round_id": record.round_id,
+        "state": record.state.value,
+        "time": now,
+        "spans": [[s.start, s.end] for s in spans],
+        "peers": peers,
+    }
+
+
+class RosterPublisher:
+    """Stores the signed roster of the current round in the DHT; call :meth:`publish_once` periodically."""
+
+    def __init__(self, ctx: CoordinatorContext, key: Ed25519PrivateKey, dht: hivemind.DHT) -> None:
+        self.ctx = ctx
+        self.key = key
+        self.dht = dht
+
+    def publish_once(self) -> bool:
+        from hivemind.utils import get_dht_time
+
+        ctx = self.ctx
+        with ctx.lock:
+            record = ctx.store.current_round()
+            if record is None:
+                return False
+            roster = build_roster(ctx.store, record, ctx.clock())
+        value = sign_roster(roster, self.key)
+        expiration = get_dht_time() + 3 * ctx.config.roster_interval_s
+        ok = bool(self.dht.store(roster_key(record.round_id), value, expiration_time=expiration))
+        ctx.metrics.roster_publishes.labels(result="ok" if ok else "error").inc()
+        if not ok:
+            log.warning("could not store the roster of round %s in the DHT; retrying", record.round_id)
+        return ok

@@ -1,0 +1,108 @@
+"""Keeps a running peer in step with the coordinator: heartbeats, evals, span upload at finalize, round changes."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+
+import grpc
+import torch
+from hivemind.utils.logging import get_logger
+
+from peer.config import PeerConfig
+from peer.coordinator_client import CoordinatorClient
+from peer.daemon import PeerDaemon
+from swarm.config import RoundSpec
+
+log = get_logger(__name__)
+
+
+class CoordinatorLink:
+    """One round's membership: a heartbeat thread driving the daemon by the coordinator's actions."""
+
+    def __init__(self, client: CoordinatorClient, config: PeerConfig, peer_id: str, spec: RoundSpec,
+                 fingerprint: str):
+        self.client, self.config, self.peer_id, self.spec, self.fingerprint = client, config, peer_id, spec, fingerprint
+        self.action = ""
+        self.daemon: PeerDaemon | None = None
+        self.interval = 2.0
+        self._uploaded_epoch = -1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="coordinator-heartbeat", daemon=True)
+
+    def parent_state(self) -> dict[str, torch.Tensor] | None:
+        """The round's starting adapter, downloaded and verified (signature, hash, base model) before loading."""
+        if not self.spec.parent_adapter:
+            return None
+        from swarm.adapter import check_base, load_adapter_tensors
+        from swarm.keys import load_public_key
+
+        public_key = load_public_key(self.config.coordinator_public_key)
+        cache = Path(tempfile.gettempdir()) / "loraswarm-adapters" / self.peer_id
+        folder = self.client.pull_adapter(self.spec.parent_adapter, cache, public_key)
+        manifest, tensors = load_adapter_tensors(folder, public_key)
+        check_base(manifest, self.fingerprint)
+        log.info(f"Starting from verified adapter {manifest.version} (parent {manifest.parent_version})")
+        return tensors
+
+    def attach(self, daemon: PeerDaemon, interval: float) -> None:
+        self.daemon, self.interval = daemon, interval
+        daemon.on_eval.append(self._report_eval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _report_eval(self, phase: str, loss: float, epoch: int, tokens: int) -> None:
+        try:
+            self.client.report_eval(self.peer_id, self.spec.round_id, 0 if phase == "before" else epoch, loss, tokens)
+        except grpc.RpcError as exc:
+            log.warning(f"could not report the {phase} eval to the coordinator: {exc.details()}")
+
+    def _upload(self, epoch: int) -> None:
+        daemon = self.daemon
+        assert daemon is not None
+        state = daemon.server.lora_state()
+        self.client.upload_span_state(self.peer_id, self.spec.round_id, daemon.span, epoch, state,
+                                      max(daemon.server.backend.samples_trained, daemon.trained_samples))
+        self._uploaded_epoch = epoch
+        log.info(f"Uploaded span {daemon.span.name} at epoch {epoch}")
+
+    def _beat(self) -> None:
+        daemon = self.daemon
+        assert daemon is not None
+        resp = self.client.heartbeat(
+            self.peer_id, self.spec.round_id, daemon.span, samples=daemon.trained_samples,
+            tokens=daemon.trained_tokens, loss=daemon.last_loss, throughput=daemon.throughput,
+            epoch=daemon.server.epoch,
+        )
+        self.action = resp.action
+        if resp.heartbeat_interval_s:
+            self.interval = resp.heartbeat_interval_s
+        if resp.action == "finalize":
+            daemon.finalize_event.set()
+            if daemon.server.epoch != self._uploaded_epoch:
+                self._upload(daemon.server.epoch)
+        elif resp.action in ("rejoin", "stop") or not resp.ok:
+            log.info(f"Round {self.spec.round_id} is over for this peer ({resp.action}: {resp.message})")
+            daemon.finalize_event.set()
+            daemon.round_over.set()
+            self._stop.set()
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+                failures = 0
+            except grpc.RpcError as exc:  # the coordinator may be restarting: keep serving, retry
+                failures += 1
+                if failures in (1, 10) or failures % 60 == 0:
+                    log.warning(f"heartbeat failed ({exc.code().name}: {exc.details()}); retrying")
+            except Exception:
+                log.exception("heartbeat handling failed; retrying")

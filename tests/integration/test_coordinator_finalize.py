@@ -1,0 +1,227 @@
+"""A real coordinator on 127.0.0.1: a round driven over gRPC to a published, signed adapter and the next round;
+the signed roster in the DHT; SIGKILL and restart keep the registry and the contributions."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from safetensors.torch import save
+from typer.testing import CliRunner
+
+from coordinator.server import CoordinatorConfig, CoordinatorServer, serve
+from coordinator.store_sqlite import SqliteStore
+from swarm.adapter_client import list_adapters, pull_adapter
+from swarm.config import BaseModelRef, EndCondition, RoundSpec, split_even
+from swarm.keys import load_public_key
+from swarm.proto import coordinator_pb2 as pb
+from swarm.proto import coordinator_pb2_grpc as pb_grpc
+from tests.unit.finalize_helpers import LORA, span_state
+
+T = TypeVar("T")
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+RPC = 10.0
+PEERS = ("peerA", "peerB")
+
+
+@pytest.fixture
+def spec(tiny_checkpoint: Callable[..., Path]) -> RoundSpec:
+    from swarm.checkpoint import fingerprint
+
+    base = tiny_checkpoint("llama", layers=2)
+    return RoundSpec(round_id="r1", base=BaseModelRef(path=str(base), fingerprint=fingerprint(base), num_layers=2),
+                     lora=LORA, spans=split_even(2, 2), end=EndCondition(target_samples=10))  # fmt: skip
+
+
+def poll(condition: Callable[[], T], deadline_s: float, what: str) -> T:
+    deadline = time.monotonic() + deadline_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out after {deadline_s} s waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def join(stub: pb_grpc.CoordinatorStub, spec: RoundSpec, peer: str) -> pb.JoinResponse:
+    reply = stub.Join(pb.JoinRequest(peer_id=peer, multiaddrs=["/ip4/127.0.0.1/tcp/4000"], software_version="0.1.0",
+                                     base_fingerprint=spec.base.fingerprint), timeout=RPC)  # fmt: skip
+    assert reply.accepted, reply.reject_reason
+    return reply
+
+
+def drive_round(stub: pb_grpc.CoordinatorStub, spec: RoundSpec) -> None:
+    """What two peers do: join, report the starting eval, train until told to finalize, upload, report."""
+    spans = {p: join(stub, spec, p).span for p in PEERS}
+    for p in PEERS:
+        stub.ReportEval(pb.ReportEvalRequest(peer_id=p, round_id="r1", epoch=0, eval_loss=3.0, eval_tokens=640),
+                        timeout=RPC)  # fmt: skip
+
+    def told_to_finalize() -> bool:
+        progress = pb.Progress(samples=5, tokens=320, epoch=2, loss=2.5, throughput=4.0)
+        actions = [stub.Heartbeat(pb.HeartbeatRequest(peer_id=p, round_id="r1", progress=progress), timeout=RPC).action
+                   for p in PEERS]  # fmt: skip
+        return all(a == "finalize" for a in actions)
+
+    poll(told_to_finalize, 20, "the heartbeat to answer finalize")
+    for p, span in spans.items():
+        blob = save(span_state(span.start))
+        stub.UploadSpanState(pb.UploadSpanStateRequest(peer_id=p, round_id="r1", span=span, epoch=2, safetensors=blob,
+                                                       samples=5), timeout=RPC)  # fmt: skip
+        stub.ReportEval(pb.ReportEvalRequest(peer_id=p, round_id="r1", epoch=2, eval_loss=2.0, eval_tokens=640),
+                        timeout=RPC)  # fmt: skip
+
+
+@pytest.fixture
+def server(tmp_path: Path, spec: RoundSpec) -> Iterator[CoordinatorServer]:
+    s = serve(CoordinatorConfig(host="127.0.0.1", port=0, metrics_port=None, workdir=tmp_path, round_spec=spec,
+                                dht=False, rounds=2, finalize_poll_s=0.05, heartbeat_interval_s=0.2))  # fmt: skip
+    yield s
+    s.stop(grace=0)
+
+
+def test_round_is_published_pulled_verified_and_continued(
+    server: CoordinatorServer, spec: RoundSpec, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    public_key = load_public_key(server.public_key_path)
+    assert server.config.signing_key_path.stat().st_mode & 0o777 == 0o600
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        drive_round(stub, spec)
+        [entry] = poll(lambda: list_adapters(channel), 20, "adapter v1 in the registry")
+        assert (entry.version, list(entry.parents), entry.round_id) == ("v1", [], "r1")
+        assert (entry.eval_loss_before, entry.eval_loss_after) == (3.0, 2.0)
+        manifest = pull_adapter(channel, "v1", tmp_path / "pulled", public_key)
+        assert manifest.base_fingerprint == spec.base.fingerprint and manifest.weights_sha256 == entry.sha256
+        assert {(c.peer_id, c.samples) for c in manifest.contributors} == {(p, 5) for p in PEERS}
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spec.base.path), tmp_path / "pulled")
+        config: Any = model.peft_config["default"]
+        assert config.r == LORA.rank
+
+        nxt = stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=RPC)
+        assert (nxt.round_id, nxt.state) == ("r1-r2", "open")
+        assert RoundSpec.from_json(nxt.round_spec_json).parent_adapter == "v1"
+        done = stub.GetRoundSpec(pb.GetRoundSpecRequest(round_id="r1"), timeout=RPC)
+        assert (done.state, done.adapter_version, done.reason) == ("published", "v1", "published v1")
+        beat = stub.Heartbeat(pb.HeartbeatRequest(peer_id="peerA", round_id="r1"), timeout=RPC)
+        assert (beat.ok, beat.action, beat.next_round_id) == (False, "rejoin", "r1-r2")
+        assert join(stub, spec, "peerA").round_id == "r1-r2"
+
+    from swarm.cli import build_app
+
+    runner = CliRunner()
+    listed = runner.invoke(build_app(), ["adapters", "list", "--coordinator", server.address])
+    assert listed.exit_code == 0 and "v1" in listed.output and "3.0000" in listed.output, listed.output
+    out = tmp_path / "cli-pull"
+    pulled = runner.invoke(build_app(), ["adapters", "pull", "latest", "-c", server.address, "--out", str(out),
+                                         "--public-key", str(server.public_key_path)])  # fmt: skip
+    assert pulled.exit_code == 0 and (out / "manifest.sig").is_file(), pulled.output
+    runner.invoke(build_app(), ["adapters", "keygen", str(tmp_path / "other")])
+    refused = runner.invoke(build_app(), ["adapters", "pull", "v1", "-c", server.address, "--out", str(tmp_path / "x"),
+                                          "--public-key", str(tmp_path / "other.pub")])  # fmt: skip
+    assert refused.exit_code == 1 and "signature invalid" in refused.output
+    assert not (tmp_path / "x").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".x.")]
+    sample = server.ctx.metrics.registry.get_sample_value
+    assert sample("swarm_coordinator_finalize_total", {"outcome": "published"}) == 1
+    assert sample("swarm_coordinator_adapter_eval_loss", {"version": "v1", "phase": "after"}) == 2.0
+
+
+def test_roster_is_signed_in_the_dht(tmp_path: Path, spec: RoundSpec) -> None:
+    import hivemind
+
+    from swarm.roster import roster_key, verify_roster
+
+    server = serve(CoordinatorConfig(host="127.0.0.1", port=0, metrics_port=None, workdir=tmp_path, round_spec=spec,
+                                     roster_interval_s=0.2))  # fmt: skip
+    client = None
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            reply = join(pb_grpc.CoordinatorStub(channel), spec, "peerA")
+        assert reply.dht_initial_peers and all("/p2p/" in m for m in reply.dht_initial_peers)
+        client = hivemind.DHT(
+            start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=list(reply.dht_initial_peers)
+        )
+        key = load_public_key(server.public_key_path)
+
+        def roster_with_peer() -> dict[str, Any] | None:
+            found = client.get(roster_key("r1"), latest=True)  # type: ignore[union-attr]
+            if found is None:
+                return None
+            roster = verify_roster(found.value, key, round_id="r1", max_age_s=30)
+            return roster if roster["peers"] else None
+
+        roster = poll(roster_with_peer, 20, "the roster in the DHT")
+        assert roster is not None and [(p["peer_id"], p["span"]) for p in roster["peers"]] == [("peerA", [0, 1])]
+        published = server.ctx.metrics.registry.get_sample_value(
+            "swarm_coordinator_roster_publishes_total", {"result": "ok"}
+        )
+        assert published is not None and published >= 1
+    finally:
+        if client is not None:
+            client.shutdown()
+        server.stop(grace=0)
+
+
+def _start(workdir: Path, spec_file: Path, *flags: str) -> tuple[subprocess.Popen[str], str]:
+    args = [sys.executable, "-m", "coordinator", "--port", "0", "--metrics-port", "-1", "--workdir", str(workdir),
+            "--round-spec", str(spec_file), "--heartbeat-interval", "0.2", *flags]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while not (lines and lines[-1].startswith("coordinator gRPC listening on ")):
+        lines.append(proc.stdout.readline())  # bounded by the test timeout
+        assert lines[-1] and len(lines) < 100, "".join(lines)
+    return proc, lines[-1].split()[-1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes of ``pid``, recursively (Linux /proc)."""
+    out = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, children.read_text().split()):
+            out += [child, *descendants(child)]
+    return out
+
+
+def test_sigkill_and_restart_keep_the_adapter_and_contributions(tmp_path: Path, spec: RoundSpec) -> None:
+    spec_file = tmp_path / "round.json"
+    spec.save(spec_file)
+    proc, address = _start(tmp_path, spec_file)  # with its DHT node (a process, and p2pd under it)
+    orphans = descendants(proc.pid)
+    try:
+        assert orphans, "the coordinator should run its DHT node in child processes"
+        with grpc.insecure_channel(address) as channel:
+            drive_round(pb_grpc.CoordinatorStub(channel), spec)
+            [before] = poll(lambda: list_adapters(channel), 20, "adapter v1")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        poll(lambda: not any(Path(f"/proc/{p}").exists() for p in orphans), 10, "the DHT processes to exit")
+        proc, address = _start(tmp_path, spec_file, "--no-dht")
+        with grpc.insecure_channel(address) as channel:
+            assert list_adapters(channel) == [before]
+            stub = pb_grpc.CoordinatorStub(channel)
+            assert stub.GetRoundSpec(pb.GetRoundSpecRequest(round_id="r1"), timeout=RPC).state == "published"
+            key = load_public_key(tmp_path / "coordinator" / "public_key.pem")
+            assert pull_adapter(channel, "v1", tmp_path / "pulled", key).version == "v1"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in orphans:  # only if the test failed: never leave our DHT processes behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    store = SqliteStore(tmp_path / "coordinator" / "state.sqlite3")
+    assert {(c.peer_id, c.samples, c.tokens) for c in store.list_contributions("r1")} == {(p, 5, 320) for p in PEERS}
+    store.close()
