@@ -6,10 +6,10 @@ import threading
 from collections.abc import Callable
 
 import hivemind
-from hivemind.utils.logging import get_logger
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.utils import get_dht_time
+from hivemind.utils.logging import get_logger
 
 from swarm.dht_records import RoundRecordsSchema, ServerAnnouncement, dht_prefix, parse_announcement, servers_key
 
@@ -37,8 +37,7 @@ def fetch_servers(dht: hivemind.DHT, round_id: str) -> list[ServerAnnouncement]:
 class Announcer(threading.Thread):
     """Re-announces ``make_record()`` every ``period`` seconds; records expire after 3 periods."""
 
-    def __init__(self, dht: hivemind.DHT, round_id: str, make_record: Callable[[], ServerAnnouncement],
-                 period: float):
+    def __init__(self, dht: hivemind.DHT, round_id: str, make_record: Callable[[], ServerAnnouncement], period: float):
         super().__init__(name="announcer", daemon=True)
         self.dht, self.round_id, self.make_record, self.period = dht, round_id, make_record, period
         self.subkey = RSASignatureValidator().local_public_key
@@ -46,8 +45,14 @@ class Announcer(threading.Thread):
 
     def announce_once(self, expiration: float | None = None) -> bool:
         record = self.make_record()
-        return bool(self.dht.store(servers_key(self.round_id), subkey=self.subkey, value=record.dict(),
-                                   expiration_time=expiration or get_dht_time() + 3 * self.period))
+        return bool(
+            self.dht.store(
+                servers_key(self.round_id),
+                subkey=self.subkey,
+                value=record.dict(),
+                expiration_time=expiration or get_dht_time() + 3 * self.period,
+            )
+        )
 
     def run(self) -> None:
         while not self._stop_event.is_set():

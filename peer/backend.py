@@ -40,9 +40,17 @@ def check_hidden(name: str, tensor: torch.Tensor, seq_len: int, hidden: int, dty
 class SpanBackend(ModuleBackend):
     """A ``ModuleBackend`` whose optimizer is a ``hivemind.Optimizer`` over the span's LoRA parameters."""
 
-    def __init__(self, name: str, span: torch.nn.Module, *, seq_len: int, dtype: torch.dtype,
-                 on_served: Callable[[str, int, float], None] | None = None, **kwargs: Any):
-        hidden = int(span.config.hidden_size)  # type: ignore[union-attr]
+    def __init__(
+        self,
+        name: str,
+        span: torch.nn.Module,
+        *,
+        seq_len: int,
+        dtype: torch.dtype,
+        on_served: Callable[[str, int, float], None] | None = None,
+        **kwargs: Any,
+    ):
+        hidden = int(span.config.hidden_size)  # type: ignore[union-attr, arg-type]
         self.seq_len, self.hidden, self.dtype = seq_len, hidden, dtype
         self.lock = threading.RLock()
         self.on_served = on_served

@@ -41,7 +41,9 @@ class PeerConfig(BaseModel):
     metrics_port: int = Field(-1, description="Port of /metrics and /health (-1 = off, 0 = ephemeral).")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds.")
     threads: int = Field(0, description="torch intra-op threads (0 = torch default).")
-    ready_file: str = Field("", description="JSON-lines event file: ready (peer id, maddrs, metrics port), eval, epoch.")
+    ready_file: str = Field(
+        "", description="JSON-lines event file: ready (peer id, maddrs, metrics port), eval, epoch."
+    )
     checkpoint_dir: str = Field("", description="Write the span's LoRA state here after every optimizer epoch.")
     eval_batches: int = Field(4, description="Held-out micro-batches the trainer evaluates at start and end.")
     seed: int = Field(0, description="Seed of the trainer's batch order.")

@@ -26,42 +26,84 @@ class CoordinatorClient:
 
     def __init__(self, address: str, join_token: str = "", timeout: float = 15.0):
         self.address, self.join_token, self.timeout = address, join_token, timeout
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", MAX_MESSAGE),
-                                                               ("grpc.max_receive_message_length", MAX_MESSAGE)])
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)],
+        )
         self.stub = pb_grpc.CoordinatorStub(self.channel)
 
     def current_spec(self) -> RoundSpec:
         resp = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=self.timeout)
         return RoundSpec.from_json(resp.round_spec_json)
 
-    def join(self, peer_id: str, maddrs: list[str], fingerprint: str, throughput: float, device: str,
-             memory_bytes: int, round_id: str = "") -> tuple[RoundSpec, SpanRange, pb.JoinResponse]:
-        resp = self.stub.Join(pb.JoinRequest(
-            peer_id=peer_id, multiaddrs=maddrs, base_fingerprint=fingerprint, software_version=__version__,
-            join_token=self.join_token, round_id=round_id,
-            capacity=pb.Capacity(memory_bytes=memory_bytes, device=device, throughput=throughput),
-        ), timeout=self.timeout)
+    def join(
+        self,
+        peer_id: str,
+        maddrs: list[str],
+        fingerprint: str,
+        throughput: float,
+        device: str,
+        memory_bytes: int,
+        round_id: str = "",
+    ) -> tuple[RoundSpec, SpanRange, pb.JoinResponse]:
+        resp = self.stub.Join(
+            pb.JoinRequest(
+                peer_id=peer_id,
+                multiaddrs=maddrs,
+                base_fingerprint=fingerprint,
+                software_version=__version__,
+                join_token=self.join_token,
+                round_id=round_id,
+                capacity=pb.Capacity(memory_bytes=memory_bytes, device=device, throughput=throughput),
+            ),
+            timeout=self.timeout,
+        )
         if not resp.accepted:
             raise JoinRejectedError(f"the coordinator refused to let this peer join: {resp.reject_reason}")
         return RoundSpec.from_json(resp.round_spec_json), SpanRange(start=resp.span.start, end=resp.span.end), resp
 
-    def heartbeat(self, peer_id: str, round_id: str, span: SpanRange, *, samples: int, tokens: int, loss: float,
-                  throughput: float, epoch: int) -> pb.HeartbeatResponse:
-        return self.stub.Heartbeat(pb.HeartbeatRequest(
-            peer_id=peer_id, round_id=round_id, span=pb.Span(start=span.start, end=span.end),
-            progress=pb.Progress(samples=samples, tokens=tokens, loss=loss, throughput=throughput, epoch=epoch),
-        ), timeout=self.timeout)
+    def heartbeat(
+        self,
+        peer_id: str,
+        round_id: str,
+        span: SpanRange,
+        *,
+        samples: int,
+        tokens: int,
+        loss: float,
+        throughput: float,
+        epoch: int,
+    ) -> pb.HeartbeatResponse:
+        return self.stub.Heartbeat(
+            pb.HeartbeatRequest(
+                peer_id=peer_id,
+                round_id=round_id,
+                span=pb.Span(start=span.start, end=span.end),
+                progress=pb.Progress(samples=samples, tokens=tokens, loss=loss, throughput=throughput, epoch=epoch),
+            ),
+            timeout=self.timeout,
+        )
 
-    def upload_span_state(self, peer_id: str, round_id: str, span: SpanRange, epoch: int,
-                          tensors: dict[str, torch.Tensor], samples: int) -> None:
-        self.stub.UploadSpanState(pb.UploadSpanStateRequest(
-            peer_id=peer_id, round_id=round_id, span=pb.Span(start=span.start, end=span.end), epoch=epoch,
-            safetensors=save(tensors), samples=samples,
-        ), timeout=self.timeout * 4)
+    def upload_span_state(
+        self, peer_id: str, round_id: str, span: SpanRange, epoch: int, tensors: dict[str, torch.Tensor], samples: int
+    ) -> None:
+        self.stub.UploadSpanState(
+            pb.UploadSpanStateRequest(
+                peer_id=peer_id,
+                round_id=round_id,
+                span=pb.Span(start=span.start, end=span.end),
+                epoch=epoch,
+                safetensors=save(tensors),
+                samples=samples,
+            ),
+            timeout=self.timeout * 4,
+        )
 
     def report_eval(self, peer_id: str, round_id: str, epoch: int, loss: float, tokens: int) -> None:
-        self.stub.ReportEval(pb.ReportEvalRequest(peer_id=peer_id, round_id=round_id, epoch=epoch, eval_loss=loss,
-                                                  eval_tokens=tokens), timeout=self.timeout)
+        self.stub.ReportEval(
+            pb.ReportEvalRequest(peer_id=peer_id, round_id=round_id, epoch=epoch, eval_loss=loss, eval_tokens=tokens),
+            timeout=self.timeout,
+        )
 
     def leave(self, peer_id: str, round_id: str) -> None:
         self.stub.Leave(pb.LeaveRequest(peer_id=peer_id, round_id=round_id), timeout=self.timeout)

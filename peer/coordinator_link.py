@@ -21,8 +21,7 @@ log = get_logger(__name__)
 class CoordinatorLink:
     """One round's membership: a heartbeat thread driving the daemon by the coordinator's actions."""
 
-    def __init__(self, client: CoordinatorClient, config: PeerConfig, peer_id: str, spec: RoundSpec,
-                 fingerprint: str):
+    def __init__(self, client: CoordinatorClient, config: PeerConfig, peer_id: str, spec: RoundSpec, fingerprint: str):
         self.client, self.config, self.peer_id, self.spec, self.fingerprint = client, config, peer_id, spec, fingerprint
         self.action = ""
         self.daemon: PeerDaemon | None = None
@@ -68,8 +67,14 @@ class CoordinatorLink:
         daemon = self.daemon
         assert daemon is not None
         state = daemon.server.lora_state()
-        self.client.upload_span_state(self.peer_id, self.spec.round_id, daemon.span, epoch, state,
-                                      max(daemon.server.backend.samples_trained, daemon.trained_samples))
+        self.client.upload_span_state(
+            self.peer_id,
+            self.spec.round_id,
+            daemon.span,
+            epoch,
+            state,
+            max(daemon.server.backend.samples_trained, daemon.trained_samples),
+        )
         self._uploaded_epoch = epoch
         log.info(f"Uploaded span {daemon.span.name} at epoch {epoch}")
 
@@ -77,8 +82,13 @@ class CoordinatorLink:
         daemon = self.daemon
         assert daemon is not None
         resp = self.client.heartbeat(
-            self.peer_id, self.spec.round_id, daemon.span, samples=daemon.trained_samples,
-            tokens=daemon.trained_tokens, loss=daemon.last_loss, throughput=daemon.throughput,
+            self.peer_id,
+            self.spec.round_id,
+            daemon.span,
+            samples=daemon.trained_samples,
+            tokens=daemon.trained_tokens,
+            loss=daemon.last_loss,
+            throughput=daemon.throughput,
             epoch=daemon.server.epoch,
         )
         self.action = resp.action

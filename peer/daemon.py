@@ -71,16 +71,26 @@ class PeerDaemon:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.dht = hivemind.DHT(
-            initial_peers=list(config.initial_peers), host_maddrs=list(config.host_maddrs),
-            announce_maddrs=list(config.announce_maddrs) or None, identity_path=config.identity_path or None,
-            use_relay=config.use_relay, use_auto_relay=config.use_auto_relay,
-            record_validators=record_validators(spec.round_id), start=True,
+            initial_peers=list(config.initial_peers),
+            host_maddrs=list(config.host_maddrs),
+            announce_maddrs=list(config.announce_maddrs) or None,
+            identity_path=config.identity_path or None,
+            use_relay=config.use_relay,
+            use_auto_relay=config.use_auto_relay,
+            record_validators=record_validators(spec.round_id),
+            start=True,
         )
         self.peer_id = str(self.dht.peer_id)
         self.span = self._choose_span()
         self.server = SpanServer(
-            spec, self.span, self.dht, device=self.device, dtype=self.dtype, initial_state=initial_state,
-            on_served=self.metrics.served, on_averaging=self.metrics.averaged,
+            spec,
+            self.span,
+            self.dht,
+            device=self.device,
+            dtype=self.dtype,
+            initial_state=initial_state,
+            on_served=self.metrics.served,
+            on_averaging=self.metrics.averaged,
             max_batch_size=max(spec.data.micro_batch_size * 4, 1),
         )
         self.throughput = 0.0
@@ -102,17 +112,22 @@ class PeerDaemon:
 
     def _announcement(self) -> ServerAnnouncement:
         return ServerAnnouncement(
-            peer_id=self.peer_id, span_start=self.span.start, span_end=self.span.end,
-            throughput=float(self.throughput), state=ONLINE, version=__version__,
-            adapter_version=self.spec.parent_adapter, expert_uid=self.server.uid, epoch=self.server.epoch,
+            peer_id=self.peer_id,
+            span_start=self.span.start,
+            span_end=self.span.end,
+            throughput=float(self.throughput),
+            state=ONLINE,
+            version=__version__,
+            adapter_version=self.spec.parent_adapter,
+            expert_uid=self.server.uid,
+            epoch=self.server.epoch,
             maddrs=[str(m) for m in self.dht.get_visible_maddrs()],
         )
 
     def measure_throughput(self, repeats: int = 2) -> float:
         """Samples/s of forward+backward of one micro-batch on this span (announced for routing)."""
         batch = self.spec.data.micro_batch_size
-        x = torch.randn(batch, self.spec.data.seq_len, self.server.module.hidden_size, dtype=self.dtype,
-                        device=self.device)
+        x = torch.randn(batch, self.spec.data.seq_len, self.server.backend.hidden, dtype=self.dtype, device=self.device)
         twin = self.server.backend.twin
         started = time.perf_counter()
         for _ in range(repeats):
@@ -124,8 +139,13 @@ class PeerDaemon:
         return self.throughput
 
     def health(self) -> dict[str, Any]:
-        return {"ok": not self.stop_event.is_set(), "peer_id": self.peer_id, "span": self.span.name,
-                "epoch": self.server.epoch, "round_id": self.spec.round_id}
+        return {
+            "ok": not self.stop_event.is_set(),
+            "peer_id": self.peer_id,
+            "span": self.span.name,
+            "epoch": self.server.epoch,
+            "round_id": self.spec.round_id,
+        }
 
     def start(self) -> None:
         self.server.start(catch_up=True)
@@ -133,14 +153,22 @@ class PeerDaemon:
         self.metrics.set_identity(self.peer_id, self.spec.round_id, (self.span.start, self.span.end), self.device)
         self.announcer.start()
         if self.config.metrics_port >= 0:
-            self.metrics_server = MetricsServer(self.metrics.registry, self.config.metrics_host,
-                                                self.config.metrics_port, self.health)
-        self.events.write("ready", peer_id=self.peer_id, span=[self.span.start, self.span.end],
-                          maddrs=[str(m) for m in self.dht.get_visible_maddrs()],
-                          metrics_port=self.metrics_server.port if self.metrics_server else None,
-                          throughput=self.throughput, epoch=self.server.epoch)
-        log.info(f"Peer {self.peer_id} serves span {self.span.name} of round {self.spec.round_id} "
-                 f"({self.throughput:.1f} samples/s)")
+            self.metrics_server = MetricsServer(
+                self.metrics.registry, self.config.metrics_host, self.config.metrics_port, self.health
+            )
+        self.events.write(
+            "ready",
+            peer_id=self.peer_id,
+            span=[self.span.start, self.span.end],
+            maddrs=[str(m) for m in self.dht.get_visible_maddrs()],
+            metrics_port=self.metrics_server.port if self.metrics_server else None,
+            throughput=self.throughput,
+            epoch=self.server.epoch,
+        )
+        log.info(
+            f"Peer {self.peer_id} serves span {self.span.name} of round {self.spec.round_id} "
+            f"({self.throughput:.1f} samples/s)"
+        )
 
     def tick(self) -> None:
         """Periodic upkeep: metrics and per-epoch LoRA snapshots."""

@@ -20,31 +20,47 @@ class PeerMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.info = Gauge("swarm_peer_info", "Static facts about this peer (value 1).",
-                          ["peer_id", "round_id", "span", "version", "device"], registry=r)
+        self.info = Gauge(
+            "swarm_peer_info",
+            "Static facts about this peer (value 1).",
+            ["peer_id", "round_id", "span", "version", "device"],
+            registry=r,
+        )
         self.span_start = Gauge("swarm_peer_span_start", "First block this peer serves.", registry=r)
         self.span_end = Gauge("swarm_peer_span_end", "One past the last block this peer serves.", registry=r)
         self.samples = Counter("swarm_peer_samples", "Sequences this peer's trainer processed.", registry=r)
         self.tokens = Counter("swarm_peer_tokens", "Tokens this peer's trainer processed.", registry=r)
         self.loss = Gauge("swarm_peer_loss", "Training loss of the trainer's last micro-batch.", registry=r)
         self.eval_loss = Gauge("swarm_peer_eval_loss", "Held-out loss measured by this peer.", registry=r)
-        self.step_seconds = Histogram("swarm_peer_step_seconds", "Duration of one trainer micro-batch step.",
-                                      buckets=LATENCY_BUCKETS, registry=r)
-        self.averaging_seconds = Histogram("swarm_peer_averaging_seconds", "Duration of a gradient all-reduce.",
-                                           buckets=LATENCY_BUCKETS, registry=r)
-        self.averaging = Counter("swarm_peer_averaging_rounds",
-                                 "Gradient averaging rounds by outcome (local_fallback = proceeding with local "
-                                 "gradients).", ["outcome"], registry=r)
+        self.step_seconds = Histogram(
+            "swarm_peer_step_seconds", "Duration of one trainer micro-batch step.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.averaging_seconds = Histogram(
+            "swarm_peer_averaging_seconds", "Duration of a gradient all-reduce.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.averaging = Counter(
+            "swarm_peer_averaging_rounds",
+            "Gradient averaging rounds by outcome (local_fallback = proceeding with local gradients).",
+            ["outcome"],
+            registry=r,
+        )
         self.bytes = Counter("swarm_peer_bytes", "Tensor bytes on the wire by direction.", ["direction"], registry=r)
-        self.requests = Counter("swarm_peer_requests_served", "Remote forward/backward batches served.",
-                                ["kind"], registry=r)
-        self.request_seconds = Histogram("swarm_peer_request_seconds", "Latency of served forward/backward.",
-                                         ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "swarm_peer_requests_served", "Remote forward/backward batches served.", ["kind"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "swarm_peer_request_seconds",
+            "Latency of served forward/backward.",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.epoch = Gauge("swarm_peer_epoch", "hivemind.Optimizer epoch of the span this peer serves.", registry=r)
         self.throughput = Gauge("swarm_peer_throughput", "Measured samples/s of forward+backward.", registry=r)
         self.peers_seen = Gauge("swarm_peer_peers_seen", "Servers seen in the DHT per span.", ["span"], registry=r)
-        self.failovers = Counter("swarm_peer_failovers", "Remote calls that failed over to another replica.",
-                                 registry=r)
+        self.failovers = Counter(
+            "swarm_peer_failovers", "Remote calls that failed over to another replica.", registry=r
+        )
         self.memory = Gauge("swarm_peer_memory_bytes", "Resident memory of the daemon process.", registry=r)
         self.memory.set_function(lambda: float(psutil.Process().memory_info().rss))
         for outcome in ("success", "local_fallback"):

@@ -42,12 +42,18 @@ class RemoteSpan:
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         inputs = (hidden.detach().cpu().contiguous(),)
-        out = _run(expert_forward(self.uid, inputs, self._ser(inputs), self.stub), self.timeout,
-                   f"forward of {self.uid} on {self.peer_id}")
+        out = _run(
+            expert_forward(self.uid, inputs, self._ser(inputs), self.stub),
+            self.timeout,
+            f"forward of {self.uid} on {self.peer_id}",
+        )
         return out[0]
 
     def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
         tensors = (hidden.detach().cpu().contiguous(), grad_output.detach().cpu().contiguous())
-        out = _run(expert_backward(self.uid, tensors, self._ser(tensors), self.stub), self.timeout,
-                   f"backward of {self.uid} on {self.peer_id}")
+        out = _run(
+            expert_backward(self.uid, tensors, self._ser(tensors), self.stub),
+            self.timeout,
+            f"backward of {self.uid} on {self.peer_id}",
+        )
         return out[0]

@@ -71,10 +71,13 @@ def _run_with_coordinator(config: PeerConfig) -> None:
             log.info(f"Joined round {spec.round_id} as {peer_id}: span {span.name}")
             link = CoordinatorLink(client, config, peer_id, spec, local_fp)
             initial = link.parent_state()
-            peer_config = config.model_copy(update={
-                "span": span, "identity_path": identity,
-                "initial_peers": tuple(resp.dht_initial_peers) + tuple(config.initial_peers),
-            })
+            peer_config = config.model_copy(
+                update={
+                    "span": span,
+                    "identity_path": identity,
+                    "initial_peers": tuple(resp.dht_initial_peers) + tuple(config.initial_peers),
+                }
+            )
             daemon = PeerDaemon(peer_config, spec, initial_state=initial)
             link.attach(daemon, resp.heartbeat_interval_s or 2.0)
             _run_round(daemon, on_start=link.start)

@@ -15,9 +15,9 @@ from functools import partial
 from typing import Any
 
 import hivemind
-from hivemind.utils.logging import get_logger
 import torch
 from hivemind.moe.server import Server
+from hivemind.utils.logging import get_logger
 
 from peer.backend import SpanBackend, ValidatingConnectionHandler
 from swarm.config import RoundSpec, SpanRange
@@ -54,10 +54,19 @@ class SwarmOptimizer(hivemind.Optimizer):
 class SpanServer:
     """A span with LoRA, served over libp2p and trained through its replica group's optimizer."""
 
-    def __init__(self, spec: RoundSpec, span: SpanRange, dht: hivemind.DHT, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, initial_state: dict[str, torch.Tensor] | None = None,
-                 on_served: Callable[[str, int, float], None] | None = None,
-                 on_averaging: Callable[[bool, float], None] | None = None, max_batch_size: int = 64):
+    def __init__(
+        self,
+        spec: RoundSpec,
+        span: SpanRange,
+        dht: hivemind.DHT,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        initial_state: dict[str, torch.Tensor] | None = None,
+        on_served: Callable[[str, int, float], None] | None = None,
+        on_averaging: Callable[[bool, float], None] | None = None,
+        max_batch_size: int = 64,
+    ):
         spec.span_index(span)
         self.spec, self.span, self.dht = spec, span, dht
         self.uid = expert_uid(spec.round_id, span)
@@ -66,20 +75,36 @@ class SpanServer:
             mine = lora_parameters(self.module)
             import_lora_state(self.module, {k: v for k, v in initial_state.items() if k in mine})
         opt = spec.optimizer
-        factory = (partial(torch.optim.AdamW, lr=opt.lr, weight_decay=opt.weight_decay) if opt.name == "adamw"
-                   else partial(torch.optim.SGD, lr=opt.lr, weight_decay=opt.weight_decay))
+        factory = (
+            partial(torch.optim.AdamW, lr=opt.lr, weight_decay=opt.weight_decay)
+            if opt.name == "adamw"
+            else partial(torch.optim.SGD, lr=opt.lr, weight_decay=opt.weight_decay)
+        )
         self.optimizer = SwarmOptimizer(
-            dht=dht, run_id=spec.run_id(span), target_batch_size=opt.target_batch_size,
-            optimizer=factory, params=list(lora_parameters(self.module).values()),
-            matchmaking_time=opt.matchmaking_time, averaging_timeout=opt.averaging_timeout,
-            average_state_every=opt.average_state_every or 10**9, delay_state_averaging=False,
+            dht=dht,
+            run_id=spec.run_id(span),
+            target_batch_size=opt.target_batch_size,
+            optimizer=factory,
+            params=list(lora_parameters(self.module).values()),
+            matchmaking_time=opt.matchmaking_time,
+            averaging_timeout=opt.averaging_timeout,
+            average_state_every=opt.average_state_every or 10**9,
+            delay_state_averaging=False,
             # Averaging Adam's moments too makes state averaging a full reconciliation of diverged replicas.
             average_opt_statistics=("exp_avg", "exp_avg_sq") if opt.name == "adamw" else (),
             averager_opts=dict(request_timeout=max(0.5, opt.matchmaking_time / 2)),
-            verbose=True, on_averaging=on_averaging,
+            verbose=True,
+            on_averaging=on_averaging,
         )
-        self.backend = SpanBackend(self.uid, self.module, seq_len=spec.data.seq_len, dtype=dtype,
-                                   optimizer=self.optimizer, on_served=on_served, max_batch_size=max_batch_size)
+        self.backend = SpanBackend(
+            self.uid,
+            self.module,
+            seq_len=spec.data.seq_len,
+            dtype=dtype,
+            optimizer=self.optimizer,
+            on_served=on_served,
+            max_batch_size=max_batch_size,
+        )
         self.server = Server(dht, {self.uid: self.backend}, num_connection_handlers=1, start=False)
         self.server.conn_handlers = [ValidatingConnectionHandler(dht, {self.uid: self.backend})]
         # hivemind's Runtime loop never wakes up after its pools are terminated; as a non-daemon thread it would
@@ -101,6 +126,10 @@ class SpanServer:
         if catch_up:
             self.catch_up()
         self.server.run_in_background(await_ready=True)
+        # hivemind publishes a peer's progress only after its first step; publish it now so the other replicas
+        # count us in their first epoch instead of each "proceeding with local gradients" alone.
+        opt = self.optimizer
+        opt.tracker.report_local_progress(opt.local_epoch, opt.grad_averager.local_samples_accumulated)
         self._watcher.start()
 
     def catch_up(self) -> bool:

@@ -11,11 +11,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import hivemind
+import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils.logging import get_logger
-import torch
 
 from peer.announce import fetch_servers
 from peer.remote import RemoteCallError, RemoteSpan
@@ -94,6 +95,14 @@ class Router:
         return self._handles[peer_id, uid]
 
 
+def _forward(handle: RemoteSpan, x: torch.Tensor) -> torch.Tensor:
+    return handle.forward(x)
+
+
+def _backward(handle: RemoteSpan, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return handle.backward(x, g)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -105,9 +114,18 @@ class StepResult:
 class ChainTrainer:
     """One forward/backward of a micro-batch through every span of the round."""
 
-    def __init__(self, spec: RoundSpec, head: TrainerHead, router: Router, *, max_attempts: int = 4,
-                 span_wait: float = 120.0, say: Callable[[str], None] = log.info,
-                 on_wire: Callable[[int, int], None] | None = None, on_failover: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        spec: RoundSpec,
+        head: TrainerHead,
+        router: Router,
+        *,
+        max_attempts: int = 4,
+        span_wait: float = 120.0,
+        say: Callable[[str], None] = log.info,
+        on_wire: Callable[[int, int], None] | None = None,
+        on_failover: Callable[[], None] | None = None,
+    ):
         self.spec, self.head, self.router = spec, head, router
         self.max_attempts, self.span_wait, self.say = max_attempts, span_wait, say
         self.on_wire = on_wire or (lambda sent, received: None)
@@ -143,22 +161,23 @@ class ChainTrainer:
             else:
                 inp = hidden.detach()
                 saved.append((span, inp, None))
-                hidden = self._remote(span, lambda h, x=inp: h.forward(x))
+                hidden = self._remote(span, partial(_forward, x=inp))
                 self.on_wire(inp.nbytes, hidden.nbytes)
         last = hidden.detach().requires_grad_(True)
         loss = self.head.loss(last, input_ids)
         loss.backward()
         grad = last.grad
         assert grad is not None
-        for span, inp, out in reversed(saved):
-            if out is not None:
-                out.backward(grad)
-                grad = inp.grad
+        for span, inp, local_out in reversed(saved):
+            if local_out is not None:
+                local_out.backward(grad)
+                upstream = inp.grad
+                assert upstream is not None
+                grad = upstream
                 self.router.local[span].backend.local_apply_grads(batch)
             else:
-                grad = self._remote(span, lambda h, x=inp, g=grad: h.backward(x, g))
+                grad = self._remote(span, partial(_backward, x=inp, g=grad))
                 self.on_wire(2 * inp.nbytes, grad.nbytes)
-            assert grad is not None
         return StepResult(float(loss), batch, batch * int(input_ids.shape[1]), time.perf_counter() - started)
 
     @torch.no_grad()
@@ -174,7 +193,7 @@ class ChainTrainer:
                     with server.lock:
                         hidden = server.module(hidden)
                 else:
-                    hidden = self._remote(span, lambda h, x=hidden: h.forward(x))
+                    hidden = self._remote(span, partial(_forward, x=hidden))
             total += float(self.head.loss(hidden, ids)) * len(ids)
             count += len(ids)
         return total / max(count, 1)

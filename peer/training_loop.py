@@ -32,19 +32,30 @@ class TrainingLoop:
         self.train, held_out = load_round_data(settings, tokenizer, cfg.shard_index, cfg.num_shards)
         self.eval_set = held_out[: cfg.eval_batches * settings.micro_batch_size]
         head = load_trainer_head(spec.base.path, dtype=daemon.dtype, device=daemon.device)
-        self.router = Router(daemon.dht, spec, {daemon.span: daemon.server}, timeout=cfg.request_timeout,
-                             rng=__import__("random").Random(cfg.seed))
-        self.trainer = ChainTrainer(spec, head, self.router, say=log.info, on_wire=daemon.metrics.wire,
-                                    on_failover=daemon.metrics.failovers.inc)
+        self.router = Router(
+            daemon.dht,
+            spec,
+            {daemon.span: daemon.server},
+            timeout=cfg.request_timeout,
+            rng=__import__("random").Random(cfg.seed),
+        )
+        self.trainer = ChainTrainer(
+            spec, head, self.router, say=log.info, on_wire=daemon.metrics.wire, on_failover=daemon.metrics.failovers.inc
+        )
         self.started = time.monotonic()
         self.steps = 0
 
     def evaluate(self, phase: str) -> float:
         loss = self.trainer.evaluate(self.eval_set.to(self.daemon.device), self.daemon.spec.data.micro_batch_size)
         self.daemon.metrics.eval_loss.set(loss)
-        self.daemon.events.write("eval", phase=phase, loss=loss, epoch=self.daemon.server.epoch,
-                                 tokens=int(self.eval_set.numel()),
-                                 samples=self.steps * self.daemon.spec.data.micro_batch_size)
+        self.daemon.events.write(
+            "eval",
+            phase=phase,
+            loss=loss,
+            epoch=self.daemon.server.epoch,
+            tokens=int(self.eval_set.numel()),
+            samples=self.steps * self.daemon.spec.data.micro_batch_size,
+        )
         for callback in self.daemon.on_eval:
             callback(phase, loss, self.daemon.server.epoch, int(self.eval_set.numel()))
         log.info(f"Held-out loss ({phase}, epoch {self.daemon.server.epoch}): {loss:.4f}")
@@ -84,8 +95,11 @@ class TrainingLoop:
         tracker = daemon.server.optimizer.tracker
         deadline = time.monotonic() + timeout
         while not daemon.stop_event.is_set() and time.monotonic() < deadline:
-            replicas = sum(1 for a in fetch_servers(daemon.dht, daemon.spec.round_id) if a.span == (
-                daemon.span.start, daemon.span.end))
+            replicas = sum(
+                1
+                for a in fetch_servers(daemon.dht, daemon.spec.round_id)
+                if a.span == (daemon.span.start, daemon.span.end)
+            )
             if tracker.global_progress.num_peers >= max(replicas, 1):
                 return
             time.sleep(0.5)
@@ -96,8 +110,9 @@ class TrainingLoop:
         self.evaluate("before")
         data_epoch = 0
         while not self.done():
-            for batch in batches(self.train, self.daemon.spec.data.micro_batch_size, self.daemon.config.seed,
-                                 data_epoch):
+            for batch in batches(
+                self.train, self.daemon.spec.data.micro_batch_size, self.daemon.config.seed, data_epoch
+            ):
                 if self.done():
                     break
                 try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,32 +24,48 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class _Peer:
-    def __init__(self, workdir: Path, name: str, spec: Path, args: list[str]):
-        self.dir = workdir / "peers" / name
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Proc:
+    """A ``swarm`` subcommand in its own process, logging to DIR/log.txt."""
+
+    def __init__(self, folder: Path, args: list[str]):
+        self.dir = folder
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("events.jsonl",):
-            (self.dir / stale).unlink(missing_ok=True)
         self.events_path, self.ckpt = self.dir / "events.jsonl", self.dir / "ckpt"
+        self.events_path.unlink(missing_ok=True)
         self.log = open(self.dir / "log.txt", "w")  # noqa: SIM115 (closed in stop)
-        cmd = [sys.executable, "-m", "swarm.cli", "peer", "--round-spec", str(spec), "--host-maddrs",
-               "/ip4/127.0.0.1/tcp/0", "--device", "cpu", "--threads", "1", "--events-file", str(self.events_path),
-               "--checkpoint-dir", str(self.ckpt), "--announce-period", "1", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "swarm.cli", *args], stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    @classmethod
+    def peer(cls, workdir: Path, name: str, args: list[str]) -> _Proc:
+        folder = workdir / "peers" / name
+        return cls(
+            folder,
+            [
+                "peer",
+                "--host-maddrs",
+                "/ip4/127.0.0.1/tcp/0",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--events-file",
+                str(folder / "events.jsonl"),
+                "--announce-period",
+                "1",
+                *args,
+            ],
+        )
 
     def events(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in _events(self.events_path) if e["event"] == kind]
-
-    def wait_ready(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"peer exited with {self.proc.returncode}; see {self.dir / 'log.txt'}")
-            ready = self.events("ready")
-            if ready:
-                return ready[0]
-            time.sleep(0.2)
-        raise TimeoutError(f"peer not ready after {timeout:.0f} s; see {self.dir / 'log.txt'}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -59,6 +76,36 @@ class _Peer:
                 self.proc.kill()
                 self.proc.wait(10)
         self.log.close()
+
+
+def _next_version(adapters: Path) -> str:
+    existing = [int(p.name[1:]) for p in adapters.glob("v*") if p.name[1:].isdigit()] if adapters.exists() else []
+    return f"v{max(existing, default=0) + 1}"
+
+
+def _wait(predicate: Any, timeout: float, what: str, procs: list[_Proc]) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        dead = [p.dir.name for p in procs if p.proc.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}; see its log.txt")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _round_state(port: int) -> tuple[str, str]:
+    import grpc
+
+    from swarm.proto import coordinator_pb2 as pb
+    from swarm.proto import coordinator_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            resp = pb_grpc.CoordinatorStub(channel).GetRoundSpec(pb.GetRoundSpecRequest(), timeout=5)
+        except grpc.RpcError:
+            return "", ""
+        return resp.state, resp.reason
 
 
 def _eval_loss(model: Any, sequences: Any, batch: int = 16) -> float:
@@ -82,13 +129,12 @@ def demo_command(
     import torch
     from tqdm import tqdm
 
-    from swarm.adapter import AdapterInfo, Contributor, verify_adapter, write_adapter
-    from swarm.adapter_tensors import merge_span_states
+    from swarm.adapter import verify_adapter
     from swarm.basemodel import make_base
     from swarm.checkpoint import fingerprint, read_config
     from swarm.config import BaseModelRef, DataSettings, EndCondition, OptimizerSettings, RoundSpec, split_even
     from swarm.corpus import generate, write_jsonl
-    from swarm.keys import load_or_create_signing_key, write_public_key
+    from swarm.keys import load_public_key
 
     workdir = workdir.resolve()
     typer.echo(f"[1/5] base model under {workdir / 'base'} (cached after the first run)")
@@ -99,72 +145,87 @@ def demo_command(
     write_jsonl(generate("finetune", 120, seed=2), data / "eval.jsonl")
     layers = int(read_config(base).num_hidden_layers)
     spec = RoundSpec(
-        round_id="demo-r1", base=BaseModelRef(path=str(base), fingerprint=fingerprint(base), num_layers=layers),
+        round_id=f"demo-{int(time.time())}",
+        base=BaseModelRef(path=str(base), fingerprint=fingerprint(base), num_layers=layers),
         spans=split_even(layers, 2),
-        data=DataSettings(train_path=str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), seq_len=64,
-                          micro_batch_size=8),
+        data=DataSettings(
+            train_path=str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), seq_len=64, micro_batch_size=8
+        ),
         optimizer=OptimizerSettings(lr=3e-3, target_batch_size=target_batch_size, matchmaking_time=3.0),
         end=EndCondition(target_epochs=epochs),
     )
     spec_path = workdir / "round.json"
     spec.save(spec_path)
+    version = _next_version(workdir / "adapters")
 
-    typer.echo("[2/5] starting 3 peers on 127.0.0.1: a server of span 0, then a trainer on each span")
-    peers: list[_Peer] = []
+    port = _free_port()
+    typer.echo(f"[2/5] coordinator on 127.0.0.1:{port} (state in {workdir / 'coordinator'})")
+    procs: list[_Proc] = []
     started = time.monotonic()
     try:
-        peers.append(_Peer(workdir, "peer0", spec_path, ["--span-index", "0"]))
-        boot = ["--initial-peers", peers[0].wait_ready(180)["maddrs"][0]]
+        procs.append(
+            _Proc(
+                workdir / "coordinator" / "process",
+                [
+                    "coordinator",
+                    "--workdir",
+                    str(workdir),
+                    "--round-spec",
+                    str(spec_path),
+                    "--port",
+                    str(port),
+                    "--metrics-port",
+                    "-1",
+                    "--rounds",
+                    "1",
+                    "--heartbeat-interval",
+                    "1",
+                    "--heartbeat-timeout",
+                    "60",
+                    "--dht-host-maddrs",
+                    "/ip4/127.0.0.1/tcp/0",
+                ],
+            )
+        )
+        public = workdir / "coordinator" / "public_key.pem"
+        _wait(lambda: public.exists(), 120, "the coordinator to start", procs)
+        common = ["--coordinator", f"127.0.0.1:{port}", "--coordinator-public-key", str(public)]
+        typer.echo("[3/5] 3 peers join through the coordinator: a server, then a trainer on each span")
+        procs.append(_Proc.peer(workdir, "peer0", [*common, "--no-trainer"]))
+        _wait(lambda: procs[1].events("ready"), 180, "the first peer", procs)
         for i in (0, 1):
-            args = ["--span-index", str(i), "--data", str(data / "train.jsonl"), "--shard-index", str(i),
-                    "--num-shards", "2", *boot]
-            peers.append(_Peer(workdir, f"trainer{i}", spec_path, args))
-        for p in peers[1:]:
-            p.wait_ready(180)
-        typer.echo(f"[3/5] training: {len(spec.spans)} spans, target {epochs} epochs x {target_batch_size} samples")
-        trainers = peers[1:]
-        with tqdm(total=epochs, desc="epochs", unit="epoch") as bar:
-            while not all(len(t.events("eval")) >= 2 for t in trainers):
+            procs.append(
+                _Proc.peer(
+                    workdir,
+                    f"trainer{i}",
+                    [*common, "--data", str(data / "train.jsonl"), "--shard-index", str(i), "--num-shards", "2"],
+                )
+            )
+        adapter_dir = workdir / "adapters" / version
+        with tqdm(total=epochs, desc="training epochs", unit="epoch") as bar:
+            while not adapter_dir.is_dir():
                 if time.monotonic() - started > timeout:
-                    raise TimeoutError(f"the round did not finish within {timeout:.0f} s")
-                if any(p.proc.poll() is not None for p in peers):
-                    raise RuntimeError("a peer died; see the logs under " + str(workdir / "peers"))
-                done = min(max((e["epoch"] for e in t.events("epoch")), default=0) for t in trainers)
+                    raise TimeoutError(f"no adapter was published within {timeout:.0f} s")
+                dead = [p.dir.name for p in procs if p.proc.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"{', '.join(dead)} exited; see the logs under {workdir}")
+                state, reason = _round_state(port)
+                if state == "failed":
+                    raise RuntimeError(f"the round failed: {reason}")
+                done = min((max((e["epoch"] for e in p.events("epoch")), default=0) for p in procs[2:]), default=0)
                 bar.update(max(0, min(done, epochs) - bar.n))
                 time.sleep(0.5)
             bar.update(epochs - bar.n)
     except KeyboardInterrupt:
-        typer.echo("interrupted: stopping peers")
+        typer.echo("interrupted: stopping the coordinator and the peers")
         raise typer.Exit(130) from None
     finally:
-        for p in peers:
+        for p in reversed(procs):
             p.stop()
 
-    typer.echo("[4/5] assembling the span states into a signed community adapter")
-    from safetensors.torch import load_file
-
-    states = []
-    for t in peers[1:]:
-        last = sorted(t.ckpt.glob("span*_epoch*.safetensors"))[-1]
-        states.append(load_file(str(last)))
-    tensors = merge_span_states(states, list(spec.spans))
-    key_path = workdir / "coordinator" / "signing_key"
-    key = load_or_create_signing_key(key_path)
-    public = write_public_key(key, workdir / "coordinator" / "public_key.pem")
-    version = f"v{len(list((workdir / 'adapters').glob('v*'))) + 1}" if (workdir / "adapters").exists() else "v1"
-    out = workdir / "adapters" / version
-    evals = [t.events("eval") for t in peers[1:]]
-    write_adapter(out, tensors, spec.lora, AdapterInfo(
-        version=version, parent_version=None, round_id=spec.round_id, base_model=str(base),
-        base_fingerprint=spec.base.fingerprint,
-        contributors=[
-            Contributor(peer_id=t.events("ready")[0]["peer_id"], samples=e[-1]["samples"],
-                        tokens=e[-1]["samples"] * spec.data.seq_len)
-            for t, e in zip(peers[1:], evals, strict=True)
-        ],
-        eval_loss_before=evals[0][0]["loss"], eval_loss_after=evals[0][-1]["loss"],
-    ), key)
-    verify_adapter(out, public)
+    typer.echo(f"[4/5] the coordinator assembled, checked and signed {adapter_dir}")
+    manifest = verify_adapter(adapter_dir, load_public_key(public))
+    out = adapter_dir
 
     typer.echo("[5/5] held-out loss with plain transformers + PEFT")
     from peft import PeftModel
@@ -179,12 +240,23 @@ def demo_command(
     adapter_loss = _eval_loss(tuned, held_out)
     torch.set_printoptions(precision=4)
     typer.echo("")
-    typer.echo(f"peers: {len(peers)} ({', '.join(p.dir.name for p in peers)}), spans: "
-               f"{', '.join(s.name for s in spec.spans)}, samples: {epochs * target_batch_size}+")
-    typer.echo(f"held-out loss: base {base_loss:.4f} -> community adapter {adapter_loss:.4f} "
-               f"({100 * (1 - adapter_loss / base_loss):.1f}% lower)")
-    typer.echo(f"adapter: {out} (signed; verify with `swarm adapters verify {out} --public-key "
-               f"{workdir / 'coordinator' / 'public_key.pem'}`)")
+    samples = sum(c.samples for c in manifest.contributors)
+    typer.echo(
+        f"peers: {len(procs) - 1} ({', '.join(p.dir.name for p in procs[1:])}); spans: "
+        f"{', '.join(s.name for s in spec.spans)}; samples contributed: {samples} "
+        f"by {len(manifest.contributors)} peers"
+    )
+    typer.echo(
+        f"held-out loss reported by the swarm: {manifest.eval_loss_before:.4f} -> {manifest.eval_loss_after:.4f}"
+    )
+    typer.echo(
+        f"held-out loss: base {base_loss:.4f} -> community adapter {adapter_loss:.4f} "
+        f"({100 * (1 - adapter_loss / base_loss):.1f}% lower)"
+    )
+    typer.echo(
+        f"adapter: {out} (signed; verify with `swarm adapters verify {out} --public-key "
+        f"{workdir / 'coordinator' / 'public_key.pem'}`)"
+    )
     typer.echo("load it with PEFT:\n" + LOAD_SNIPPET.format(base=base, adapter=out))
     typer.echo(f"took {time.monotonic() - started:.0f} s")
 

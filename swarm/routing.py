@@ -9,8 +9,11 @@ from typing import Protocol, TypeVar
 
 
 class _SpanLike(Protocol):
-    start: int
-    end: int
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def end(self) -> int: ...
 
 
 SpanT = TypeVar("SpanT", bound=_SpanLike)
@@ -29,8 +32,12 @@ class NoReplicaError(RuntimeError):
     """No live server for a span: the trainer should wait and retry."""
 
 
-def choose_replica(replicas: Sequence[Replica], exclude: Iterable[str] = (), rng: random.Random | None = None,
-                   prefer_local: bool = True) -> Replica:
+def choose_replica(
+    replicas: Sequence[Replica],
+    exclude: Iterable[str] = (),
+    rng: random.Random | None = None,
+    prefer_local: bool = True,
+) -> Replica:
     """Pick a replica: the local one if allowed, else at random with probability proportional to throughput.
 
     ``exclude`` names peers that just failed. Zero-throughput replicas are picked only if nothing else is left.

@@ -30,8 +30,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, period: fl
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def make_spec(base: Path, data: Path, round_id: str, cuts: list[int], *, epochs: int = 8, tbs: int = 32,
-              lr: float = 3e-3) -> RoundSpec:
+def make_spec(
+    base: Path, data: Path, round_id: str, cuts: list[int], *, epochs: int = 8, tbs: int = 32, lr: float = 3e-3
+) -> RoundSpec:
     from swarm.checkpoint import fingerprint, read_config
 
     layers = int(read_config(base).num_hidden_layers)
@@ -39,8 +40,9 @@ def make_spec(base: Path, data: Path, round_id: str, cuts: list[int], *, epochs:
         round_id=round_id,
         base=BaseModelRef(path=str(base), fingerprint=fingerprint(base), num_layers=layers),
         spans=tuple(SpanRange(start=a, end=b) for a, b in zip(cuts, cuts[1:], strict=False)),
-        data=DataSettings(train_path=str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), seq_len=64,
-                          micro_batch_size=8),
+        data=DataSettings(
+            train_path=str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), seq_len=64, micro_batch_size=8
+        ),
         optimizer=OptimizerSettings(lr=lr, target_batch_size=tbs, matchmaking_time=3.0, averaging_timeout=30),
         end=EndCondition(target_epochs=epochs),
     )
@@ -55,9 +57,28 @@ class Peer:
         self.events_path, self.ckpt = self.dir / "events.jsonl", self.dir / "ckpt"
         self.log = open(self.dir / "log.txt", "w")  # noqa: SIM115 (closed in stop)
         spec_args = ["--round-spec", str(spec_path)] if use_spec else []
-        cmd = [sys.executable, "-m", "swarm.cli", "peer", *spec_args, "--host-maddrs", LOCAL,
-               "--device", "cpu", "--threads", "1", "--events-file", str(self.events_path), "--checkpoint-dir",
-               str(self.ckpt), "--announce-period", "1", "--request-timeout", "10", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "swarm.cli",
+            "peer",
+            *spec_args,
+            "--host-maddrs",
+            LOCAL,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--events-file",
+            str(self.events_path),
+            "--checkpoint-dir",
+            str(self.ckpt),
+            "--announce-period",
+            "1",
+            "--request-timeout",
+            "10",
+            *args,
+        ]
         env = dict(os.environ, HIVEMIND_LOGLEVEL="INFO", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 

@@ -1,11 +1,9 @@
 """The shipped Prometheus config, alert rules and Grafana dashboards against a live swarm and a real Prometheus.
 
-A coordinator in-process (with its DHT) and three real ``swarm peer`` processes on 127.0.0.1: two serve
-span 0-1 (so their LoRA gradients are all-reduced), one serves span 1-2 and trains through the chain.
-The peers join the coordinator's DHT with the initial peers its Join answer names. Until the daemon
-speaks to the coordinator itself, a relay thread here joins each peer (before it starts, with its
-pre-generated libp2p identity, so the span the coordinator assigns is the span it hosts) and
-heartbeats its live counters, read from its /metrics, to the coordinator.
+A coordinator in-process (with its DHT) and three real ``swarm peer --coordinator`` processes on
+127.0.0.1: each joins, gets its span and the DHT's initial peers from the coordinator, heartbeats and
+reports evals. Two of them train through the chain (whatever spans they get, some span has two
+replicas that receive gradients, so real all-reduces happen); the third only serves.
 
 Prometheus (Debian's package) runs deploy/prometheus/prometheus.yml with only the targets and
 intervals rewritten. Skipped only when the prometheus binary is absent.
@@ -22,19 +20,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.server import CoordinatorConfig, CoordinatorServer, serve
 from swarm import __version__
@@ -73,15 +69,13 @@ def _get(url: str, timeout: float = 5.0) -> bytes:
 @dataclass
 class Peer:
     name: str
-    identity: Path
-    peer_id: str
-    span_index: int = -1
-    trainer: bool = False
+    trainer: bool
     proc: subprocess.Popen[bytes] | None = None
     events: Path = Path()
     log: Path = Path()
     metrics_port: int = 0
-    reported_evals: set[float] = field(default_factory=set)
+    peer_id: str = ""
+    span: str = ""
 
     @property
     def metrics_url(self) -> str:
@@ -95,23 +89,30 @@ class Peer:
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.is_file() else "(no log)"
 
+    def is_ready(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} exited:\n{self.log_tail()}"
+        for e in self.read_events():
+            if e["event"] == "ready":
+                self.metrics_port, self.peer_id, self.span = (
+                    int(e["metrics_port"]),
+                    e["peer_id"],
+                    "-".join(map(str, e["span"])),
+                )
+        return bool(self.metrics_port)
 
-def _new_identity(path: Path) -> str:
-    from hivemind.p2p import P2P, PeerID
 
-    P2P.generate_identity(str(path))
-    return str(PeerID.from_identity(path.read_bytes()).to_base58())
-
-
-def _start_peer(peer: Peer, workdir: Path, spec_path: Path, initial_peers: list[str], data: Path) -> None:
+def _start_peer(peer: Peer, index: int, workdir: Path, coordinator: CoordinatorServer, data: Path) -> None:
     peer.events, peer.log = workdir / f"{peer.name}.events.jsonl", workdir / f"{peer.name}.log"
-    args = [sys.executable, "-m", "swarm.cli", "peer", "--round-spec", str(spec_path), "--span-index",
-            str(peer.span_index), "--identity-path", str(peer.identity), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+    args = [sys.executable, "-m", "swarm.cli", "peer", "--coordinator", coordinator.address,
+            "--coordinator-public-key", str(coordinator.public_key_path), "--join-token", TOKEN,
+            "--identity-path", str(workdir / f"{peer.name}.key"), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
             "--device", "cpu", "--threads", "1", "--metrics-port", "0", "--events-file", str(peer.events),
-            "--announce-period", "1"]  # fmt: skip
-    for maddr in initial_peers:
-        args += ["--initial-peers", maddr]
-    args += ["--trainer", "--data", str(data)] if peer.trainer else ["--no-trainer"]
+            "--announce-period", "1", "--request-timeout", "5"]  # fmt: skip
+    args += (
+        ["--trainer", "--data", str(data), "--num-shards", "2", "--shard-index", str(index)]
+        if peer.trainer
+        else ["--no-trainer"]
+    )
     with peer.log.open("wb") as log:
         peer.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
 
@@ -136,61 +137,12 @@ def _stop_processes(procs: list[subprocess.Popen[bytes] | None], grace_s: float)
         proc.wait(5)
 
 
-class Relay(threading.Thread):
-    """Heartbeats each peer's live counters (from its /metrics) and its eval events to the coordinator."""
-
-    def __init__(self, stub: pb_grpc.CoordinatorStub, round_id: str, peers: list[Peer], spans: list[pb.Span]):
-        super().__init__(name="coordinator-relay", daemon=True)
-        self.stub, self.round_id, self.peers, self.spans = stub, round_id, peers, spans
-        self.stop_event = threading.Event()
-        self.paused: set[str] = set()  # peer ids whose heartbeats are held back (fault injection)
-        self.errors: list[str] = []
-        self.beats = 0
-
-    def run(self) -> None:
-        while not self.stop_event.wait(0.5):
-            for peer in self.peers:
-                if peer.peer_id in self.paused:
-                    continue
-                try:
-                    self._beat(peer)
-                except (OSError, grpc.RpcError):
-                    continue  # a peer that is starting or stopping; the next beat catches up
-                except AssertionError as e:
-                    self.errors.append(str(e))
-
-    def _beat(self, peer: Peer) -> None:
-        values: dict[str, float] = {}
-        if peer.metrics_port:  # before the daemon is ready, an empty heartbeat keeps the membership alive
-            for family in text_string_to_metric_families(_get(peer.metrics_url).decode()):
-                for s in family.samples:
-                    if not s.labels:
-                        values[s.name] = s.value
-        progress = pb.Progress(
-            samples=int(values.get("swarm_peer_samples_total", 0)), tokens=int(values.get("swarm_peer_tokens_total", 0)),
-            loss=values.get("swarm_peer_loss", 0.0), epoch=int(values.get("swarm_peer_epoch", 0)),
-            throughput=values.get("swarm_peer_throughput", 0.0),
-        )  # fmt: skip
-        span = self.spans[peer.span_index]
-        reply = self.stub.Heartbeat(pb.HeartbeatRequest(peer_id=peer.peer_id, round_id=self.round_id,
-                                                        progress=progress, span=span), timeout=5)  # fmt: skip
-        assert reply.ok, f"{peer.name} lost its membership: {reply.message}"  # would make every later check moot
-        for e in peer.read_events():
-            if e["event"] == "eval" and e["time"] not in peer.reported_evals:
-                self.stub.ReportEval(pb.ReportEvalRequest(peer_id=peer.peer_id, round_id=self.round_id,
-                                                          epoch=int(e["epoch"]), eval_loss=float(e["loss"]),
-                                                          eval_tokens=int(e["tokens"])), timeout=5)  # fmt: skip
-                peer.reported_evals.add(e["time"])
-        self.beats += 1
-
-
 @dataclass
 class Swarm:
     coordinator: CoordinatorServer
     peers: list[Peer]
     prometheus_url: str
     config_path: Path
-    relay: Relay
 
     @property
     def coordinator_metrics(self) -> str:
@@ -251,72 +203,40 @@ def _ready(url: str) -> bool:
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     from swarm.basemodel import make_base
+    from swarm.checkpoint import fingerprint
     from swarm.corpus import generate, write_jsonl
 
     workdir = tmp_path_factory.mktemp("monitoring")
     base = make_base(workdir / "base", layers=2, hidden=32, pretrain_steps=0, progress=False, use_cache=False)
     train = write_jsonl(generate("finetune", 200, seed=1), workdir / "data" / "train.jsonl")
     spec = RoundSpec(
-        round_id="mon-1", base=BaseModelRef(path=str(base), num_layers=2), spans=split_even(2, 2),
-        data=DataSettings(train_path=str(train), seq_len=32, micro_batch_size=4),
+        round_id="mon-1", base=BaseModelRef(path=str(base), fingerprint=fingerprint(base), num_layers=2),
+        spans=split_even(2, 2), data=DataSettings(train_path=str(train), seq_len=32, micro_batch_size=4),
         optimizer=OptimizerSettings(target_batch_size=16, matchmaking_time=1.0, averaging_timeout=5.0),
         end=EndCondition(target_samples=10**8, target_epochs=10**6, deadline_s=3600),
     )  # fmt: skip
-    spec_path = workdir / "round.json"
-    spec.save(spec_path)
     coordinator = serve(CoordinatorConfig(
         host="127.0.0.1", port=0, metrics_port=0, workdir=workdir, store="memory", round_spec=spec, join_token=TOKEN,
         heartbeat_interval_s=1.0, heartbeat_timeout_s=60.0,
     ))  # fmt: skip
-    peers = [Peer(n, workdir / f"{n}.key", _new_identity(workdir / f"{n}.key")) for n in ("peer-a", "peer-b", "peer-c")]
-    channel = grpc.insecure_channel(coordinator.address)
-    stub = pb_grpc.CoordinatorStub(channel)
-    relay: Relay | None = None
+    peers = [Peer("peer-a", trainer=True), Peer("peer-b", trainer=True), Peer("peer-c", trainer=False)]
     prometheus: subprocess.Popen[bytes] | None = None
     try:
-        with pytest.raises(grpc.RpcError):  # a refused join, so the rejections panel has a series
-            stub.Join(pb.JoinRequest(peer_id="intruder", software_version=__version__, join_token="wrong"), timeout=10)
-        initial_peers: list[str] = []
-        spans: list[pb.Span] = []
-        for peer in peers:
-            reply = stub.Join(pb.JoinRequest(
-                peer_id=peer.peer_id, multiaddrs=["/ip4/127.0.0.1/tcp/1"], software_version=__version__,
-                join_token=TOKEN, capacity=pb.Capacity(device="cpu"),
-            ), timeout=10)  # fmt: skip
-            assert reply.accepted, reply.reject_reason
-            peer.span_index = [s.name for s in spec.spans].index(f"{reply.span.start}-{reply.span.end}")
-            initial_peers = list(reply.dht_initial_peers)
-        spans = [pb.Span(start=s.start, end=s.end) for s in spec.spans]
-        replicas = [sum(p.span_index == i for p in peers) for i in range(len(spans))]
-        assert sorted(replicas) == [1, 2], f"expected one span with two replicas, got {replicas}"
-        # the trainer hosts the span with one replica; the pair on the other span all-reduce
-        single = replicas.index(1)
-        next(p for p in peers if p.span_index == single).trainer = True
-        assert initial_peers, "the coordinator's Join answer names no DHT initial peers"
-        relay = Relay(stub, spec.round_id, peers, spans)
-        relay.start()
-        for peer in peers:
-            _start_peer(peer, workdir, spec_path, initial_peers, train)
-
-        def ready() -> bool:
-            for peer in peers:
-                assert peer.proc is not None and peer.proc.poll() is None, f"{peer.name} exited:\n{peer.log_tail()}"
-                ready_events = [e for e in peer.read_events() if e["event"] == "ready"]
-                if ready_events:
-                    peer.metrics_port = int(ready_events[0]["metrics_port"])
-            return all(p.metrics_port for p in peers)
-
-        _poll(ready, 60, "the peers' ready events")
+        # a refused join, so the rejections panel has data
+        with grpc.insecure_channel(coordinator.address) as channel, pytest.raises(grpc.RpcError):
+            request = pb.JoinRequest(peer_id="intruder", software_version=__version__, join_token="wrong")
+            pb_grpc.CoordinatorStub(channel).Join(request, timeout=10)
+        for i, peer in enumerate(peers):
+            _start_peer(peer, i, workdir, coordinator, train)
+        _poll(lambda: all([p.is_ready() for p in peers]), 75, "the peers' ready events")
+        spans = sorted(p.span for p in peers)
+        assert len(set(spans)) == 2, f"the coordinator left a span without a server: {spans}"
         config = render_prometheus_config(workdir / "prometheus", f"127.0.0.1:{coordinator.metrics_port}",
                                           [f"127.0.0.1:{p.metrics_port}" for p in peers])  # fmt: skip
         prometheus, url = _start_prometheus(config, workdir)
-        yield Swarm(coordinator, peers, url, config, relay)
+        yield Swarm(coordinator, peers, url, config)
     finally:
-        if relay is not None:
-            relay.stop_event.set()
-            relay.join(5)
         _stop_processes([*(p.proc for p in peers), prometheus], grace_s=3.0)
-        channel.close()
         coordinator.stop(grace=0)
 
 
@@ -367,16 +287,17 @@ def test_alert_rules_evaluate_on_the_live_swarm(swarm: Swarm) -> None:
                "SwarmCoordinatorDown"}  # fmt: skip
     wrong = [(a["labels"]["alertname"], a["labels"]) for a in active if a["labels"]["alertname"] in healthy]
     assert not wrong, f"alerts on a healthy swarm: {wrong}"
-    # a peer that stops heartbeating shows up in SwarmPeerMissingHeartbeats' expression within seconds
-    silent = swarm.peers[0]
+    # a peer that stops heartbeating (frozen with SIGSTOP) shows up in SwarmPeerMissingHeartbeats within seconds
+    silent = next(p for p in swarm.peers if not p.trainer)
+    assert silent.proc is not None
     missing = next(r["expr"] for r in rules if r["alert"] == "SwarmPeerMissingHeartbeats")
-    swarm.relay.paused.add(silent.peer_id)
+    ages = "swarm_coordinator_member_heartbeat_age_seconds"
+    os.kill(silent.proc.pid, signal.SIGSTOP)
     try:
-        ages = "swarm_coordinator_member_heartbeat_age_seconds"
         _poll(lambda: any(r["metric"].get("peer") == silent.peer_id for r in swarm.query(missing)["data"]["result"]),
               20, f"SwarmPeerMissingHeartbeats to name {silent.name}", detail=lambda: swarm.query(ages))  # fmt: skip
     finally:
-        swarm.relay.paused.discard(silent.peer_id)
+        os.kill(silent.proc.pid, signal.SIGCONT)
 
 
 def _dashboards() -> dict[str, dict[str, Any]]:
@@ -417,4 +338,9 @@ def test_every_dashboard_panel_returns_data(swarm: Swarm) -> None:
     # the "My peer" variable lists every live peer
     values = json.loads(_get(swarm.prometheus_url + "/api/v1/label/instance/values?match[]=swarm_peer_info"))["data"]
     assert sorted(values) == sorted(f"127.0.0.1:{p.metrics_port}" for p in swarm.peers)
-    assert swarm.relay.beats > 0 and not swarm.relay.errors, swarm.relay.errors
+    # the daemons' own heartbeats reached the coordinator: three live members, samples counted
+    status = json.loads(_get(swarm.coordinator_metrics.replace("/metrics", "/api/status")))
+    assert sorted(p["peer_id"] for p in status["peers"] if p["state"] == "live") == sorted(
+        p.peer_id for p in swarm.peers
+    )
+    assert status["round"]["state"] == "training" and status["round"]["samples"] > 0

@@ -22,15 +22,25 @@ pytestmark = pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_malformed_tensors_are_refused(tiny_checkpoint: Callable[..., Path]) -> None:
     ckpt = tiny_checkpoint("llama", layers=4)
-    spec = RoundSpec(round_id="bad", base=BaseModelRef(path=str(ckpt), num_layers=4),
-                     spans=(SpanRange(start=0, end=4),), data=DataSettings(seq_len=16),
-                     optimizer=OptimizerSettings(target_batch_size=4, matchmaking_time=1.0))
+    spec = RoundSpec(
+        round_id="bad",
+        base=BaseModelRef(path=str(ckpt), num_layers=4),
+        spans=(SpanRange(start=0, end=4),),
+        data=DataSettings(seq_len=16),
+        optimizer=OptimizerSettings(target_batch_size=4, matchmaking_time=1.0),
+    )
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators("bad"))
     client = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
     server = SpanServer(spec, spec.spans[0], dht)
     server.start(catch_up=False)
-    announcer = Announcer(dht, "bad", lambda: ServerAnnouncement(
-        peer_id=str(dht.peer_id), span_start=0, span_end=4, throughput=1.0, expert_uid=server.uid), 1.0)
+    announcer = Announcer(
+        dht,
+        "bad",
+        lambda: ServerAnnouncement(
+            peer_id=str(dht.peer_id), span_start=0, span_end=4, throughput=1.0, expert_uid=server.uid
+        ),
+        1.0,
+    )
     try:
         from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 

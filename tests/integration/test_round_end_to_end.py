@@ -29,9 +29,18 @@ def test_round_publishes_adapter_and_next_round_continues(tmp_path: Path, demo_b
     from swarm.keys import load_public_key
 
     spec = make_spec(demo_base, demo_data, "e2e", [0, 2, 4], epochs=3)
-    server = serve(CoordinatorConfig(port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec,
-                                     rounds=2, heartbeat_interval_s=1.0, heartbeat_timeout_s=30.0,
-                                     finalize_timeout_s=120.0))
+    server = serve(
+        CoordinatorConfig(
+            port=0,
+            metrics_port=None,
+            workdir=tmp_path / "coord",
+            round_spec=spec,
+            rounds=2,
+            heartbeat_interval_s=1.0,
+            heartbeat_timeout_s=30.0,
+            finalize_timeout_s=120.0,
+        )
+    )
     pub_path = tmp_path / "coord" / "coordinator" / "public_key.pem"
     peers: list[Peer] = []
     try:
