@@ -93,6 +93,10 @@ class SpanServer:
             # Averaging Adam's moments too makes state averaging a full reconciliation of diverged replicas.
             average_opt_statistics=("exp_avg", "exp_avg_sq") if opt.name == "adamw" else (),
             averager_opts=dict(request_timeout=max(0.5, opt.matchmaking_time / 2)),
+            # Re-read the group's progress often: an epoch can take less than hivemind's default refresh period,
+            # and a replica whose progress is not seen in time is left out of that epoch's all-reduce.
+            tracker_opts=dict(min_refresh_period=0.1, default_refresh_period=0.5,
+                              max_refresh_period=max(1.0, opt.matchmaking_time)),
             verbose=True,
             on_averaging=on_averaging,
         )
@@ -124,12 +128,10 @@ class SpanServer:
     def start(self, catch_up: bool = True) -> None:
         """Catch up with the replicas already training (if any), then serve and watch epoch ends."""
         if catch_up:
+            # Let the tracker read the swarm's progress once, so a late joiner sees that it is behind.
+            self.optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=10)
             self.catch_up()
         self.server.run_in_background(await_ready=True)
-        # hivemind publishes a peer's progress only after its first step; publish it now so the other replicas
-        # count us in their first epoch instead of each "proceeding with local gradients" alone.
-        opt = self.optimizer
-        opt.tracker.report_local_progress(opt.local_epoch, opt.grad_averager.local_samples_accumulated)
         self._watcher.start()
 
     def catch_up(self) -> bool:

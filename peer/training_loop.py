@@ -7,7 +7,6 @@ import time
 import torch
 from hivemind.utils.logging import get_logger
 
-from peer.announce import fetch_servers
 from peer.daemon import PeerDaemon
 from peer.trainer import ChainTrainer, Router, SpanUnavailableError, StepResult
 from swarm.checkpoint import resolve_checkpoint
@@ -86,27 +85,7 @@ class TrainingLoop:
         m.step_seconds.observe(result.seconds)
         m.set_peers_seen(self.router.peers_seen())
 
-    def wait_for_group(self, timeout: float = 60.0) -> None:
-        """Wait until hivemind's tracker sees every announced replica of our span before the first step.
-
-        Otherwise the first epochs end with "proceeding with local gradients" on each replica separately.
-        """
-        daemon = self.daemon
-        tracker = daemon.server.optimizer.tracker
-        deadline = time.monotonic() + timeout
-        while not daemon.stop_event.is_set() and time.monotonic() < deadline:
-            replicas = sum(
-                1
-                for a in fetch_servers(daemon.dht, daemon.spec.round_id)
-                if a.span == (daemon.span.start, daemon.span.end)
-            )
-            if tracker.global_progress.num_peers >= max(replicas, 1):
-                return
-            time.sleep(0.5)
-        log.warning(f"span {daemon.span.name}: not every replica is visible to the optimizer yet; starting anyway")
-
     def run(self) -> None:
-        self.wait_for_group()
         self.evaluate("before")
         data_epoch = 0
         while not self.done():

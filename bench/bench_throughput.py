@@ -1,0 +1,119 @@
+"""Tokens/s of swarm training vs plain single-process PEFT LoRA training, measured in the same run.
+
+(a) one peer hosting the whole model (its trainer runs the span locally, LoRA steps through hivemind.Optimizer)
+(b) two peers with two spans (the trainer hosts span 0; span 1 is called over libp2p on the other peer)
+Both are reported as ratios to (base) plain PEFT on the same model, data, micro-batches and thread count.
+
+    python bench/bench_throughput.py [--steps 40] [--threads 2] [--layers 4] [--hidden 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import hivemind
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peer.announce import Announcer, record_validators
+from peer.server import SpanServer
+from peer.trainer import ChainTrainer, Router
+from swarm.basemodel import make_base
+from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
+from swarm.dht_records import ServerAnnouncement
+from swarm.lora import init_lora_, lora_parameters, peft_lora_config
+from swarm.span import load_trainer_head
+
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+
+
+def batches(steps: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(4, vocab, (batch, seq), generator=gen) for _ in range(steps)]
+
+
+def bench_peft(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int) -> float:
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa"),
+                           peft_lora_config(spec.lora))
+    init_lora_(lora_parameters(model), spec.lora.init_seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
+    for i, ids in enumerate(data):
+        if i == warmup:
+            started = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return sum(x.numel() for x in data[warmup:]) / (time.perf_counter() - started)
+
+
+def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int) -> float:
+    dhts, servers, announcers = [], [], []
+    try:
+        for i, span in enumerate(spec.spans):
+            initial = dhts[0].get_visible_maddrs() if dhts else []
+            dht = hivemind.DHT(start=True, host_maddrs=LOCAL, initial_peers=initial,
+                               record_validators=record_validators(spec.round_id))
+            server = SpanServer(spec, span, dht)
+            server.start(catch_up=False)
+            ann = Announcer(dht, spec.round_id, lambda d=dht, s=server: ServerAnnouncement(
+                peer_id=str(d.peer_id), span_start=s.span.start, span_end=s.span.end, throughput=1.0,
+                expert_uid=s.uid), period=5.0)
+            ann.start()
+            dhts.append(dht)
+            servers.append(server)
+            announcers.append(ann)
+            del i
+        router = Router(dhts[0], spec, {spec.spans[0]: servers[0]}, timeout=60)
+        trainer = ChainTrainer(spec, load_trainer_head(base), router)
+        for i, ids in enumerate(data):
+            if i == warmup:
+                started = time.perf_counter()
+            trainer.step(ids)
+        return sum(x.numel() for x in data[warmup:]) / (time.perf_counter() - started)
+    finally:
+        for ann in announcers:
+            ann.stop(leave=False)
+        for server in servers:
+            server.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="measured micro-batches per configuration")
+    parser.add_argument("--warmup", type=int, default=5, help="micro-batches run before timing")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (same for every configuration)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
+    parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--layers", type=int, default=4, help="blocks of the tiny base")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny base")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = make_base(Path(tempfile.mkdtemp()) / "base", layers=args.layers, hidden=args.hidden, progress=False)
+    from swarm.checkpoint import read_config
+
+    vocab = int(read_config(base).vocab_size)
+    data = batches(args.steps + args.warmup, args.batch, args.seq, vocab)
+
+    def spec(cuts: list[int], name: str) -> RoundSpec:
+        return RoundSpec(round_id=name, base=BaseModelRef(path=str(base), num_layers=args.layers),
+                         spans=tuple(SpanRange(start=a, end=b) for a, b in zip(cuts, cuts[1:], strict=False)),
+                         data=DataSettings(seq_len=args.seq, micro_batch_size=args.batch),
+                         optimizer=OptimizerSettings(target_batch_size=10**6, matchmaking_time=1.0))
+
+    baseline = bench_peft(base, spec([0, args.layers], "b"), data, args.warmup)
+    one_peer = bench_swarm(base, spec([0, args.layers], "a"), data, args.warmup)
+    half = args.layers // 2
+    two_peers = bench_swarm(base, spec([0, half, args.layers], "c"), data, args.warmup)
+    print(f"model: {args.layers} layers x hidden {args.hidden}, micro-batch {args.batch}x{args.seq}, "
+          f"{args.threads} torch threads, {args.steps} timed steps")
+    print(f"plain PEFT (baseline)      : {baseline:10.0f} tokens/s  1.00x")
+    print(f"(a) one peer, whole model  : {one_peer:10.0f} tokens/s  {one_peer / baseline:.2f}x")
+    print(f"(b) two peers, two spans   : {two_peers:10.0f} tokens/s  {two_peers / baseline:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Fault tolerance and the data-parallel case, with real peer processes on 127.0.0.1.
+
+- A replica is SIGKILLed mid-training: the trainer fails over to the other replica and training goes on.
+- A peer that joins late downloads its span's state from a replica before contributing.
+- Two peers that each host the whole model (pure data parallelism): loss drops, replicas stay identical.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.harness import Peer, make_spec, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _same(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) -> bool:
+    return a is not None and b is not None and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.timeout(420)
+def test_killed_replica_fails_over_and_late_peer_catches_up(tmp_path: Path, demo_base: Path, demo_data: Path) -> None:
+    spec = make_spec(demo_base, demo_data, "failover", [0, 2, 4], epochs=7)
+    spec_path = tmp_path / "spec.json"
+    spec.save(spec_path)
+    peers: list[Peer] = []
+    try:
+        peers.append(Peer(tmp_path, "s1a", spec_path, ["--span-index", "1"]))
+        boot = ["--initial-peers", peers[0].ready()["maddrs"][0]]
+        peers.append(Peer(tmp_path, "s1b", spec_path, ["--span-index", "1", *boot]))
+        peers[1].ready()
+        trainer = Peer(
+            tmp_path,
+            "t0",
+            spec_path,
+            ["--span-index", "0", "--data", str(demo_data / "train.jsonl"), "--request-timeout", "5", *boot],
+        )
+        peers.append(trainer)
+        wait_for(lambda: max(trainer.epochs(), default=0) >= 2, 240, "two epochs before the fault")
+        victim = peers[0]
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(10)
+        killed_at = max(trainer.epochs())
+
+        late = Peer(tmp_path, "s1c", spec_path, ["--span-index", "1", *boot])
+        peers.append(late)
+        late.ready()
+        wait_for(lambda: len(trainer.events("eval")) >= 2, 300, "the trainer to finish after the fault")
+        assert max(trainer.epochs()) >= killed_at + 2, "training did not go on after the replica died"
+        before, after = (e["loss"] for e in trainer.events("eval"))
+        assert after < 0.9 * before
+
+        log = (late.dir / "log.txt").read_text()
+        assert "Finished downloading state" in log, "the late peer did not download its span's state"
+        first = min(late.epochs())
+        assert first > 0, "the late peer started from epoch 0 instead of the swarm's epoch"
+        shared = sorted(late.epochs() & peers[1].epochs())
+        assert shared and all(_same(late.snapshot(e), peers[1].snapshot(e)) for e in shared)
+    finally:
+        codes = {p.name: p.stop() for p in peers}
+    assert codes["s1a"] == -signal.SIGKILL
+    assert all(code == 0 for name, code in codes.items() if name != "s1a"), codes
+
+
+@pytest.mark.timeout(300)
+def test_data_parallel_whole_model_peers(tmp_path: Path, demo_base: Path, demo_data: Path) -> None:
+    spec = make_spec(demo_base, demo_data, "dp", [0, 4], epochs=4)
+    spec_path = tmp_path / "spec.json"
+    spec.save(spec_path)
+    train = str(demo_data / "train.jsonl")
+    peers: list[Peer] = []
+    try:
+        peers.append(Peer(tmp_path, "a", spec_path, ["--data", train, "--shard-index", "0", "--num-shards", "2"]))
+        boot = ["--initial-peers", peers[0].ready()["maddrs"][0]]
+        peers.append(
+            Peer(tmp_path, "b", spec_path, ["--data", train, "--shard-index", "1", "--num-shards", "2", *boot])
+        )
+        wait_for(lambda: all(len(p.events("eval")) >= 2 for p in peers), 240, "both data-parallel peers")
+        for p in peers:
+            before, after = (e["loss"] for e in p.events("eval"))
+            assert after < 0.9 * before, f"{p.name}: {before:.3f} -> {after:.3f}"
+        shared = sorted(peers[0].epochs() & peers[1].epochs())
+        assert len(shared) >= 2
+        assert all(_same(peers[0].snapshot(e), peers[1].snapshot(e)) for e in shared), shared
+        for p in peers:  # no activation traffic: each peer ran the whole model locally
+            assert "failing over" not in (p.dir / "log.txt").read_text()
+    finally:
+        codes = [p.stop() for p in peers]
+    assert codes == [0, 0]
