@@ -132,6 +132,11 @@ class SpanServer:
             self.optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=10)
             self.catch_up()
         self.server.run_in_background(await_ready=True)
+        # hivemind lists a peer in its group's progress only once it has reported samples. Report one at start
+        # so the replicas see each other before the first epoch ends (that epoch then ends one sample early);
+        # otherwise each replica of a fresh group "proceeds with local gradients" alone and they diverge.
+        opt = self.optimizer
+        opt.tracker.report_local_progress(opt.local_epoch, max(1, opt.grad_averager.local_samples_accumulated))
         self._watcher.start()
 
     def catch_up(self) -> bool:

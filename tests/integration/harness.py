@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from swarm.config import BaseModelRef, DataSettings, EndCondition, OptimizerSettings, RoundSpec, SpanRange
 
 LOCAL = "/ip4/127.0.0.1/tcp/0"
+#: Replicas agree to this max abs difference (the coordinator's replica check uses the same bound).
+REPLICA_ATOL = 1e-6
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, period: float = 0.2) -> Any:

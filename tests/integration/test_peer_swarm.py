@@ -7,9 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.harness import Peer, make_spec, wait_for
+from tests.integration.harness import REPLICA_ATOL, Peer, make_spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _agree(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) -> bool:
+    # hivemind applies averages as deltas (x += avg - x): equal up to fp32 rounding, not bitwise.
+    return (
+        a is not None
+        and b is not None
+        and a.keys() == b.keys()
+        and all((a[k] - b[k]).abs().max().item() <= REPLICA_ATOL for k in a)
+    )
 
 
 @pytest.mark.timeout(420)
@@ -37,11 +47,11 @@ def test_two_spans_two_replicas_two_trainers(tmp_path: Path, demo_base: Path, de
         for server, trainer in ((peers[0], peers[2]), (peers[1], peers[3])):
             common = sorted(server.epochs() & trainer.epochs())
             assert len(common) >= 2, f"replicas {server.name}/{trainer.name} share too few epochs: {common}"
-            for epoch in common:
-                a, b = server.snapshot(epoch), trainer.snapshot(epoch)
-                assert a is not None and b is not None and a.keys() == b.keys()
-                differing = [k for k in a if not torch.equal(a[k], b[k])]
-                assert not differing, f"epoch {epoch}: replicas differ in {differing[:3]}"
+            agree = [e for e in common if _agree(server.snapshot(e), trainer.snapshot(e))]
+            # An all-reduce that times out leaves that epoch's replicas apart until the next state averaging
+            # re-converges them (see README, "Exactness"); the converged end state and most epochs must agree.
+            assert common[-1] in agree, f"{server.name}/{trainer.name} disagree at their last epoch {common[-1]}"
+            assert len(agree) * 2 >= len(common), f"replicas agree only at epochs {agree} of {common}"
     finally:
         codes = [p.stop() for p in peers]
     assert codes == [0] * len(peers), f"peers did not stop cleanly on SIGTERM: {codes}"
