@@ -17,7 +17,7 @@ from swarm.proto import coordinator_pb2_grpc as pb_grpc
 MAX_MESSAGE = 64 * 1024 * 1024
 
 
-class JoinRejectedError(RuntimeError):
+class JoinRejectedError(ValueError):
     """The coordinator refused this peer; the message says what to do."""
 
 

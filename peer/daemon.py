@@ -38,6 +38,22 @@ def resolve_device(device: str, dtype: str) -> tuple[str, torch.dtype]:
     return device, getattr(torch, dtype)
 
 
+def install_signal_handlers(stop_event: threading.Event) -> None:
+    """SIGTERM/SIGINT set ``stop_event`` in this process; processes hivemind forks later die as they expect."""
+    main_pid = os.getpid()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        if os.getpid() != main_pid:  # a process hivemind forked (TaskPool, DHT, ...): default behaviour
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        log.info(f"Received signal {signum}: finishing the in-flight step and shutting down")
+        stop_event.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+
 class EventLog:
     """Optional JSON-lines file of what the daemon did (ready, eval, epoch, stopped), for scripts and tests."""
 
@@ -56,9 +72,15 @@ class EventLog:
 class PeerDaemon:
     """Composes DHT, span server, announcer, metrics and (optionally) the trainer of one peer."""
 
-    def __init__(self, config: PeerConfig, spec: RoundSpec, initial_state: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        config: PeerConfig,
+        spec: RoundSpec,
+        initial_state: dict[str, torch.Tensor] | None = None,
+        stop_event: threading.Event | None = None,
+    ):
         self.config, self.spec = config, spec
-        self.stop_event = threading.Event()
+        self.stop_event = stop_event or threading.Event()  # set by SIGTERM/SIGINT (see install_signal_handlers)
         self.finalize_event = threading.Event()  # the coordinator ended training: stop stepping
         self.round_over = threading.Event()  # the round is over for this peer: leave and maybe rejoin
         self.on_eval: list[Any] = []  # callbacks (phase, loss, epoch, tokens)
@@ -192,20 +214,6 @@ class PeerDaemon:
         save_file(state, str(tmp), metadata={"epoch": str(epoch), "span": self.span.name, "peer_id": self.peer_id})
         os.replace(tmp, out / f"span{self.span.name}_epoch{epoch:05d}.safetensors")
         self.events.write("epoch", epoch=epoch, span=self.span.name)
-
-    def install_signal_handlers(self) -> None:
-        main_pid = os.getpid()
-
-        def _stop(signum: int, _frame: Any) -> None:
-            if os.getpid() != main_pid:  # a process hivemind forked (TaskPool, ...): die as it expects to
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-                return
-            log.info(f"Received signal {signum}: finishing the in-flight step and shutting down")
-            self.stop_event.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
 
     def shutdown(self) -> None:
         """Leave the DHT cleanly: withdraw the announcement, stop serving, stop hivemind (and its p2pd)."""

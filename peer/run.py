@@ -5,31 +5,35 @@ from __future__ import annotations
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
+import grpc
 import psutil
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.logging import get_logger
 
 from peer.config import PeerConfig
-from peer.daemon import PeerDaemon
-from swarm.config import RoundSpec
+from peer.coordinator_client import CoordinatorClient
+from peer.daemon import PeerDaemon, install_signal_handlers
+from swarm.config import RoundSpec, SpanRange
 
 log = get_logger(__name__)
 
 
 def run_peer(config: PeerConfig) -> None:
     """Blocking: serve (and train) until SIGTERM/SIGINT; always leaves the DHT and stops p2pd."""
-    if config.coordinator:
-        _run_with_coordinator(config)
-        return
-    if not config.round_spec:
+    if not (config.coordinator or config.round_spec):
         raise ValueError("no round: pass --round-spec FILE or --coordinator HOST:PORT")
-    _run_round(PeerDaemon(config, RoundSpec.load(config.round_spec)))
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    if config.coordinator:
+        _run_with_coordinator(config, stop)
+    else:
+        _run_round(PeerDaemon(config, RoundSpec.load(config.round_spec), stop_event=stop))
 
 
 def _run_round(daemon: PeerDaemon, on_start: object = None) -> None:
-    daemon.install_signal_handlers()
     try:
         daemon.start()
         if callable(on_start):
@@ -52,22 +56,19 @@ def _identity(config: PeerConfig) -> tuple[str, str]:
     return path, str(PeerID.from_identity(Path(path).read_bytes()))
 
 
-def _run_with_coordinator(config: PeerConfig) -> None:
-    from peer.coordinator_client import CoordinatorClient
+def _run_with_coordinator(config: PeerConfig, stop: threading.Event) -> None:
     from peer.coordinator_link import CoordinatorLink
-    from swarm.checkpoint import fingerprint
 
     if not config.coordinator_public_key:
         raise ValueError("--coordinator needs --coordinator-public-key FILE to verify the adapters it publishes")
     identity, peer_id = _identity(config)
     client = CoordinatorClient(config.coordinator, config.join_token)
-    stop = threading.Event()
     try:
         while not stop.is_set():
-            current = client.current_spec()
-            local_fp = fingerprint(current.base.path)
-            device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
-            spec, span, resp = client.join(peer_id, [], local_fp, 0.0, device, psutil.virtual_memory().available)
+            joined = _join_when_open(client, config, peer_id, stop)
+            if joined is None:
+                break
+            spec, span, resp, local_fp = joined
             log.info(f"Joined round {spec.round_id} as {peer_id}: span {span.name}")
             link = CoordinatorLink(client, config, peer_id, spec, local_fp)
             initial = link.parent_state()
@@ -78,17 +79,45 @@ def _run_with_coordinator(config: PeerConfig) -> None:
                     "initial_peers": tuple(resp.dht_initial_peers) + tuple(config.initial_peers),
                 }
             )
-            daemon = PeerDaemon(peer_config, spec, initial_state=initial)
+            daemon = PeerDaemon(peer_config, spec, initial_state=initial, stop_event=stop)
             link.attach(daemon, resp.heartbeat_interval_s or 2.0)
             _run_round(daemon, on_start=link.start)
             link.stop()
-            if daemon.stop_event.is_set() and not daemon.round_over.is_set():
-                stop.set()  # a signal, not a round change
+            if stop.is_set():  # a signal, not a round change
                 try:
                     client.leave(peer_id, spec.round_id)
                 except Exception as exc:  # leaving is a courtesy: the heartbeat timeout covers it
                     log.warning(f"could not tell the coordinator we leave: {exc}")
-            elif link.action == "stop":
-                stop.set()
     finally:
         client.close()
+
+
+def _join_when_open(
+    client: CoordinatorClient, config: PeerConfig, peer_id: str, stop: threading.Event, period: float = 2.0
+) -> tuple[RoundSpec, SpanRange, Any, str] | None:
+    """Join the coordinator's open round; wait (saying so once) while it is unreachable or has no open round."""
+    from swarm.checkpoint import fingerprint
+
+    said = ""
+    device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
+    while not stop.is_set():
+        try:
+            current = client.current_spec()
+            local_fp = fingerprint(current.base.path)
+            spec, span, resp = client.join(peer_id, [], local_fp, 0.0, device, psutil.virtual_memory().available)
+            return spec, span, resp, local_fp
+        except grpc.RpcError as exc:
+            retriable = {
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            }
+            if exc.code() not in retriable:
+                raise ValueError(f"the coordinator refused the join: {exc.code().name}: {exc.details()}") from None
+            message = f"waiting for an open round at {config.coordinator} ({exc.code().name}: {exc.details()})"
+            if message != said:
+                log.info(message)
+                said = message
+        stop.wait(period)
+    return None

@@ -43,6 +43,8 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control: Any) -> None:
         self._fell_back, started = False, time.perf_counter()
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        outcome = "proceeding with local gradients" if self._fell_back else "averaged gradients"
+        log.info(f"{self.run_id} epoch {self.local_epoch}: {outcome} ({time.perf_counter() - started:.1f} s)")
         if self._on_averaging is not None:
             self._on_averaging(not self._fell_back, time.perf_counter() - started)
 
@@ -95,8 +97,9 @@ class SpanServer:
             averager_opts=dict(request_timeout=max(0.5, opt.matchmaking_time / 2)),
             # Re-read the group's progress often: an epoch can take less than hivemind's default refresh period,
             # and a replica whose progress is not seen in time is left out of that epoch's all-reduce.
-            tracker_opts=dict(min_refresh_period=0.1, default_refresh_period=0.5,
-                              max_refresh_period=max(1.0, opt.matchmaking_time)),
+            tracker_opts=dict(
+                min_refresh_period=0.1, default_refresh_period=0.5, max_refresh_period=max(1.0, opt.matchmaking_time)
+            ),
             verbose=True,
             on_averaging=on_averaging,
         )
