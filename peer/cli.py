@@ -30,7 +30,9 @@ def peer_command(
     join_token: str = typer.Option("", "--join-token", envvar="SWARM_JOIN_TOKEN", help="Token to join the round."),
     span: str = typer.Option("", "--span", help=SPAN_HELP),
     span_index: int = typer.Option(-1, "--span-index", help="Index of the round's span to host (-1 = automatic)."),
-    num_blocks: int = typer.Option(0, "--num-blocks", help="GPU only: max blocks to host (0 = what fits)."),
+    num_blocks: int = typer.Option(
+        0, "--num-blocks", help="Max blocks to host (0 = any on CPU, what fits in free GPU memory)."
+    ),
     initial_peers: list[str] = typer.Option([], "--initial-peers", help="Multiaddr of a DHT peer (repeatable)."),
     host_maddrs: list[str] = typer.Option(
         ["/ip4/0.0.0.0/tcp/0"], "--host-maddrs", help="Multiaddr libp2p listens on (repeatable)."

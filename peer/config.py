@@ -20,7 +20,7 @@ class PeerConfig(BaseModel):
     join_token: str = Field("", description="Token the coordinator may require to join.")
     span: SpanRange | None = Field(None, description="Blocks to host; None = assigned by the coordinator or spec.")
     span_index: int = Field(-1, description="Index into the round's spans to host (-1 = choose automatically).")
-    num_blocks: int = Field(0, description="With a GPU: max blocks to host (0 = what fits in free memory).")
+    num_blocks: int = Field(0, description="Max blocks to host (0 = no limit on CPU, what fits in free GPU memory).")
     initial_peers: tuple[str, ...] = Field((), description="Multiaddrs of DHT peers to join (empty = start a DHT).")
     host_maddrs: tuple[str, ...] = Field(("/ip4/0.0.0.0/tcp/0",), description="Multiaddrs libp2p listens on.")
     announce_maddrs: tuple[str, ...] = Field((), description="Multiaddrs announced to others (e.g. public IP).")

@@ -120,17 +120,40 @@ class PeerDaemon:
         self.metrics_server: MetricsServer | None = None
         self._last_snapshot_epoch = -1
 
+    def max_blocks(self) -> int | None:
+        """``--num-blocks``, or on a GPU the number of blocks that fit in free memory (with 20% headroom)."""
+        if self.config.num_blocks:
+            return self.config.num_blocks
+        if self.device != "cuda":
+            return None
+        from swarm.checkpoint import block_nbytes
+
+        free, _ = torch.cuda.mem_get_info()
+        per_block = block_nbytes(self.spec.base.path, 0, torch.finfo(self.dtype).bits // 8)
+        return max(int(free * 0.8 // per_block), 0)
+
     def _choose_span(self) -> SpanRange:
         cfg, spans = self.config, self.spec.spans
-        if cfg.span is not None:
-            self.spec.span_index(cfg.span)
-            return cfg.span
-        if cfg.span_index >= 0:
-            if cfg.span_index >= len(spans):
+        limit = self.max_blocks()
+        if cfg.span is not None or cfg.span_index >= 0:
+            if cfg.span is None and cfg.span_index >= len(spans):
                 raise ValueError(f"--span-index {cfg.span_index} is out of range: the round has {len(spans)} spans")
-            return spans[cfg.span_index]
+            span = cfg.span if cfg.span is not None else spans[cfg.span_index]
+            self.spec.span_index(span)
+            if limit is not None and len(span) > limit:
+                raise ValueError(
+                    f"span {span.name} has {len(span)} blocks but this peer can host {limit} "
+                    "(--num-blocks or free GPU memory)"
+                )
+            return span
+        fitting = [s for s in spans if limit is None or len(s) <= limit]
+        if not fitting:
+            raise ValueError(
+                f"no span of this round fits: spans have {min(len(s) for s in spans)}+ blocks, "
+                f"this peer can host {limit} (--num-blocks or free GPU memory)"
+            )
         served = [(a.span, a.throughput) for a in fetch_servers(self.dht, self.spec.round_id) if a.state == ONLINE]
-        return least_served_span(spans, served)
+        return least_served_span(fitting, served)
 
     def _announcement(self) -> ServerAnnouncement:
         return ServerAnnouncement(

@@ -116,3 +116,22 @@ def fingerprint(path_or_id: str | Path) -> str:
     files = sorted(set(weight_map(root).values()))
     stamp = tuple((f, os.stat(root / f).st_size, os.stat(root / f).st_mtime_ns) for f in files)
     return _fingerprint_cached(str(root), stamp)
+
+
+def block_nbytes(path_or_id: str | Path, block: int, bytes_per_param: int) -> int:
+    """Bytes one transformer block takes at ``bytes_per_param``, from the safetensors headers (no tensor read)."""
+    root = resolve_checkpoint(path_or_id)
+    prefix = f"model.layers.{block}."
+    total = 0
+    wmap = weight_map(root)
+    for file_name in sorted({f for name, f in wmap.items() if name.startswith(prefix)}):
+        with safe_open(str(root / file_name), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if name.startswith(prefix):
+                    numel = 1
+                    for dim in f.get_slice(name).get_shape():
+                        numel *= int(dim)
+                    total += numel * bytes_per_param
+    if total == 0:
+        raise KeyError(f"checkpoint {root} has no tensors for block {block}")
+    return total

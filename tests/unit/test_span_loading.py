@@ -105,3 +105,14 @@ def test_attach_lora_targets_mlp_modules(tiny_checkpoint: Callable[..., Path]) -
     span = load_span(tiny_checkpoint("llama"), SpanRange(start=0, end=1))
     span = attach_lora(span, LoraSettings(target_modules=("gate_proj",)))
     assert any("gate_proj.lora_A" in n for n, _ in span.named_parameters())
+
+
+def test_block_nbytes_from_headers(tiny_checkpoint: Callable[..., Path]) -> None:
+    from swarm.checkpoint import block_nbytes
+
+    ckpt = tiny_checkpoint("llama", layers=5)
+    span = load_span(ckpt, SpanRange(start=2, end=3))
+    expected = sum(p.numel() for p in span.layers["2"].parameters()) * 2
+    assert block_nbytes(ckpt, 2, 2) == expected
+    with pytest.raises(KeyError, match="no tensors for block 9"):
+        block_nbytes(ckpt, 9, 4)
