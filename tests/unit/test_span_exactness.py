@@ -109,3 +109,45 @@ def test_import_rejects_bad_state_and_keeps_weights(tiny_checkpoint: Callable[..
         import_lora_state(span, {k: v for k, v in before.items() if k != key})
     after = export_lora_state(span)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.timeout(120)
+def test_assembled_adapter_loads_with_plain_peft(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from swarm.adapter import AdapterInfo, verify_adapter, write_adapter
+    from swarm.adapter_tensors import merge_span_states
+    from swarm.checkpoint import fingerprint
+    from swarm.keys import generate_signing_key, write_public_key
+
+    ckpt = tiny_checkpoint("qwen2", layers=5)
+    cuts = [0, 3, 5]
+    spans = span_chain(ckpt, cuts, export_lora_state(reference_peft_model(ckpt)))
+    states = [export_lora_state(s) for s in spans]
+    tensors = merge_span_states(states, [SpanRange(start=a, end=b) for a, b in zip(cuts, cuts[1:], strict=False)])
+    key = generate_signing_key(tmp_path / "key")
+    info = AdapterInfo(
+        version="v1",
+        parent_version=None,
+        round_id="r1",
+        base_model=str(ckpt),
+        base_fingerprint=fingerprint(ckpt),
+        contributors=[],
+    )
+    write_adapter(tmp_path / "adapter", tensors, LORA, info, key)
+    verify_adapter(tmp_path / "adapter", write_public_key(key, tmp_path / "key.pub"))
+
+    base = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    head = load_trainer_head(ckpt)
+    with torch.no_grad():
+        hidden = head.embed(ids)
+        for span in spans:
+            hidden = span(hidden)
+        chain_logits = head.logits(hidden)
+        peft_logits = model(input_ids=ids).logits
+    assert (peft_logits - chain_logits).abs().max().item() <= 1e-5
+    with model.disable_adapter(), torch.no_grad():
+        plain_logits = model(input_ids=ids).logits
+    assert (plain_logits - chain_logits).abs().max().item() > 1e-4, "the adapter must change the logits"
