@@ -8,6 +8,7 @@ server makes the trainer wait and say so.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class Router:
     refresh_period: float = 2.0
     ban_seconds: float = 15.0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
+    stop: threading.Event = field(default_factory=threading.Event)  # set on shutdown: stop waiting
     _replicas: dict[tuple[int, int], list[Replica]] = field(default_factory=dict)
     _banned: dict[str, float] = field(default_factory=dict)
     _refreshed: float = 0.0
@@ -78,12 +80,14 @@ class Router:
                 choice = choose_replica(candidates, exclude=banned, rng=self.rng)
                 return self._handle(choice.peer_id, span)
             except NoReplicaError:
+                if self.stop.is_set():
+                    raise SpanUnavailableError(f"stopped while waiting for a server of span {span.name}") from None
                 if now >= deadline:
                     raise SpanUnavailableError(f"no live server for span {span.name} after {wait:.0f} s") from None
                 if not announced:
                     say(f"waiting for a server of span {span.name} (none alive)")
                     announced = True
-                time.sleep(min(1.0, max(0.05, deadline - now)))
+                self.stop.wait(min(1.0, max(0.05, deadline - now)))
                 self.refresh(force=True)
 
     def _handle(self, peer_id: str, span: SpanRange) -> RemoteSpan:

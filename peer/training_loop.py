@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import torch
@@ -36,7 +37,8 @@ class TrainingLoop:
             spec,
             {daemon.span: daemon.server},
             timeout=cfg.request_timeout,
-            rng=__import__("random").Random(cfg.seed),
+            rng=random.Random(cfg.seed),
+            stop=daemon.stop_event,
         )
         self.trainer = ChainTrainer(
             spec, head, self.router, say=log.info, on_wire=daemon.metrics.wire, on_failover=daemon.metrics.failovers.inc
@@ -44,8 +46,18 @@ class TrainingLoop:
         self.started = time.monotonic()
         self.steps = 0
 
-    def evaluate(self, phase: str) -> float:
-        loss = self.trainer.evaluate(self.eval_set.to(self.daemon.device), self.daemon.spec.data.micro_batch_size)
+    def evaluate(self, phase: str) -> float | None:
+        """Held-out loss through the chain; waits (and says so) while a span has no server. None if stopped."""
+        while True:
+            try:
+                loss = self.trainer.evaluate(
+                    self.eval_set.to(self.daemon.device), self.daemon.spec.data.micro_batch_size
+                )
+                break
+            except SpanUnavailableError as exc:
+                if self.daemon.stop_event.is_set():
+                    return None
+                log.warning(f"{exc}; retrying the {phase} evaluation")
         self.daemon.metrics.eval_loss.set(loss)
         self.daemon.events.write(
             "eval",

@@ -99,3 +99,26 @@ def test_data_parallel_whole_model_peers(tmp_path: Path, demo_base: Path, demo_d
     finally:
         codes = [p.stop() for p in peers]
     assert codes == [0, 0]
+
+
+@pytest.mark.timeout(240)
+def test_trainer_waits_for_a_missing_span(tmp_path: Path, demo_base: Path, demo_data: Path) -> None:
+    spec = make_spec(demo_base, demo_data, "waiting", [0, 2, 4], epochs=2)
+    spec_path = tmp_path / "spec.json"
+    spec.save(spec_path)
+    peers: list[Peer] = []
+    try:
+        trainer = Peer(tmp_path, "t0", spec_path, ["--span-index", "0", "--data", str(demo_data / "train.jsonl")])
+        peers.append(trainer)
+        boot = ["--initial-peers", trainer.ready()["maddrs"][0]]
+        wait_for(
+            lambda: "waiting for a server of span 2-4" in (trainer.dir / "log.txt").read_text(),
+            90,
+            "the trainer to say it waits for span 2-4",
+        )
+        assert trainer.proc.poll() is None, "the trainer crashed instead of waiting"
+        peers.append(Peer(tmp_path, "s1", spec_path, ["--span-index", "1", *boot]))
+        wait_for(lambda: len(trainer.events("eval")) >= 2, 180, "training to proceed once span 2-4 is served")
+    finally:
+        codes = [p.stop() for p in peers]
+    assert codes == [0, 0]
