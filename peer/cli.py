@@ -96,7 +96,11 @@ def peer_command(
     except ValidationError as exc:
         typer.echo(f"error: invalid peer configuration:\n{exc}", err=True)
         raise typer.Exit(2) from None
+    from hivemind.utils.logging import use_hivemind_log_handler
+
     from peer.run import run_peer
+
+    use_hivemind_log_handler("in_root_logger")  # the peer's own INFO messages, in hivemind's format
 
     try:
         run_peer(config)

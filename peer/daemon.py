@@ -239,8 +239,11 @@ class PeerDaemon:
         self.events.write("epoch", epoch=epoch, span=self.span.name)
 
     def shutdown(self) -> None:
-        """Leave the DHT cleanly: withdraw the announcement, stop serving, stop hivemind (and its p2pd)."""
-        self.stop_event.set()
+        """Leave the DHT cleanly: withdraw the announcement, stop serving, stop hivemind (and its p2pd).
+
+        Ends this round only: ``stop_event`` belongs to the process (signals) and may outlive this daemon.
+        """
+        self.round_over.set()
         started = time.perf_counter()
         if self.announcer.is_alive():
             self.announcer.stop(leave=True)
