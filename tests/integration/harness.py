@@ -22,6 +22,19 @@ LOCAL = "/ip4/127.0.0.1/tcp/0"
 REPLICA_ATOL = 1e-6
 
 
+def replicas_agree(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Two LoRA snapshots agree: same keys, max abs difference <= REPLICA_ATOL.
+
+    hivemind applies averages as deltas (x += avg - x), so replicas are equal up to fp32 rounding, not bitwise.
+    """
+    return (
+        a is not None
+        and b is not None
+        and a.keys() == b.keys()
+        and all((a[k] - b[k]).abs().max().item() <= REPLICA_ATOL for k in a)
+    )
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, period: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

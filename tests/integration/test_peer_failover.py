@@ -11,21 +11,10 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.integration.harness import REPLICA_ATOL, Peer, make_spec, wait_for
+from tests.integration.harness import Peer, make_spec, replicas_agree, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _same(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) -> bool:
-    # hivemind applies averages as deltas (x += avg - x): equal up to fp32 rounding, not bitwise.
-    return (
-        a is not None
-        and b is not None
-        and a.keys() == b.keys()
-        and all((a[k] - b[k]).abs().max().item() <= REPLICA_ATOL for k in a)
-    )
 
 
 @pytest.mark.timeout(420)
@@ -65,8 +54,10 @@ def test_killed_replica_fails_over_and_late_peer_catches_up(tmp_path: Path, demo
         first = min(late.epochs())
         assert first > 0, "the late peer started from epoch 0 instead of the swarm's epoch"
         shared = sorted(late.epochs() & peers[1].epochs())
-        assert shared and _same(late.snapshot(shared[0]), peers[1].snapshot(shared[0])), "late peer's first state"
-        assert _same(late.snapshot(shared[-1]), peers[1].snapshot(shared[-1]))
+        assert shared and replicas_agree(late.snapshot(shared[0]), peers[1].snapshot(shared[0])), (
+            "late peer's first state"
+        )
+        assert replicas_agree(late.snapshot(shared[-1]), peers[1].snapshot(shared[-1]))
     finally:
         codes = {p.name: p.stop() for p in peers}
     assert codes["s1a"] == -signal.SIGKILL
@@ -92,7 +83,7 @@ def test_data_parallel_whole_model_peers(tmp_path: Path, demo_base: Path, demo_d
             assert after < 0.9 * before, f"{p.name}: {before:.3f} -> {after:.3f}"
         shared = sorted(peers[0].epochs() & peers[1].epochs())
         assert len(shared) >= 2
-        agree = [e for e in shared if _same(peers[0].snapshot(e), peers[1].snapshot(e))]
+        agree = [e for e in shared if replicas_agree(peers[0].snapshot(e), peers[1].snapshot(e))]
         assert shared[-1] in agree and len(agree) * 2 >= len(shared), (agree, shared)
         for p in peers:  # no activation traffic: each peer ran the whole model locally
             assert "failing over" not in (p.dir / "log.txt").read_text()

@@ -5,21 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.integration.harness import REPLICA_ATOL, Peer, make_spec, wait_for
+from tests.integration.harness import Peer, make_spec, replicas_agree, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _agree(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) -> bool:
-    # hivemind applies averages as deltas (x += avg - x): equal up to fp32 rounding, not bitwise.
-    return (
-        a is not None
-        and b is not None
-        and a.keys() == b.keys()
-        and all((a[k] - b[k]).abs().max().item() <= REPLICA_ATOL for k in a)
-    )
 
 
 @pytest.mark.timeout(420)
@@ -47,7 +36,7 @@ def test_two_spans_two_replicas_two_trainers(tmp_path: Path, demo_base: Path, de
         for server, trainer in ((peers[0], peers[2]), (peers[1], peers[3])):
             common = sorted(server.epochs() & trainer.epochs())
             assert len(common) >= 2, f"replicas {server.name}/{trainer.name} share too few epochs: {common}"
-            agree = [e for e in common if _agree(server.snapshot(e), trainer.snapshot(e))]
+            agree = [e for e in common if replicas_agree(server.snapshot(e), trainer.snapshot(e))]
             # An all-reduce that times out leaves that epoch's replicas apart until the next state averaging
             # re-converges them (see README, "Exactness"); the converged end state and most epochs must agree.
             assert common[-1] in agree, f"{server.name}/{trainer.name} disagree at their last epoch {common[-1]}"
