@@ -18,7 +18,16 @@ MAX_MESSAGE = 64 * 1024 * 1024
 
 
 class JoinRejectedError(ValueError):
-    """The coordinator refused this peer; the message says what to do."""
+    """The coordinator refused this peer; the message says what to do, ``code`` says why (machine-readable)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def retriable(self) -> bool:
+        """A closed round is worth waiting out; a wrong base, version or token is not."""
+        return self.code == "round_closed"
 
 
 class CoordinatorClient:
@@ -59,7 +68,9 @@ class CoordinatorClient:
             timeout=self.timeout,
         )
         if not resp.accepted:
-            raise JoinRejectedError(f"the coordinator refused to let this peer join: {resp.reject_reason}")
+            raise JoinRejectedError(
+                f"the coordinator refused to let this peer join: {resp.reject_reason}", resp.reject_code
+            )
         return RoundSpec.from_json(resp.round_spec_json), SpanRange(start=resp.span.start, end=resp.span.end), resp
 
     def heartbeat(

@@ -27,6 +27,7 @@ class CoordinatorLink:
         self.daemon: PeerDaemon | None = None
         self.interval = 2.0
         self._uploaded_epoch = -1
+        self._uploader: threading.Thread | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="coordinator-heartbeat", daemon=True)
 
@@ -78,6 +79,14 @@ class CoordinatorLink:
         self._uploaded_epoch = epoch
         log.info(f"Uploaded span {daemon.span.name} at epoch {epoch}")
 
+    def _upload_safely(self, epoch: int) -> None:
+        try:
+            self._upload(epoch)
+        except grpc.RpcError as exc:
+            log.warning(f"span upload failed ({exc.code().name}: {exc.details()}); retrying on the next heartbeat")
+        except Exception:
+            log.exception("span upload failed; retrying on the next heartbeat")
+
     def _beat(self) -> None:
         daemon = self.daemon
         assert daemon is not None
@@ -96,8 +105,14 @@ class CoordinatorLink:
             self.interval = resp.heartbeat_interval_s
         if resp.action == "finalize":
             daemon.finalize_event.set()
-            if daemon.server.epoch != self._uploaded_epoch:
-                self._upload(daemon.server.epoch)
+            busy = self._uploader is not None and self._uploader.is_alive()
+            if daemon.server.epoch != self._uploaded_epoch and not busy:
+                # Off the heartbeat thread: reading the state waits for the span lock (an all-reduce may hold it)
+                # and heartbeats must keep flowing meanwhile.
+                self._uploader = threading.Thread(
+                    target=self._upload_safely, args=(daemon.server.epoch,), name="span-upload", daemon=True
+                )
+                self._uploader.start()
         elif resp.action in ("rejoin", "stop") or not resp.ok:
             log.info(f"Round {self.spec.round_id} is over for this peer ({resp.action}: {resp.message})")
             daemon.finalize_event.set()

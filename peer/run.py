@@ -14,7 +14,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.logging import get_logger
 
 from peer.config import PeerConfig
-from peer.coordinator_client import CoordinatorClient
+from peer.coordinator_client import CoordinatorClient, JoinRejectedError
 from peer.daemon import PeerDaemon, install_signal_handlers
 from swarm.config import RoundSpec, SpanRange
 
@@ -106,6 +106,13 @@ def _join_when_open(
             local_fp = fingerprint(current.base.path)
             spec, span, resp = client.join(peer_id, [], local_fp, 0.0, device, psutil.virtual_memory().available)
             return spec, span, resp, local_fp
+        except JoinRejectedError as exc:
+            if not exc.retriable:
+                raise
+            message = f"waiting for the next round at {config.coordinator} ({exc})"
+            if message != said:
+                log.info(message)
+                said = message
         except grpc.RpcError as exc:
             retriable = {
                 grpc.StatusCode.UNAVAILABLE,

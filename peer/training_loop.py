@@ -74,6 +74,12 @@ class TrainingLoop:
 
     def done(self) -> bool:
         spec, cfg, server = self.daemon.spec, self.daemon.config, self.daemon.server
+        if cfg.coordinator:  # the coordinator decides when the round ends (heartbeat action "finalize")
+            return bool(
+                self.daemon.stop_event.is_set()
+                or self.daemon.finalize_event.is_set()
+                or (cfg.max_steps and self.steps >= cfg.max_steps)
+            )
         end = spec.end
         target_epochs = end.target_epochs or (
             -(-end.target_samples // spec.optimizer.target_batch_size) if end.target_samples else 0
