@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -39,8 +41,12 @@ class _Proc:
         self.events_path, self.ckpt = self.dir / "events.jsonl", self.dir / "ckpt"
         self.events_path.unlink(missing_ok=True)
         self.log = open(self.dir / "log.txt", "w")  # noqa: SIM115 (closed in stop)
+        # Own session, so stop() can clean up everything this process forked (hivemind, p2pd) by group id.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarm.cli", *args], stdout=self.log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "swarm.cli", *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     @classmethod
@@ -75,6 +81,8 @@ class _Proc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):  # leftovers of a process that had to be killed
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
 
 

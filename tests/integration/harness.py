@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -63,6 +65,17 @@ def make_spec(
     )
 
 
+def _group_members(pgid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
 class Peer:
     """One ``swarm peer`` process with its own event file and checkpoint dir."""
 
@@ -95,7 +108,9 @@ class Peer:
             *args,
         ]
         env = dict(os.environ, HIVEMIND_LOGLEVEL="INFO", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        # Own session: the peer and everything it forks (hivemind DHT, TaskPools, p2pd) share one process group.
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.leftovers: list[str] = []
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         if not self.events_path.exists():
@@ -124,6 +139,7 @@ class Peer:
         return (self.dir / "log.txt").read_text()[-n:]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        """Signal the peer, wait, then record and kill whatever is left of its process group (by group id)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -131,7 +147,15 @@ class Peer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        self.log.close()
+        deadline = time.monotonic() + 5  # children of a cleanly stopped peer may need a moment to exit
+        while (left := _group_members(self.proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.leftovers = [p.name() for p in left]
+        if left:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if not self.log.closed:
+            self.log.close()
         return self.proc.returncode
 
 

@@ -44,3 +44,4 @@ def test_two_spans_two_replicas_two_trainers(tmp_path: Path, demo_base: Path, de
     finally:
         codes = [p.stop() for p in peers]
     assert codes == [0] * len(peers), f"peers did not stop cleanly on SIGTERM: {codes}"
+    assert not [p.leftovers for p in peers if p.leftovers], "processes (p2pd, hivemind) outlived their peer"

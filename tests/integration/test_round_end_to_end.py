@@ -69,3 +69,4 @@ def test_round_publishes_adapter_and_next_round_continues(tmp_path: Path, demo_b
         codes = [p.stop() for p in peers]
         server.stop()
     assert codes == [0] * len(peers), codes
+    assert not [p.leftovers for p in peers if p.leftovers], "processes (p2pd, hivemind) outlived their peer"
