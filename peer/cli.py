@@ -107,6 +107,24 @@ def peer_command(
     except (ValueError, FileNotFoundError, KeyError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    _exit_despite_stray_threads()
+
+
+def _exit_despite_stray_threads(grace: float = 3.0) -> None:
+    """Everything is shut down by now; a library thread that is not a daemon must not keep the process alive."""
+    import logging
+    import os
+    import threading
+
+    stray = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in stray:
+        thread.join(timeout=grace / max(len(stray), 1))
+    alive = [t.name for t in stray if t.is_alive()]
+    if alive:
+        logging.getLogger(__name__).warning(f"exiting although threads {alive} are still running")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def register(app: typer.Typer) -> None:
