@@ -37,8 +37,9 @@ def batches(steps: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor]:
 
 
 def bench_peft(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int) -> float:
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa"),
-                           peft_lora_config(spec.lora))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa"), peft_lora_config(spec.lora)
+    )
     init_lora_(lora_parameters(model), spec.lora.init_seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
     for i, ids in enumerate(data):
@@ -55,13 +56,23 @@ def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: i
     try:
         for i, span in enumerate(spec.spans):
             initial = dhts[0].get_visible_maddrs() if dhts else []
-            dht = hivemind.DHT(start=True, host_maddrs=LOCAL, initial_peers=initial,
-                               record_validators=record_validators(spec.round_id))
+            dht = hivemind.DHT(
+                start=True, host_maddrs=LOCAL, initial_peers=initial, record_validators=record_validators(spec.round_id)
+            )
             server = SpanServer(spec, span, dht)
             server.start(catch_up=False)
-            ann = Announcer(dht, spec.round_id, lambda d=dht, s=server: ServerAnnouncement(
-                peer_id=str(d.peer_id), span_start=s.span.start, span_end=s.span.end, throughput=1.0,
-                expert_uid=s.uid), period=5.0)
+            ann = Announcer(
+                dht,
+                spec.round_id,
+                lambda d=dht, s=server: ServerAnnouncement(
+                    peer_id=str(d.peer_id),
+                    span_start=s.span.start,
+                    span_end=s.span.end,
+                    throughput=1.0,
+                    expert_uid=s.uid,
+                ),
+                period=5.0,
+            )
             ann.start()
             dhts.append(dht)
             servers.append(server)
@@ -99,17 +110,22 @@ def main() -> None:
     data = batches(args.steps + args.warmup, args.batch, args.seq, vocab)
 
     def spec(cuts: list[int], name: str) -> RoundSpec:
-        return RoundSpec(round_id=name, base=BaseModelRef(path=str(base), num_layers=args.layers),
-                         spans=tuple(SpanRange(start=a, end=b) for a, b in zip(cuts, cuts[1:], strict=False)),
-                         data=DataSettings(seq_len=args.seq, micro_batch_size=args.batch),
-                         optimizer=OptimizerSettings(target_batch_size=10**6, matchmaking_time=1.0))
+        return RoundSpec(
+            round_id=name,
+            base=BaseModelRef(path=str(base), num_layers=args.layers),
+            spans=tuple(SpanRange(start=a, end=b) for a, b in zip(cuts, cuts[1:], strict=False)),
+            data=DataSettings(seq_len=args.seq, micro_batch_size=args.batch),
+            optimizer=OptimizerSettings(target_batch_size=10**6, matchmaking_time=1.0),
+        )
 
     baseline = bench_peft(base, spec([0, args.layers], "b"), data, args.warmup)
     one_peer = bench_swarm(base, spec([0, args.layers], "a"), data, args.warmup)
     half = args.layers // 2
     two_peers = bench_swarm(base, spec([0, half, args.layers], "c"), data, args.warmup)
-    print(f"model: {args.layers} layers x hidden {args.hidden}, micro-batch {args.batch}x{args.seq}, "
-          f"{args.threads} torch threads, {args.steps} timed steps")
+    print(
+        f"model: {args.layers} layers x hidden {args.hidden}, micro-batch {args.batch}x{args.seq}, "
+        f"{args.threads} torch threads, {args.steps} timed steps"
+    )
     print(f"plain PEFT (baseline)      : {baseline:10.0f} tokens/s  1.00x")
     print(f"(a) one peer, whole model  : {one_peer:10.0f} tokens/s  {one_peer / baseline:.2f}x")
     print(f"(b) two peers, two spans   : {two_peers:10.0f} tokens/s  {two_peers / baseline:.2f}x")
