@@ -47,6 +47,9 @@ def peer_command(
     data: str = typer.Option("", "--data", help="Training text (JSONL/txt/parquet file or directory)."),
     shard_index: int = typer.Option(0, "--shard-index", help="Data shard this trainer reads (0-based)."),
     num_shards: int = typer.Option(1, "--num-shards", help="Number of data shards."),
+    min_replicas: int = typer.Option(
+        1, "--min-replicas", help="Before training, wait until every span has this many announced servers."
+    ),
     max_steps: int = typer.Option(0, "--max-steps", help="Stop training after N micro-batches (0 = round end)."),
     request_timeout: float = typer.Option(30.0, "--request-timeout", help="Seconds before failing over."),
     announce_period: float = typer.Option(5.0, "--announce-period", help="Seconds between DHT announcements."),
@@ -82,6 +85,7 @@ def peer_command(
             data_path=data,
             shard_index=shard_index,
             num_shards=num_shards,
+            min_replicas=min_replicas,
             max_steps=max_steps,
             request_timeout=request_timeout,
             announce_period=announce_period,

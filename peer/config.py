@@ -35,6 +35,7 @@ class PeerConfig(BaseModel):
     data_path: str = Field("", description="Training text for the trainer (overrides the round spec's data).")
     shard_index: int = Field(0, description="Which data shard this trainer reads (0-based).")
     num_shards: int = Field(1, description="How many shards the training data is cut into.")
+    min_replicas: int = Field(1, description="Trainer waits until every span has this many announced servers.")
     max_steps: int = Field(0, description="Stop the trainer after this many micro-batches (0 = run until round end).")
     request_timeout: float = Field(30.0, description="Seconds before a remote span call fails over.")
     announce_period: float = Field(5.0, description="Seconds between DHT announcements.")
@@ -48,7 +49,7 @@ class PeerConfig(BaseModel):
     eval_batches: int = Field(4, description="Held-out micro-batches the trainer evaluates at start and end.")
     seed: int = Field(0, description="Seed of the trainer's batch order.")
 
-    @field_validator("shard_index", "num_shards", "max_steps", "num_blocks")
+    @field_validator("shard_index", "num_shards", "max_steps", "num_blocks", "min_replicas")
     @classmethod
     def _non_negative(cls, v: int) -> int:
         if v < 0:

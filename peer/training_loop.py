@@ -103,7 +103,22 @@ class TrainingLoop:
         m.step_seconds.observe(result.seconds)
         m.set_peers_seen(self.router.peers_seen())
 
+    def wait_for_replicas(self) -> None:
+        """Wait (saying so) until every span has ``--min-replicas`` announced servers, e.g. for a fixed-size job."""
+        want, said = self.daemon.config.min_replicas, False
+        while want > 1 and not self.daemon.stop_event.is_set():
+            self.router.refresh(force=True)
+            seen = self.router.peers_seen()
+            short = [s.name for s in self.daemon.spec.spans if seen.get(s.name, 0) < want]
+            if not short:
+                return
+            if not said:
+                log.info(f"waiting for {want} servers of span(s) {', '.join(short)} before training")
+                said = True
+            self.daemon.stop_event.wait(1.0)
+
     def run(self) -> None:
+        self.wait_for_replicas()
         self.evaluate("before")
         data_epoch = 0
         while not self.done():

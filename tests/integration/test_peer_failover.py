@@ -72,10 +72,13 @@ def test_data_parallel_whole_model_peers(tmp_path: Path, demo_base: Path, demo_d
     train = str(demo_data / "train.jsonl")
     peers: list[Peer] = []
     try:
-        peers.append(Peer(tmp_path, "a", spec_path, ["--data", train, "--shard-index", "0", "--num-shards", "2"]))
+        both = ["--min-replicas", "2"]  # a fixed-size data-parallel job: start training together
+        peers.append(
+            Peer(tmp_path, "a", spec_path, ["--data", train, "--shard-index", "0", "--num-shards", "2", *both])
+        )
         boot = ["--initial-peers", peers[0].ready()["maddrs"][0]]
         peers.append(
-            Peer(tmp_path, "b", spec_path, ["--data", train, "--shard-index", "1", "--num-shards", "2", *boot])
+            Peer(tmp_path, "b", spec_path, ["--data", train, "--shard-index", "1", "--num-shards", "2", *both, *boot])
         )
         wait_for(lambda: all(len(p.events("eval")) >= 2 for p in peers), 240, "both data-parallel peers")
         for p in peers:
