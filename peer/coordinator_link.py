@@ -113,6 +113,12 @@ class CoordinatorLink:
                     target=self._upload_safely, args=(daemon.server.epoch,), name="span-upload", daemon=True
                 )
                 self._uploader.start()
+        elif resp.HasField("span") and (resp.span.start, resp.span.end) != (daemon.span.start, daemon.span.end):
+            # Rebalanced (a span lost its last server): leave this span and Join again to load the new one.
+            log.info(f"The coordinator moved this peer to span {resp.span.start}-{resp.span.end}: reloading")
+            daemon.finalize_event.set()
+            daemon.round_over.set()
+            self._stop.set()
         elif resp.action in ("rejoin", "stop") or not resp.ok:
             log.info(f"Round {self.spec.round_id} is over for this peer ({resp.action}: {resp.message})")
             daemon.finalize_event.set()
