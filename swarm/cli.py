@@ -37,13 +37,7 @@ def build_app() -> typer.Typer:
         """loraswarm command line."""
 
     for name in _COMPONENTS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # a component not built yet
-        module.register(app)
+        importlib.import_module(name).register(app)
     return app
 
 
