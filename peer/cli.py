@@ -111,11 +111,16 @@ def peer_command(
     except (ValueError, FileNotFoundError, KeyError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    _exit_despite_stray_threads()
+    _exit_after_shutdown()
 
 
-def _exit_despite_stray_threads(grace: float = 3.0) -> None:
-    """Everything is shut down by now; a library thread that is not a daemon must not keep the process alive."""
+def _exit_after_shutdown(grace: float = 3.0) -> None:
+    """Everything is shut down by now: leave without interpreter finalization.
+
+    Native thread pools (torch, grpc, libp2p bindings) can abort the process while Python finalizes
+    ("terminate called without an active exception"), and a library thread that is not a daemon must not keep
+    the process alive. The tests check that no process of the peer's group survives this exit.
+    """
     import logging
     import os
     import threading
@@ -126,10 +131,7 @@ def _exit_despite_stray_threads(grace: float = 3.0) -> None:
     alive = [t.name for t in stray if t.is_alive()]
     if alive:
         logging.getLogger(__name__).warning(f"exiting although threads {alive} are still running")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("peer")(peer_command)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
