@@ -135,3 +135,7 @@ def _exit_after_shutdown(grace: float = 3.0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("peer")(peer_command)
