@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic.v1 import BaseModel, Extra, StrictFloat, StrictInt, StrictStr, ValidationError, confloat, conint
+from pydantic.v1 import BaseModel, Extra, StrictInt, StrictStr, ValidationError, confloat, conint
 
 ONLINE, JOINING, OFFLINE = "online", "joining", "offline"
 
@@ -68,7 +68,6 @@ __all__ = [
     "ONLINE",
     "RoundRecordsSchema",
     "ServerAnnouncement",
-    "StrictFloat",
     "dht_prefix",
     "parse_announcement",
     "servers_key",
