@@ -79,9 +79,9 @@ class SpanBackend(ModuleBackend):
         return out
 
     def on_backward(self, batch_size: int) -> None:
-        """Hand this batch's LoRA gradients to hivemind.Optimizer (accumulates; all-reduces at the epoch end)."""
+        """Add this batch's LoRA gradients to the epoch's accumulators (the epoch thread all-reduces and steps)."""
         if self.optimizer is not None:
-            self.optimizer.step(batch_size=batch_size)  # type: ignore[call-arg]
+            self.optimizer.accumulate(batch_size)  # type: ignore[attr-defined]
             self.optimizer.zero_grad()
         self.samples_trained += batch_size
 

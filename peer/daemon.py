@@ -113,12 +113,12 @@ class PeerDaemon:
             initial_state=initial_state,
             on_served=self.metrics.served,
             on_averaging=self.metrics.averaged,
+            on_epoch=self.snapshot,
             max_batch_size=max(spec.data.micro_batch_size * 4, 1),
         )
         self.throughput = 0.0
         self.announcer = Announcer(self.dht, spec.round_id, self._announcement, config.announce_period)
         self.metrics_server: MetricsServer | None = None
-        self._last_snapshot_epoch = -1
 
     def max_blocks(self) -> int | None:
         """``--num-blocks``, or on a GPU the number of blocks that fit in free memory (with 20% headroom)."""
@@ -216,21 +216,13 @@ class PeerDaemon:
         )
 
     def tick(self) -> None:
-        """Periodic upkeep: metrics and per-epoch LoRA snapshots."""
-        epoch = self.server.epoch
-        self.metrics.epoch.set(epoch)
-        if epoch != self._last_snapshot_epoch:
-            self._last_snapshot_epoch = epoch
-            self.snapshot(epoch)
+        """Periodic upkeep (metrics)."""
+        self.metrics.epoch.set(self.server.epoch)
 
-    def snapshot(self, epoch: int) -> None:
-        """Write this span's LoRA state for ``epoch`` to the checkpoint dir (atomic rename)."""
+    def snapshot(self, epoch: int, state: dict[str, torch.Tensor]) -> None:
+        """Write this span's LoRA state as settled at ``epoch`` (called by the span's epoch thread; atomic rename)."""
         if not self.config.checkpoint_dir:
             return
-        with self.server.lock:
-            if self.server.epoch != epoch:
-                return
-            state = self.server.lora_state()
         out = Path(self.config.checkpoint_dir)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".epoch{epoch:05d}.tmp"

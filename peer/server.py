@@ -16,11 +16,15 @@ from typing import Any
 
 import hivemind
 import torch
+from hivemind.averaging.control import StepControl
 from hivemind.moe.server import Server
+from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.logging import get_logger
 
+from peer.announce import fetch_servers
 from peer.backend import SpanBackend, ValidatingConnectionHandler
 from swarm.config import RoundSpec, SpanRange
+from swarm.dht_records import ONLINE
 from swarm.lora import attach_lora, export_lora_state, import_lora_state, lora_parameters
 from swarm.span import load_span
 
@@ -33,24 +37,104 @@ def expert_uid(round_id: str, span: SpanRange) -> str:
 
 
 class SwarmOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer that reports the outcome of every gradient all-reduce."""
+    """hivemind.Optimizer for a span replica group, where epochs end in one place: :class:`SpanServer`'s epoch thread.
 
-    def __init__(self, *args: Any, on_averaging: Callable[[bool, float], None] | None = None, **kwargs: Any):
-        self._on_averaging = on_averaging
-        self._fell_back = False
+    hivemind ends an epoch inside ``step()`` of whichever peer notices it, and only peers that call ``step()``
+    join the all-reduce. A span server calls ``step()`` only when requests arrive, so a replica that got no
+    samples in an epoch would not join, the others would time out and "proceed with local gradients", and the
+    replicas would diverge. Here requests only *accumulate* (:meth:`accumulate`), and every live replica joins
+    every epoch's gradient all-reduce from its epoch thread, weighted by its sample count (0 is fine). The epoch
+    ends when the group has accumulated ``target_batch_size`` samples (not at hivemind's estimated time).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        other_replicas: Callable[[], int],
+        on_averaging: Callable[[bool, float], None] | None = None,
+        **kwargs: Any,
+    ):
+        self._other_replicas, self._on_averaging = other_replicas, on_averaging
+        self._fell_back = self._alone = False
         super().__init__(*args, **kwargs)
+
+    def accumulate(self, batch_size: int) -> None:
+        """Add the LoRA gradients of a batch to this epoch's accumulators and report progress (no epoch end)."""
+        self._check_and_accumulate_gradients(batch_size, None)
+
+    def epoch_is_over(self) -> bool:
+        """The group has accumulated the target batch for our epoch (as last read from the DHT)."""
+        progress = self.tracker.global_progress
+        return progress.epoch == self.local_epoch and progress.samples_accumulated >= self.tracker.target_batch_size
+
+    def epoch_is_near(self) -> bool:
+        """Samples are arriving and hivemind expects the epoch to end within one matchmaking period."""
+        progress = self.tracker.global_progress
+        return progress.samples_accumulated > 0 and (
+            self.tracker.estimated_next_update_time - get_dht_time() <= self.matchmaking_time
+        )
+
+    def end_epoch(self) -> bool:
+        """All-reduce this epoch's gradients with the group, apply them, move to the next epoch.
+
+        Returns True when the update used the group's averaged gradients, False when it fell back to local ones.
+        """
+        self._update_global_epoch(None)  # hivemind 1.1.12 internal (pinned); calls the two overrides below
+        return not self._fell_back
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control: Any) -> None:
         self._fell_back, started = False, time.perf_counter()
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
-        outcome = "proceeding with local gradients" if self._fell_back else "averaged gradients"
+        if self._alone:
+            outcome = "no other replica, local gradients"
+        else:
+            outcome = "proceeding with local gradients" if self._fell_back else "averaged gradients"
         log.info(f"{self.run_id} epoch {self.local_epoch}: {outcome} ({time.perf_counter() - started:.1f} s)")
-        if self._on_averaging is not None:
+        if self._on_averaging is not None and not self._alone:
             self._on_averaging(not self._fell_back, time.perf_counter() - started)
 
+    def _begin_averaging_gradients(self, grad_scaler: Any) -> bool:
+        """Join the group's all-reduce unless no other replica is announced (then the update uses local gradients).
+
+        Replaces hivemind's version, which asks its progress tracker whether other peers exist: the tracker lists
+        only peers that reported samples recently, so a replica without samples would average alone.
+        """
+        control: StepControl | None = self.scheduled_grads  # type: ignore[has-type]
+        self.scheduled_grads = None
+        if control is not None and (control.triggered or control.done()):
+            control = None
+        self._alone = self._other_replicas() == 0
+        if self._alone:
+            if control is not None:
+                control.cancel()
+            return True  # -> _average_gradients_and_load_into_optimizer(None) loads the local gradients
+        try:
+            # keep the accumulators until the epoch ends, so a failed all-reduce falls back to real local gradients
+            self.scheduled_grads = self.grad_averager.step(control=control, reset_accumulators=False, wait=False)
+        except Exception:
+            log.exception(f"{self.run_id}: could not start the gradient all-reduce")
+        return True
+
     def _load_local_gradients_into_optimizer(self) -> None:
-        self._fell_back = True  # "Proceeding with local gradients"
+        self._fell_back = not self._alone  # "Proceeding with local gradients" although replicas exist
         super()._load_local_gradients_into_optimizer()
+
+    def set_sharing_priority(self, value: float) -> None:
+        """Priority with which other replicas download state from us (hivemind uses the local epoch)."""
+        self.state_averager.state_sharing_priority = value
+        if self.grad_averager is not None:
+            self.grad_averager.state_sharing_priority = value
+
+    def sharing_priorities(self) -> dict[bytes, float]:
+        """Peer id (bytes) -> state-sharing priority of the replicas offering their state, as declared in the DHT."""
+        found = self.dht.get(f"{self.state_averager.prefix}.all_averagers", latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        return {
+            bytes(peer): float(item.value)
+            for peer, item in found.value.items()
+            if isinstance(peer, bytes) and isinstance(item, ValueWithExpiration) and isinstance(item.value, int | float)
+        }
 
 
 class SpanServer:
@@ -67,11 +151,14 @@ class SpanServer:
         initial_state: dict[str, torch.Tensor] | None = None,
         on_served: Callable[[str, int, float], None] | None = None,
         on_averaging: Callable[[bool, float], None] | None = None,
+        on_epoch: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
         max_batch_size: int = 64,
     ):
         spec.span_index(span)
         self.spec, self.span, self.dht = spec, span, dht
         self.uid = expert_uid(spec.round_id, span)
+        self.peer_id = str(dht.peer_id)
+        self.on_epoch = on_epoch
         self.module = attach_lora(load_span(spec.base.path, span, dtype=dtype, device=device), spec.lora)
         if initial_state is not None:
             mine = lora_parameters(self.module)
@@ -92,16 +179,19 @@ class SpanServer:
             averaging_timeout=opt.averaging_timeout,
             average_state_every=opt.average_state_every or 10**9,
             delay_state_averaging=False,
-            # Averaging Adam's moments too makes state averaging a full reconciliation of diverged replicas.
             average_opt_statistics=("exp_avg", "exp_avg_sq") if opt.name == "adamw" else (),
             averager_opts=dict(request_timeout=max(0.5, opt.matchmaking_time / 2)),
-            # Re-read the group's progress often: an epoch can take less than hivemind's default refresh period,
-            # and a replica whose progress is not seen in time is left out of that epoch's all-reduce.
+            # Read the group's progress often (an epoch can be shorter than hivemind's default refresh period), and
+            # let a dead replica's progress record expire in seconds rather than a minute.
             tracker_opts=dict(
-                min_refresh_period=0.1, default_refresh_period=0.5, max_refresh_period=max(1.0, opt.matchmaking_time)
+                min_refresh_period=0.1,
+                default_refresh_period=0.5,
+                max_refresh_period=max(1.0, opt.matchmaking_time),
+                metadata_expiration=max(10.0, 3 * opt.matchmaking_time),
             ),
-            verbose=True,
+            verbose=False,
             on_averaging=on_averaging,
+            other_replicas=self.other_replicas,
         )
         self.backend = SpanBackend(
             self.uid,
@@ -118,7 +208,7 @@ class SpanServer:
         # keep the process alive forever after shutdown().
         self.server.daemon = True
         self._stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch_epochs, name=f"epochs-{span.name}", daemon=True)
+        self._epoch_thread = threading.Thread(target=self._run_epochs, name=f"epochs-{span.name}", daemon=True)
 
     @property
     def epoch(self) -> int:
@@ -128,52 +218,102 @@ class SpanServer:
     def lock(self) -> threading.RLock:
         return self.backend.lock
 
+    def other_replicas(self) -> int:
+        """Live replicas of this span other than us, from the signed DHT announcements."""
+        return len(
+            {
+                a.peer_id
+                for a in fetch_servers(self.dht, self.spec.round_id)
+                if a.state == ONLINE
+                and (a.span_start, a.span_end) == (self.span.start, self.span.end)
+                and a.peer_id != self.peer_id
+            }
+        )
+
     def start(self, catch_up: bool = True) -> None:
-        """Catch up with the replicas already training (if any), then serve and watch epoch ends."""
+        """Catch up with the replicas already training (if any), then serve and run epoch ends."""
         if catch_up:
-            # Let the tracker read the swarm's progress once, so a late joiner sees that it is behind.
+            # Let the tracker read the group's progress once, so a late joiner sees that it is behind.
             self.optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=10)
             self.catch_up()
         self.server.run_in_background(await_ready=True)
-        # hivemind lists a peer in its group's progress only once it has reported samples. Report one at start
-        # so the replicas see each other before the first epoch ends (that epoch then ends one sample early);
-        # otherwise each replica of a fresh group "proceeds with local gradients" alone and they diverge.
-        opt = self.optimizer
-        opt.tracker.report_local_progress(opt.local_epoch, max(1, opt.grad_averager.local_samples_accumulated))
-        self._watcher.start()
+        self._epoch_thread.start()
+        self._settled(self.epoch)
 
     def catch_up(self) -> bool:
-        """Download the span's LoRA + optimizer state from a replica if the swarm is ahead of us."""
-        tracker = self.optimizer.tracker
-        if tracker.global_progress.num_peers <= 1 and tracker.global_epoch <= self.epoch:
+        """Download the span's LoRA + optimizer state from a replica if the group is ahead of us.
+
+        Every replica starts from the same state (seeded LoRA init or the round's parent adapter), so a replica
+        joining while the group is still at epoch 0 has nothing to download.
+        """
+        if self.optimizer.tracker.global_epoch <= self.epoch:
             return False
         with self.lock:
-            log.info(f"Span {self.span.name}: loading state from peers (epoch {self.epoch} -> {tracker.global_epoch})")
+            log.info(
+                f"Span {self.span.name}: loading state from peers (epoch {self.epoch} -> "
+                f"{self.optimizer.tracker.global_epoch})"
+            )
             self.optimizer.load_state_from_peers()
         return True
 
-    def _watch_epochs(self) -> None:
-        """Join the epoch's all-reduce when we hold samples but no request arrives; catch up when behind."""
-        while not self._stop.wait(0.25):
+    def _run_epochs(self) -> None:
+        """The one place where epochs end: all-reduce when the group has the target batch, catch up when behind."""
+        opt = self.optimizer
+        while not self._stop.wait(0.05):
             try:
-                opt = self.optimizer
                 if opt.tracker.global_epoch > opt.local_epoch:
-                    self.catch_up()
-                elif opt.tracker.ready_to_update_epoch and opt.grad_averager.local_samples_accumulated > 0:
+                    if self.catch_up():
+                        self._settled(self.epoch)
+                elif opt.epoch_is_over():
                     with self.lock:
-                        if opt.tracker.ready_to_update_epoch and opt.grad_averager.local_samples_accumulated > 0:
-                            opt._update_global_epoch(None)  # hivemind 1.1.12 internal, pinned version
-            except Exception:  # keep watching; the next step() retries the same transition
-                log.exception(f"Span {self.span.name}: epoch watcher error")
+                        averaged = opt.end_epoch()
+                        if not averaged and self.other_replicas() > 0:
+                            self._reconcile()
+                    self._settled(self.epoch)
+                elif opt.epoch_is_near():
+                    opt._maybe_schedule_gradient_averaging()  # pre-arrange the group (hivemind 1.1.12 internal)
+            except Exception:  # keep running; the next pass retries the same transition
+                if not self._stop.is_set():
+                    log.exception(f"Span {self.span.name}: epoch thread error")
+
+    def _reconcile(self) -> None:
+        """After a failed all-reduce while other replicas live: make every replica hold one state again.
+
+        Our state for this epoch is marked unconfirmed (lower sharing priority). If another replica averaged
+        successfully, or if all failed and one with a smaller peer id exists, we download its state; otherwise
+        we are the one the others copy.
+        """
+        opt, epoch = self.optimizer, self.epoch
+        me = self.dht.peer_id.to_bytes()
+        opt.set_sharing_priority(epoch - 0.5)
+        deadline = time.monotonic() + max(2.0, opt.matchmaking_time)
+        others: dict[bytes, float] = {}
+        while time.monotonic() < deadline and not self._stop.is_set():
+            others = {p: v for p, v in opt.sharing_priorities().items() if p != me and v >= epoch - 0.5}
+            if any(v >= epoch for v in others.values()):
+                break
+            time.sleep(0.2)
+        if others and (any(v >= epoch for v in others.values()) or min(others) < me):
+            log.info(f"Span {self.span.name}: all-reduce of epoch {epoch - 1} failed; copying a replica's state")
+            opt.load_state_from_peers()
+        else:
+            log.info(f"Span {self.span.name}: all-reduce of epoch {epoch - 1} failed; replicas copy our state")
+        opt.set_sharing_priority(float(self.epoch))
+
+    def _settled(self, epoch: int) -> None:
+        if self.on_epoch is not None:
+            state = self.lora_state()
+            if self.epoch == epoch:
+                self.on_epoch(epoch, state)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         with self.lock:
             return export_lora_state(self.module)
 
     def shutdown(self) -> None:
-        """Stop watching, leave the averaging group, then stop serving (hivemind's Server also stops the DHT)."""
+        """Stop epoch ends, leave the averaging group, then stop serving (hivemind's Server also stops the DHT)."""
         self._stop.set()
-        if self._watcher.is_alive():
-            self._watcher.join(timeout=5)
+        if self._epoch_thread.is_alive():
+            self._epoch_thread.join(timeout=5)
         self.optimizer.shutdown()
         self.server.shutdown()

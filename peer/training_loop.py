@@ -110,14 +110,10 @@ class TrainingLoop:
             self.router.refresh(force=True)
             seen = self.router.peers_seen()
             short = [s.name for s in self.daemon.spec.spans if seen.get(s.name, 0) < want]
-            tracker = self.daemon.server.optimizer.tracker
-            if not short and tracker.global_progress.num_peers >= want:
-                return  # announced, and hivemind's tracker counts them in our span group's all-reduce
+            if not short:
+                return  # every announced replica joins its group's all-reduces (see peer.server)
             if not said:
-                log.info(
-                    f"waiting for {want} servers of every span before training (short: {short or 'none'}, "
-                    f"own group counts {tracker.global_progress.num_peers})"
-                )
+                log.info(f"waiting for {want} servers of every span before training (short: {', '.join(short)})")
                 said = True
             self.daemon.stop_event.wait(1.0)
 

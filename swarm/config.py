@@ -156,9 +156,10 @@ class OptimizerSettings(_Strict):
     matchmaking_time: float = Field(3.0, description="Seconds hivemind waits to form an averaging group.")
     averaging_timeout: float = Field(30.0, description="Seconds before an all-reduce is abandoned.")
     average_state_every: int = Field(
-        1,
-        description="Epochs between averaging LoRA weights + optimizer state across replicas (0 = never). Exact "
-        "gradient averaging keeps replicas identical; this re-converges them after a failed all-reduce.",
+        0,
+        description="Epochs between averaging LoRA weights + optimizer state across replicas (0 = never). Not "
+        "needed for exactness: every replica joins every gradient all-reduce, and after a failed one the replicas "
+        "copy one replica's state.",
     )
 
     @field_validator("lr")

@@ -24,17 +24,24 @@ LOCAL = "/ip4/127.0.0.1/tcp/0"
 REPLICA_ATOL = 1e-6
 
 
-def replicas_agree(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    """Two LoRA snapshots agree: same keys, max abs difference <= REPLICA_ATOL.
+def replica_gap(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float:
+    """Max abs difference of two LoRA snapshots (inf when one is missing or their keys differ).
 
     hivemind applies averages as deltas (x += avg - x), so replicas are equal up to fp32 rounding, not bitwise.
     """
-    return (
-        a is not None
-        and b is not None
-        and a.keys() == b.keys()
-        and all((a[k] - b[k]).abs().max().item() <= REPLICA_ATOL for k in a)
-    )
+    if a is None or b is None or a.keys() != b.keys():
+        return float("inf")
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_replicas_agree_every_epoch(x: Peer, y: Peer, min_shared: int = 2) -> list[int]:
+    """Every epoch snapshot that both replicas wrote agrees to REPLICA_ATOL; returns the shared epochs."""
+    shared = sorted(x.epochs() & y.epochs())
+    assert len(shared) >= min_shared, f"replicas {x.name}/{y.name} share too few epochs: {shared}"
+    gaps = {e: replica_gap(x.snapshot(e), y.snapshot(e)) for e in shared}
+    apart = {e: g for e, g in gaps.items() if not g <= REPLICA_ATOL}
+    assert not apart, f"replicas {x.name}/{y.name} differ after epochs {apart} (max abs diff; bound {REPLICA_ATOL})"
+    return shared
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, period: float = 0.2) -> Any:
