@@ -9,6 +9,7 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.logging import get_logger
 
 from swarm.dht_records import RoundRecordsSchema, ServerAnnouncement, dht_prefix, parse_announcement, servers_key
@@ -16,9 +17,12 @@ from swarm.dht_records import RoundRecordsSchema, ServerAnnouncement, dht_prefix
 log = get_logger(__name__)
 
 
-def record_validators(round_id: str) -> list:
-    """Validators every DHT node of a round installs: schema of its keys + per-peer signed subkeys."""
-    return [SchemaValidator(RoundRecordsSchema, prefix=dht_prefix(round_id)), RSASignatureValidator()]
+def record_validators(round_id: str, private_key: RSAPrivateKey | None = None) -> list:
+    """Validators every DHT node of a round installs: schema of its keys + per-peer signed subkeys.
+
+    ``private_key`` signs our records (default: the process-wide key; several nodes in one process need their own).
+    """
+    return [SchemaValidator(RoundRecordsSchema, prefix=dht_prefix(round_id)), RSASignatureValidator(private_key)]
 
 
 def fetch_servers(dht: hivemind.DHT, round_id: str) -> list[ServerAnnouncement]:
@@ -37,10 +41,17 @@ def fetch_servers(dht: hivemind.DHT, round_id: str) -> list[ServerAnnouncement]:
 class Announcer(threading.Thread):
     """Re-announces ``make_record()`` every ``period`` seconds; records expire after 3 periods."""
 
-    def __init__(self, dht: hivemind.DHT, round_id: str, make_record: Callable[[], ServerAnnouncement], period: float):
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        round_id: str,
+        make_record: Callable[[], ServerAnnouncement],
+        period: float,
+        private_key: RSAPrivateKey | None = None,
+    ):
         super().__init__(name="announcer", daemon=True)
         self.dht, self.round_id, self.make_record, self.period = dht, round_id, make_record, period
-        self.subkey = RSASignatureValidator().local_public_key
+        self.subkey = RSASignatureValidator(private_key).local_public_key  # the key the DHT node signs with
         self._stop_event = threading.Event()
 
     def announce_once(self, expiration: float | None = None) -> bool:

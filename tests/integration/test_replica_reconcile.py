@@ -13,6 +13,7 @@ from pathlib import Path
 import hivemind
 import pytest
 import torch
+from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.announce import Announcer, record_validators
 from peer.server import SpanServer
@@ -35,18 +36,20 @@ def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]
         data=DataSettings(seq_len=16),
         optimizer=OptimizerSettings(target_batch_size=4, matchmaking_time=1.0),
     )
-    first = hivemind.DHT(start=True, host_maddrs=LOCAL, record_validators=record_validators("repair"))
+    # two peers in one process: each signs its DHT records with its own key (a real peer uses its process's key)
+    keys = [RSAPrivateKey(), RSAPrivateKey()]
+    first = hivemind.DHT(start=True, host_maddrs=LOCAL, record_validators=record_validators("repair", keys[0]))
     second = hivemind.DHT(
         start=True,
         host_maddrs=LOCAL,
         initial_peers=first.get_visible_maddrs(),
-        record_validators=record_validators("repair"),
+        record_validators=record_validators("repair", keys[1]),
     )
     servers = [SpanServer(spec, spec.spans[0], dht) for dht in (first, second)]
     announcers = []
-    for server in servers:
+    for server, key in zip(servers, keys, strict=True):
         server.start(catch_up=False)
-        announcer = Announcer(server.dht, "repair", _announcement(server), period=1.0)
+        announcer = Announcer(server.dht, "repair", _announcement(server), period=1.0, private_key=key)
         announcer.start()
         announcers.append(announcer)
     try:
