@@ -16,6 +16,7 @@ from pathlib import Path
 
 import hivemind
 import torch
+from hivemind.utils.crypto import RSAPrivateKey
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -56,8 +57,12 @@ def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: i
     try:
         for i, span in enumerate(spec.spans):
             initial = dhts[0].get_visible_maddrs() if dhts else []
+            key = RSAPrivateKey()  # peers sharing this process sign their DHT records with their own keys
             dht = hivemind.DHT(
-                start=True, host_maddrs=LOCAL, initial_peers=initial, record_validators=record_validators(spec.round_id)
+                start=True,
+                host_maddrs=LOCAL,
+                initial_peers=initial,
+                record_validators=record_validators(spec.round_id, key),
             )
             server = SpanServer(spec, span, dht)
             server.start(catch_up=False)
@@ -72,6 +77,7 @@ def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: i
                     expert_uid=s.uid,
                 ),
                 period=5.0,
+                private_key=key,
             )
             ann.start()
             dhts.append(dht)

@@ -276,28 +276,25 @@ class SpanServer:
                 if not self._stop.is_set():
                     log.exception(f"Span {self.span.name}: epoch thread error")
 
-    def _reconcile(self) -> None:
+    def _reconcile(self, settle: float = 1.0) -> None:
         """After a failed all-reduce while other replicas live: make every replica hold one state again.
 
-        Our state for this epoch is marked unconfirmed (lower sharing priority). If another replica averaged
-        successfully, or if all failed and one with a smaller peer id exists, we download its state; otherwise
-        we are the one the others copy.
+        We mark our state for this epoch as unconfirmed (sharing priority ``epoch - 0.5``; hivemind uses the epoch)
+        and give the other replicas ``settle`` seconds to do the same if their all-reduce failed too. Then: if a
+        replica averaged successfully, or all failed and one has a smaller peer id, we download its state;
+        otherwise the others copy ours. A replica whose all-reduce fails later than that still has the previous
+        epoch's priority, is not counted, and copies us when its own turn comes.
         """
         opt, epoch = self.optimizer, self.epoch
         me = self.dht.peer_id.to_bytes()
         opt.set_sharing_priority(epoch - 0.5)
-        deadline = time.monotonic() + max(2.0, opt.matchmaking_time)
-        others: dict[bytes, float] = {}
-        while time.monotonic() < deadline and not self._stop.is_set():
-            others = {p: v for p, v in opt.sharing_priorities().items() if p != me and v >= epoch - 0.5}
-            if any(v >= epoch for v in others.values()):
-                break
-            time.sleep(0.2)
+        self._stop.wait(settle)
+        others = {p: v for p, v in opt.sharing_priorities().items() if p != me and v >= epoch - 0.5}
         if others and (any(v >= epoch for v in others.values()) or min(others) < me):
-            log.info(f"Span {self.span.name}: all-reduce of epoch {epoch - 1} failed; copying a replica's state")
+            log.info(f"Span {self.span.name}: all-reduce before epoch {epoch} failed; copying a replica's state")
             opt.load_state_from_peers()
         else:
-            log.info(f"Span {self.span.name}: all-reduce of epoch {epoch - 1} failed; replicas copy our state")
+            log.info(f"Span {self.span.name}: all-reduce before epoch {epoch} failed; replicas copy our state")
         opt.set_sharing_priority(float(self.epoch))
 
     def _settled(self, epoch: int) -> None:
