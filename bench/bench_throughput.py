@@ -4,7 +4,7 @@
 (b) two peers with two spans (the trainer hosts span 0; span 1 is called over libp2p on the other peer)
 Both are reported as ratios to (base) plain PEFT on the same model, data, micro-batches and thread count.
 
-    python bench/bench_throughput.py [--steps 40] [--threads 2] [--layers 4] [--hidden 64]
+    python bench/bench_throughput.py [--steps 40] [--threads 2] [--layers 4] [--hidden 64] [--pipeline-depth 2]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from peer.announce import Announcer, record_validators
 from peer.server import SpanServer
-from peer.trainer import ChainTrainer, Router
+from peer.trainer import ChainTrainer, Router, in_flight
 from swarm.basemodel import make_base
 from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
 from swarm.dht_records import ServerAnnouncement
@@ -38,21 +38,26 @@ def batches(steps: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor]:
 
 
 def bench_peft(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int) -> float:
+    """Plain PEFT: accumulate micro-batches to the round's target batch, then one AdamW step (what a round does)."""
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa"), peft_lora_config(spec.lora)
     )
     init_lora_(lora_parameters(model), spec.lora.init_seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
+    accumulated = 0
     for i, ids in enumerate(data):
         if i == warmup:
             started = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+        accumulated += len(ids)
+        if accumulated >= spec.optimizer.target_batch_size:
+            opt.step()
+            opt.zero_grad()
+            accumulated = 0
     return sum(x.numel() for x in data[warmup:]) / (time.perf_counter() - started)
 
 
-def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int) -> float:
+def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int, depth: int) -> float:
     dhts, servers, announcers = [], [], []
     try:
         for i, span in enumerate(spec.spans):
@@ -86,10 +91,11 @@ def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: i
             del i
         router = Router(dhts[0], spec, {spec.spans[0]: servers[0]}, timeout=60)
         trainer = ChainTrainer(spec, load_trainer_head(base), router)
-        for i, ids in enumerate(data):
-            if i == warmup:
-                started = time.perf_counter()
-            trainer.step(ids)
+        for future in in_flight(trainer.step, data[:warmup], depth):
+            future.result()
+        started = time.perf_counter()
+        for future in in_flight(trainer.step, data[warmup:], depth):
+            future.result()
         return sum(x.numel() for x in data[warmup:]) / (time.perf_counter() - started)
     finally:
         for ann in announcers:
@@ -107,6 +113,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--layers", type=int, default=4, help="blocks of the tiny base")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny base")
+    parser.add_argument("--target-batch", type=int, default=32, help="samples per optimizer step (both sides)")
+    parser.add_argument("--pipeline-depth", type=int, default=2, help="swarm trainer: micro-batches in flight")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = make_base(Path(tempfile.mkdtemp()) / "base", layers=args.layers, hidden=args.hidden, progress=False)
@@ -121,20 +129,23 @@ def main() -> None:
             base=BaseModelRef(path=str(base), num_layers=args.layers),
             spans=tuple(SpanRange(start=a, end=b) for a, b in zip(cuts, cuts[1:], strict=False)),
             data=DataSettings(seq_len=args.seq, micro_batch_size=args.batch),
-            optimizer=OptimizerSettings(target_batch_size=10**6, matchmaking_time=1.0),
+            optimizer=OptimizerSettings(target_batch_size=args.target_batch, matchmaking_time=1.0),
         )
 
+    depth, half = args.pipeline_depth, args.layers // 2
     baseline = bench_peft(base, spec([0, args.layers], "b"), data, args.warmup)
-    one_peer = bench_swarm(base, spec([0, args.layers], "a"), data, args.warmup)
-    half = args.layers // 2
-    two_peers = bench_swarm(base, spec([0, half, args.layers], "c"), data, args.warmup)
+    one_peer = bench_swarm(base, spec([0, args.layers], "a"), data, args.warmup, depth)
+    two_peers = bench_swarm(base, spec([0, half, args.layers], "c"), data, args.warmup, depth)
+    two_serial = bench_swarm(base, spec([0, half, args.layers], "d"), data, args.warmup, 1) if depth > 1 else None
     print(
         f"model: {args.layers} layers x hidden {args.hidden}, micro-batch {args.batch}x{args.seq}, "
-        f"{args.threads} torch threads, {args.steps} timed steps"
+        f"optimizer step every {args.target_batch} samples, {args.threads} torch threads, {args.steps} timed steps"
     )
-    print(f"plain PEFT (baseline)      : {baseline:10.0f} tokens/s  1.00x")
-    print(f"(a) one peer, whole model  : {one_peer:10.0f} tokens/s  {one_peer / baseline:.2f}x")
-    print(f"(b) two peers, two spans   : {two_peers:10.0f} tokens/s  {two_peers / baseline:.2f}x")
+    print(f"plain PEFT (baseline)                 : {baseline:10.0f} tokens/s  1.00x")
+    print(f"(a) one peer, whole model, depth {depth}    : {one_peer:10.0f} tokens/s  {one_peer / baseline:.2f}x")
+    print(f"(b) two peers, two spans, depth {depth}     : {two_peers:10.0f} tokens/s  {two_peers / baseline:.2f}x")
+    if two_serial is not None:
+        print(f"    (b) with one micro-batch in flight: {two_serial:10.0f} tokens/s  {two_serial / baseline:.2f}x")
 
 
 if __name__ == "__main__":

@@ -57,11 +57,23 @@ class SpanBackend(ModuleBackend):
         schema = (BatchTensorDescriptor(seq_len, hidden, dtype=dtype),)
         super().__init__(name, span, args_schema=schema, outputs_schema=schema[0], **kwargs)
         self.samples_trained = 0
-        # The trainer's twin shares the frozen base weights and owns a copy of LoRA (see local_step).
-        masters = lora_parameters(span)
-        memo = {id(p): p for n, p in span.named_parameters() if not p.requires_grad}
-        self.twin = copy.deepcopy(span, memo)
-        self._pairs = list(zip(masters.values(), lora_parameters(self.twin).values(), strict=True))
+        self._threads = threading.local()  # each trainer thread gets its own twin (micro-batches in flight)
+
+    @property
+    def twin(self) -> torch.nn.Module:
+        """This thread's twin of the span: shares the frozen base weights, owns a copy of LoRA (see local_forward)."""
+        return self._twin_pairs()[0]
+
+    def _twin_pairs(self) -> tuple[torch.nn.Module, list[tuple[torch.nn.Parameter, torch.nn.Parameter]]]:
+        found = getattr(self._threads, "twin", None)
+        if found is None:
+            with self.lock:
+                memo = {id(p): p for p in self.module.parameters() if not p.requires_grad}
+                twin = copy.deepcopy(self.module, memo)
+            masters = lora_parameters(self.module).values()
+            found = (twin, list(zip(masters, lora_parameters(twin).values(), strict=True)))
+            self._threads.twin = found
+        return found  # type: ignore[no-any-return]
 
     # --- remote path (Runtime thread) -------------------------------------------------------------
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -91,16 +103,22 @@ class SpanBackend(ModuleBackend):
 
     # --- local path (trainer thread) --------------------------------------------------------------
     def local_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Forward on the twin with a live autograd graph (no recomputation in backward)."""
+        """Forward on this thread's twin with a live autograd graph (no recomputation in backward).
+
+        Each trainer thread has its own twin, so several micro-batches can be in flight: copying the current LoRA
+        into a twin never touches a tensor that another micro-batch's graph saved for its backward.
+        """
+        twin, pairs = self._twin_pairs()
         with self.lock, torch.no_grad():
-            for master, twin in self._pairs:
-                twin.copy_(master)
-        return self.twin(hidden)
+            for master, copy_ in pairs:
+                copy_.copy_(master)
+        return twin(hidden)
 
     def local_apply_grads(self, batch_size: int) -> None:
-        """After the trainer's backward: move the twin's LoRA gradients to the master and step the optimizer."""
+        """After the trainer's backward: move this thread's twin LoRA gradients to the master and accumulate them."""
+        _, pairs = self._twin_pairs()
         with self.lock:
-            for master, twin in self._pairs:
+            for master, twin in pairs:
                 if twin.grad is None:
                     continue
                 master.grad = twin.grad.detach().clone() if master.grad is None else master.grad + twin.grad

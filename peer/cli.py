@@ -51,6 +51,9 @@ def peer_command(
         1, "--min-replicas", help="Before training, wait until every span has this many announced servers."
     ),
     max_steps: int = typer.Option(0, "--max-steps", help="Stop training after N micro-batches (0 = round end)."),
+    pipeline_depth: int = typer.Option(
+        2, "--pipeline-depth", help="Micro-batches kept in flight through the chain of spans (1 = one at a time)."
+    ),
     request_timeout: float = typer.Option(30.0, "--request-timeout", help="Seconds before failing over."),
     announce_period: float = typer.Option(5.0, "--announce-period", help="Seconds between DHT announcements."),
     metrics_port: int = typer.Option(-1, "--metrics-port", help="/metrics and /health port (-1 off, 0 any)."),
@@ -87,6 +90,7 @@ def peer_command(
             num_shards=num_shards,
             min_replicas=min_replicas,
             max_steps=max_steps,
+            pipeline_depth=pipeline_depth,
             request_timeout=request_timeout,
             announce_period=announce_period,
             metrics_port=metrics_port,

@@ -37,6 +37,9 @@ class PeerConfig(BaseModel):
     num_shards: int = Field(1, description="How many shards the training data is cut into.")
     min_replicas: int = Field(1, description="Trainer waits until every span has this many announced servers.")
     max_steps: int = Field(0, description="Stop the trainer after this many micro-batches (0 = run until round end).")
+    pipeline_depth: int = Field(
+        2, description="Micro-batches the trainer keeps in flight through the chain (1 = one at a time)."
+    )
     request_timeout: float = Field(30.0, description="Seconds before a remote span call fails over.")
     announce_period: float = Field(5.0, description="Seconds between DHT announcements.")
     metrics_port: int = Field(-1, description="Port of /metrics and /health (-1 = off, 0 = ephemeral).")
@@ -54,6 +57,13 @@ class PeerConfig(BaseModel):
     def _non_negative(cls, v: int) -> int:
         if v < 0:
             raise ValueError(f"must be >= 0, got {v}")
+        return v
+
+    @field_validator("pipeline_depth")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
         return v
 
     @field_validator("request_timeout", "announce_period")

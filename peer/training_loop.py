@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 
 import torch
 from hivemind.utils.logging import get_logger
 
 from peer.daemon import PeerDaemon
-from peer.trainer import ChainTrainer, Router, SpanUnavailableError, StepResult
+from peer.trainer import ChainTrainer, Router, SpanUnavailableError, StepResult, in_flight
 from swarm.checkpoint import resolve_checkpoint
 from swarm.data import batches, load_round_data
 from swarm.span import load_trainer_head
@@ -72,13 +74,15 @@ class TrainingLoop:
         log.info(f"Held-out loss ({phase}, epoch {self.daemon.server.epoch}): {loss:.4f}")
         return loss
 
-    def done(self) -> bool:
+    def done(self, submitted: int | None = None) -> bool:
+        """The round's end condition (or a stop) is reached; ``submitted`` counts micro-batches already started."""
         spec, cfg, server = self.daemon.spec, self.daemon.config, self.daemon.server
+        steps = self.steps if submitted is None else submitted
         if cfg.coordinator:  # the coordinator decides when the round ends (heartbeat action "finalize")
             return bool(
                 self.daemon.stop_event.is_set()
                 or self.daemon.finalize_event.is_set()
-                or (cfg.max_steps and self.steps >= cfg.max_steps)
+                or (cfg.max_steps and steps >= cfg.max_steps)
             )
         end = spec.end
         target_epochs = end.target_epochs or (
@@ -87,7 +91,7 @@ class TrainingLoop:
         return bool(
             self.daemon.stop_event.is_set()
             or self.daemon.finalize_event.is_set()
-            or (cfg.max_steps and self.steps >= cfg.max_steps)
+            or (cfg.max_steps and steps >= cfg.max_steps)
             or (target_epochs and server.epoch >= target_epochs)
             or (end.deadline_s and time.monotonic() - self.started >= end.deadline_s)
         )
@@ -120,21 +124,33 @@ class TrainingLoop:
     def run(self) -> None:
         self.wait_for_replicas()
         self.evaluate("before")
-        data_epoch = 0
-        while not self.done():
-            for batch in batches(
-                self.train, self.daemon.spec.data.micro_batch_size, self.daemon.config.seed, data_epoch
-            ):
-                if self.done():
-                    break
-                try:
-                    self.record(self.trainer.step(batch.to(self.daemon.device)))
-                except SpanUnavailableError as exc:
-                    log.warning(f"{exc}; retrying")
-                    continue
-                self.steps += 1
-                self.daemon.tick()
-            data_epoch += 1
+        self.train_until_done()
         if not self.daemon.stop_event.is_set():
             with torch.no_grad():
                 self.evaluate("after")
+
+    def train_until_done(self) -> None:
+        """Micro-batches through the chain, ``--pipeline-depth`` of them in flight, until the round's end."""
+        device = self.daemon.device
+        for future in in_flight(
+            self.trainer.step,
+            (batch.to(device) for batch in self._batches()),
+            self.daemon.config.pipeline_depth,
+            stop=lambda n: self.done(submitted=self.steps + n),
+        ):
+            self._collect(future)
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        data_epoch = 0
+        while not self.done():
+            yield from batches(self.train, self.daemon.spec.data.micro_batch_size, self.daemon.config.seed, data_epoch)
+            data_epoch += 1
+
+    def _collect(self, future: Future[StepResult]) -> None:
+        try:
+            self.record(future.result())
+        except SpanUnavailableError as exc:
+            log.warning(f"{exc}; going on with the next micro-batch")
+            return
+        self.steps += 1
+        self.daemon.tick()
