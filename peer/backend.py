@@ -48,12 +48,13 @@ class SpanBackend(ModuleBackend):
         seq_len: int,
         dtype: torch.dtype,
         on_served: Callable[[str, int, float], None] | None = None,
+        after_accumulate: Callable[[], Any] | None = None,
         **kwargs: Any,
     ):
         hidden = int(span.config.hidden_size)  # type: ignore[union-attr, arg-type]
         self.seq_len, self.hidden, self.dtype = seq_len, hidden, dtype
         self.lock = threading.RLock()
-        self.on_served = on_served
+        self.on_served, self.after_accumulate = on_served, after_accumulate
         schema = (BatchTensorDescriptor(seq_len, hidden, dtype=dtype),)
         super().__init__(name, span, args_schema=schema, outputs_schema=schema[0], **kwargs)
         self.samples_trained = 0
@@ -91,11 +92,13 @@ class SpanBackend(ModuleBackend):
         return out
 
     def on_backward(self, batch_size: int) -> None:
-        """Add this batch's LoRA gradients to the epoch's accumulators (the epoch thread all-reduces and steps)."""
+        """Add this batch's LoRA gradients to the epoch's accumulators; end the epoch if this batch completed it."""
         if self.optimizer is not None:
             self.optimizer.accumulate(batch_size)  # type: ignore[attr-defined]
             self.optimizer.zero_grad()
         self.samples_trained += batch_size
+        if self.after_accumulate is not None:
+            self.after_accumulate()
 
     def _served(self, kind: str, batch: int, started: float) -> None:
         if self.on_served is not None:

@@ -52,7 +52,10 @@ def peer_command(
     ),
     max_steps: int = typer.Option(0, "--max-steps", help="Stop training after N micro-batches (0 = round end)."),
     pipeline_depth: int = typer.Option(
-        2, "--pipeline-depth", help="Micro-batches kept in flight through the chain of spans (1 = one at a time)."
+        0,
+        "--pipeline-depth",
+        help="Micro-batches kept in flight through the chain of spans (0 = auto: 2 on a GPU or with --threads 1, "
+        "else 1; on CPU, several torch threads per micro-batch and several micro-batches compete for cores).",
     ),
     request_timeout: float = typer.Option(30.0, "--request-timeout", help="Seconds before failing over."),
     announce_period: float = typer.Option(5.0, "--announce-period", help="Seconds between DHT announcements."),

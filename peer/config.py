@@ -38,7 +38,9 @@ class PeerConfig(BaseModel):
     min_replicas: int = Field(1, description="Trainer waits until every span has this many announced servers.")
     max_steps: int = Field(0, description="Stop the trainer after this many micro-batches (0 = run until round end).")
     pipeline_depth: int = Field(
-        2, description="Micro-batches the trainer keeps in flight through the chain (1 = one at a time)."
+        0,
+        description="Micro-batches the trainer keeps in flight through the chain (0 = auto: 2 on a GPU or with "
+        "--threads 1, else 1).",
     )
     request_timeout: float = Field(30.0, description="Seconds before a remote span call fails over.")
     announce_period: float = Field(5.0, description="Seconds between DHT announcements.")
@@ -52,18 +54,11 @@ class PeerConfig(BaseModel):
     eval_batches: int = Field(4, description="Held-out micro-batches the trainer evaluates at start and end.")
     seed: int = Field(0, description="Seed of the trainer's batch order.")
 
-    @field_validator("shard_index", "num_shards", "max_steps", "num_blocks", "min_replicas")
+    @field_validator("shard_index", "num_shards", "max_steps", "num_blocks", "min_replicas", "pipeline_depth")
     @classmethod
     def _non_negative(cls, v: int) -> int:
         if v < 0:
             raise ValueError(f"must be >= 0, got {v}")
-        return v
-
-    @field_validator("pipeline_depth")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
         return v
 
     @field_validator("request_timeout", "announce_period")

@@ -196,6 +196,7 @@ class SpanServer:
         self.uid = expert_uid(spec.round_id, span)
         self.peer_id = str(dht.peer_id)
         self.on_epoch = on_epoch
+        self._replicas_read = (0, -float("inf"))  # (count, monotonic time read)
         self.module = attach_lora(load_span(spec.base.path, span, dtype=dtype, device=device), spec.lora)
         if initial_state is not None:
             mine = lora_parameters(self.module)
@@ -228,7 +229,7 @@ class SpanServer:
             ),
             verbose=False,
             on_averaging=on_averaging,
-            other_replicas=self.other_replicas,
+            other_replicas=lambda: self.other_replicas(max_age=0.0),  # fresh at every epoch end
         )
         self.backend = SpanBackend(
             self.uid,
@@ -238,6 +239,7 @@ class SpanServer:
             optimizer=self.optimizer,
             on_served=on_served,
             max_batch_size=max_batch_size,
+            after_accumulate=self.end_epoch_if_over,
         )
         self.server = Server(dht, {self.uid: self.backend}, num_connection_handlers=1, start=False)
         self.server.conn_handlers = [ValidatingConnectionHandler(dht, {self.uid: self.backend})]
@@ -255,17 +257,21 @@ class SpanServer:
     def lock(self) -> threading.RLock:
         return self.backend.lock
 
-    def other_replicas(self) -> int:
-        """Live replicas of this span other than us, from the signed DHT announcements."""
-        return len(
-            {
-                a.peer_id
-                for a in fetch_servers(self.dht, self.spec.round_id)
-                if a.state == ONLINE
-                and (a.span_start, a.span_end) == (self.span.start, self.span.end)
-                and a.peer_id != self.peer_id
-            }
-        )
+    def other_replicas(self, max_age: float = 1.0) -> int:
+        """Live replicas of this span other than us, from the signed DHT announcements (re-read after ``max_age`` s)."""
+        now = time.monotonic()
+        if now - self._replicas_read[1] > max_age:
+            count = len(
+                {
+                    a.peer_id
+                    for a in fetch_servers(self.dht, self.spec.round_id)
+                    if a.state == ONLINE
+                    and (a.span_start, a.span_end) == (self.span.start, self.span.end)
+                    and a.peer_id != self.peer_id
+                }
+            )
+            self._replicas_read = (count, now)
+        return self._replicas_read[0]
 
     def start(self, catch_up: bool = True) -> None:
         """Catch up with the replicas already training (if any), then serve and run epoch ends."""
@@ -293,8 +299,25 @@ class SpanServer:
             self.optimizer.load_state_from_peers()
         return True
 
+    def end_epoch_if_over(self) -> bool:
+        """End the epoch if the group has its target batch: all-reduce (every replica joins), step, settle.
+
+        Called by the thread that just accumulated gradients (a trainer or hivemind's Runtime thread), so that on
+        an active peer the optimizer step runs where the compute runs, and by the epoch thread for a replica that
+        received no samples. On CPU, torch work from an extra Python thread competes with the first thread's
+        OpenMP workers (measured: halved a trainer's throughput at 2 intra-op threads).
+        """
+        with self.lock:
+            if not self.optimizer.epoch_is_over():
+                return False
+            averaged = self.optimizer.end_epoch()
+            if not averaged and self.other_replicas() > 0:
+                self._reconcile()
+            self._settled(self.epoch)
+        return True
+
     def _run_epochs(self) -> None:
-        """The one place where epochs end: all-reduce when the group has the target batch, catch up when behind."""
+        """Epoch ends nobody else triggers (no samples here, or the others' samples completed the batch), catch-up."""
         opt = self.optimizer
         while not self._stop.wait(0.05):
             try:
@@ -302,12 +325,8 @@ class SpanServer:
                     if self.catch_up():
                         self._settled(self.epoch)
                 elif opt.epoch_is_over():
-                    with self.lock:
-                        averaged = opt.end_epoch()
-                        if not averaged and self.other_replicas() > 0:
-                            self._reconcile()
-                    self._settled(self.epoch)
-                elif opt.epoch_is_near():
+                    self.end_epoch_if_over()
+                elif opt.epoch_is_near() and self.other_replicas() > 0:
                     opt._maybe_schedule_gradient_averaging()  # pre-arrange the group (hivemind 1.1.12 internal)
             except Exception:  # keep running; the next pass retries the same transition
                 if not self._stop.is_set():

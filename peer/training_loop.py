@@ -135,10 +135,17 @@ class TrainingLoop:
         for future in in_flight(
             self.trainer.step,
             (batch.to(device) for batch in self._batches()),
-            self.daemon.config.pipeline_depth,
+            self.pipeline_depth(),
             stop=lambda n: self.done(submitted=self.steps + n),
         ):
             self._collect(future)
+
+    def pipeline_depth(self) -> int:
+        """``--pipeline-depth``, or auto: 2 where micro-batches do not compete for CPU cores' OpenMP workers."""
+        depth = self.daemon.config.pipeline_depth
+        if depth:
+            return depth
+        return 2 if self.daemon.device == "cuda" or torch.get_num_threads() == 1 else 1
 
     def _batches(self) -> Iterator[torch.Tensor]:
         data_epoch = 0
