@@ -108,7 +108,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="measured micro-batches per configuration")
     parser.add_argument("--warmup", type=int, default=5, help="micro-batches run before timing")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (same for every configuration)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads of the swarm configurations")
+    parser.add_argument(
+        "--baseline-threads",
+        type=int,
+        default=0,
+        help="torch threads of plain PEFT (default: --threads). E.g. --baseline-threads 2 --threads 1 "
+        "--pipeline-depth 2 compares 2 threads with 2 one-thread micro-batches in flight",
+    )
     parser.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--layers", type=int, default=4, help="blocks of the tiny base")
@@ -133,14 +140,17 @@ def main() -> None:
         )
 
     depth, half = args.pipeline_depth, args.layers // 2
+    torch.set_num_threads(args.baseline_threads or args.threads)
     baseline = bench_peft(base, spec([0, args.layers], "b"), data, args.warmup)
+    torch.set_num_threads(args.threads)
     one_peer = bench_swarm(base, spec([0, args.layers], "a"), data, args.warmup, depth)
     two_peers = bench_swarm(base, spec([0, half, args.layers], "c"), data, args.warmup, depth)
     two_serial = bench_swarm(base, spec([0, half, args.layers], "d"), data, args.warmup, 1) if depth > 1 else None
     print(
         f"model: {args.layers} layers x hidden {args.hidden}, micro-batch {args.batch}x{args.seq}, "
-        f"optimizer step every {args.target_batch} samples, {args.threads} torch threads, {args.steps} timed steps"
+        f"optimizer step every {args.target_batch} samples, {args.steps} timed steps"
     )
+    print(f"torch threads: plain PEFT {args.baseline_threads or args.threads}, swarm {args.threads} per micro-batch")
     print(f"plain PEFT (baseline)                 : {baseline:10.0f} tokens/s  1.00x")
     print(f"(a) one peer, whole model, depth {depth}    : {one_peer:10.0f} tokens/s  {one_peer / baseline:.2f}x")
     print(f"(b) two peers, two spans, depth {depth}     : {two_peers:10.0f} tokens/s  {two_peers / baseline:.2f}x")
