@@ -1,9 +1,10 @@
 """Serve one span with hivemind.moe and train its LoRA with a hivemind.Optimizer shared by the span's replicas.
 
 All replicas of a span share one ``run_id`` (round + span). Gradients are accumulated to the round's
-``target_batch_size`` across the swarm and all-reduced, so every replica applies the same update (exact).
-A replica that received no samples in an epoch does not average; it downloads the new state from a replica
-that did (``load_state_from_peers``), so replicas are again identical after every epoch.
+``target_batch_size`` across the swarm; then every live replica, including one that received no samples
+(weight 0), joins the all-reduce and applies the same update, so replicas are identical after every epoch
+(exact up to fp32 rounding). A replica that is behind downloads the state from a replica
+(``load_state_from_peers``); after a failed all-reduce the replicas copy one replica's state (``_reconcile``).
 """
 
 from __future__ import annotations
