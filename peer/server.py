@@ -19,7 +19,7 @@ import hivemind
 import torch
 from hivemind.averaging.control import StepControl
 from hivemind.moe.server import Server
-from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils import ValueWithExpiration
 from hivemind.utils.logging import get_logger
 
 from peer.announce import fetch_servers
@@ -104,13 +104,6 @@ class SwarmOptimizer(hivemind.Optimizer):
         """The group has accumulated the target batch for our epoch (as last read from the DHT)."""
         progress = self.tracker.global_progress
         return progress.epoch == self.local_epoch and progress.samples_accumulated >= self.tracker.target_batch_size
-
-    def epoch_is_near(self) -> bool:
-        """Samples are arriving and hivemind expects the epoch to end within one matchmaking period."""
-        progress = self.tracker.global_progress
-        return progress.samples_accumulated > 0 and (
-            self.tracker.estimated_next_update_time - get_dht_time() <= self.matchmaking_time
-        )
 
     def end_epoch(self) -> bool:
         """All-reduce this epoch's gradients with the group, apply them, move to the next epoch.
@@ -327,8 +320,9 @@ class SpanServer:
                         self._settled(self.epoch)
                 elif opt.epoch_is_over():
                     self.end_epoch_if_over()
-                elif opt.epoch_is_near() and self.other_replicas() > 0:
-                    opt._maybe_schedule_gradient_averaging()  # pre-arrange the group (hivemind 1.1.12 internal)
+                # No pre-scheduled matchmaking (hivemind schedules it at the estimated epoch end): the group key
+                # does not include the epoch, and a group arranged early could pair one replica's epoch e+1
+                # gradients with another's epoch e. Each epoch's matchmaking starts at its end instead.
             except Exception:  # keep running; the next pass retries the same transition
                 if not self._stop.is_set():
                     log.exception(f"Span {self.span.name}: epoch thread error")
