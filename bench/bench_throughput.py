@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import hivemind
@@ -25,7 +26,6 @@ from peer.server import SpanServer
 from peer.trainer import ChainTrainer, Router, in_flight
 from swarm.basemodel import make_base
 from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
-from swarm.dht_records import ServerAnnouncement
 from swarm.lora import init_lora_, lora_parameters, peft_lora_config
 from swarm.span import load_trainer_head
 
@@ -74,13 +74,7 @@ def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: i
             ann = Announcer(
                 dht,
                 spec.round_id,
-                lambda d=dht, s=server: ServerAnnouncement(
-                    peer_id=str(d.peer_id),
-                    span_start=s.span.start,
-                    span_end=s.span.end,
-                    throughput=1.0,
-                    expert_uid=s.uid,
-                ),
+                partial(server.announcement, 1.0),
                 period=5.0,
                 private_key=key,
             )

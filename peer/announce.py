@@ -12,7 +12,14 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.logging import get_logger
 
-from swarm.dht_records import RoundRecordsSchema, ServerAnnouncement, dht_prefix, parse_announcement, servers_key
+from swarm.dht_records import (
+    ONLINE,
+    RoundRecordsSchema,
+    ServerAnnouncement,
+    dht_prefix,
+    parse_announcement,
+    servers_key,
+)
 
 log = get_logger(__name__)
 
@@ -36,6 +43,11 @@ def fetch_servers(dht: hivemind.DHT, round_id: str) -> list[ServerAnnouncement]:
         if ann is not None:
             out.append(ann)
     return out
+
+
+def online_servers(dht: hivemind.DHT, round_id: str) -> list[ServerAnnouncement]:
+    """The round's servers that announce themselves as online (what routing and replica counts consider)."""
+    return [a for a in fetch_servers(dht, round_id) if a.state == ONLINE]
 
 
 class Announcer(threading.Thread):

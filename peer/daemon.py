@@ -15,7 +15,7 @@ import torch
 from hivemind.utils.logging import get_logger
 from safetensors.torch import save_file
 
-from peer.announce import Announcer, fetch_servers, record_validators
+from peer.announce import Announcer, online_servers, record_validators
 from peer.config import PeerConfig
 from peer.metrics import MetricsServer, PeerMetrics
 from peer.server import SpanServer
@@ -152,20 +152,15 @@ class PeerDaemon:
                 f"no span of this round fits: spans have {min(len(s) for s in spans)}+ blocks, "
                 f"this peer can host {limit} (--num-blocks or free GPU memory)"
             )
-        served = [(a.span, a.throughput) for a in fetch_servers(self.dht, self.spec.round_id) if a.state == ONLINE]
+        served = [(a.span, a.throughput) for a in online_servers(self.dht, self.spec.round_id)]
         return least_served_span(fitting, served)
 
     def _announcement(self) -> ServerAnnouncement:
-        return ServerAnnouncement(
-            peer_id=self.peer_id,
-            span_start=self.span.start,
-            span_end=self.span.end,
-            throughput=float(self.throughput),
+        return self.server.announcement(
+            float(self.throughput),
             state=ONLINE,
             version=__version__,
             adapter_version=self.spec.parent_adapter,
-            expert_uid=self.server.uid,
-            epoch=self.server.epoch,
             maddrs=[str(m) for m in self.dht.get_visible_maddrs()],
         )
 

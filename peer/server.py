@@ -17,15 +17,14 @@ from typing import Any
 
 import hivemind
 import torch
-from hivemind.averaging.control import StepControl
 from hivemind.moe.server import Server
 from hivemind.utils import ValueWithExpiration
 from hivemind.utils.logging import get_logger
 
-from peer.announce import fetch_servers
+from peer.announce import online_servers
 from peer.backend import SpanBackend, ValidatingConnectionHandler
 from swarm.config import RoundSpec, SpanRange
-from swarm.dht_records import ONLINE
+from swarm.dht_records import ServerAnnouncement
 from swarm.lora import attach_lora, export_lora_state, import_lora_state, lora_parameters
 from swarm.span import load_span
 
@@ -72,14 +71,14 @@ class ThrottledEvent(threading.Event):
 
 
 class SwarmOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer for a span replica group, where epochs end in one place: :class:`SpanServer`'s epoch thread.
+    """hivemind.Optimizer for a span replica group, whose epochs :class:`SpanServer` ends (``end_epoch``).
 
     hivemind ends an epoch inside ``step()`` of whichever peer notices it, and only peers that call ``step()``
     join the all-reduce. A span server calls ``step()`` only when requests arrive, so a replica that got no
     samples in an epoch would not join, the others would time out and "proceed with local gradients", and the
     replicas would diverge. Here requests only *accumulate* (:meth:`accumulate`), and every live replica joins
-    every epoch's gradient all-reduce from its epoch thread, weighted by its sample count (0 is fine). The epoch
-    ends when the group has accumulated ``target_batch_size`` samples (not at hivemind's estimated time).
+    every epoch's gradient all-reduce, weighted by its sample count (0 is fine). The epoch ends when the group
+    has accumulated ``target_batch_size`` samples (not at hivemind's estimated time).
     """
 
     def __init__(
@@ -130,18 +129,14 @@ class SwarmOptimizer(hivemind.Optimizer):
         Replaces hivemind's version, which asks its progress tracker whether other peers exist: the tracker lists
         only peers that reported samples recently, so a replica without samples would average alone.
         """
-        control: StepControl | None = self.scheduled_grads  # type: ignore[has-type]
+        # Nothing pre-schedules matchmaking here (see SpanServer._run_epochs): a previous control is a past epoch's.
         self.scheduled_grads = None
-        if control is not None and (control.triggered or control.done()):
-            control = None
         self._alone = self._other_replicas() == 0
         if self._alone:
-            if control is not None:
-                control.cancel()
             return True  # -> _average_gradients_and_load_into_optimizer(None) loads the local gradients
         try:
             # keep the accumulators until the epoch ends, so a failed all-reduce falls back to real local gradients
-            self.scheduled_grads = self.grad_averager.step(control=control, reset_accumulators=False, wait=False)
+            self.scheduled_grads = self.grad_averager.step(reset_accumulators=False, wait=False)
         except Exception:
             log.exception(f"{self.run_id}: could not start the gradient all-reduce")
         return True
@@ -255,17 +250,24 @@ class SpanServer:
         """Live replicas of this span other than us, from the signed DHT announcements (re-read after ``max_age`` s)."""
         now = time.monotonic()
         if now - self._replicas_read[1] > max_age:
+            mine = (self.span.start, self.span.end)
             count = len(
-                {
-                    a.peer_id
-                    for a in fetch_servers(self.dht, self.spec.round_id)
-                    if a.state == ONLINE
-                    and (a.span_start, a.span_end) == (self.span.start, self.span.end)
-                    and a.peer_id != self.peer_id
-                }
+                {a.peer_id for a in online_servers(self.dht, self.spec.round_id) if a.span == mine} - {self.peer_id}
             )
             self._replicas_read = (count, now)
         return self._replicas_read[0]
+
+    def announcement(self, throughput: float, **fields: Any) -> ServerAnnouncement:
+        """This span's DHT record; ``fields`` adds the rest (the daemon: state, versions, addresses)."""
+        return ServerAnnouncement(
+            peer_id=self.peer_id,
+            span_start=self.span.start,
+            span_end=self.span.end,
+            throughput=throughput,
+            expert_uid=self.uid,
+            epoch=self.epoch,
+            **fields,
+        )
 
     def start(self, catch_up: bool = True) -> None:
         """Catch up with the replicas already training (if any), then serve and run epoch ends."""

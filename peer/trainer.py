@@ -21,7 +21,7 @@ import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils.logging import get_logger
 
-from peer.announce import fetch_servers
+from peer.announce import online_servers
 from peer.remote import RemoteCallError, RemoteSpan
 from peer.server import SpanServer, expert_uid
 from swarm.config import RoundSpec, SpanRange
@@ -59,9 +59,7 @@ class Router:
             if not force and time.monotonic() - self._refreshed < self.refresh_period:
                 return
             replicas: dict[tuple[int, int], list[Replica]] = {}
-            for ann in fetch_servers(self.dht, self.spec.round_id):
-                if ann.state != "online":
-                    continue
+            for ann in online_servers(self.dht, self.spec.round_id):
                 replicas.setdefault(ann.span, []).append(Replica(ann.peer_id, float(ann.throughput)))
             self._replicas, self._refreshed = replicas, time.monotonic()
 
