@@ -72,6 +72,24 @@ def make_spec(
     )
 
 
+def save_spec(workdir: Path, spec: RoundSpec) -> Path:
+    """Write ``spec`` as the round-spec file peers are started with; returns its path."""
+    path = workdir / "spec.json"
+    spec.save(path)
+    return path
+
+
+def one_span_spec(checkpoint: Path, round_id: str, layers: int) -> RoundSpec:
+    """A round over a tiny checkpoint with a single span of all its blocks (for in-process SpanServer tests)."""
+    return RoundSpec(
+        round_id=round_id,
+        base=BaseModelRef(path=str(checkpoint), num_layers=layers),
+        spans=(SpanRange(start=0, end=layers),),
+        data=DataSettings(seq_len=16),
+        optimizer=OptimizerSettings(target_batch_size=4, matchmaking_time=1.0),
+    )
+
+
 def _group_members(pgid: int) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter():

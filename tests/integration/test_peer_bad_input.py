@@ -12,9 +12,8 @@ import torch
 from peer.announce import Announcer, record_validators
 from peer.remote import RemoteCallError, RemoteSpan
 from peer.server import SpanServer
-from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
-from swarm.dht_records import ServerAnnouncement
 from swarm.lora import export_lora_state
+from tests.integration.harness import one_span_spec
 
 pytestmark = pytest.mark.integration
 
@@ -22,13 +21,7 @@ pytestmark = pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_malformed_tensors_are_refused(tiny_checkpoint: Callable[..., Path]) -> None:
     ckpt = tiny_checkpoint("llama", layers=4)
-    spec = RoundSpec(
-        round_id="bad",
-        base=BaseModelRef(path=str(ckpt), num_layers=4),
-        spans=(SpanRange(start=0, end=4),),
-        data=DataSettings(seq_len=16),
-        optimizer=OptimizerSettings(target_batch_size=4, matchmaking_time=1.0),
-    )
+    spec = one_span_spec(ckpt, "bad", layers=4)
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators("bad"))
     client = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
     server = SpanServer(spec, spec.spans[0], dht)
@@ -36,9 +29,7 @@ def test_malformed_tensors_are_refused(tiny_checkpoint: Callable[..., Path]) -> 
     announcer = Announcer(
         dht,
         "bad",
-        lambda: ServerAnnouncement(
-            peer_id=str(dht.peer_id), span_start=0, span_end=4, throughput=1.0, expert_uid=server.uid
-        ),
+        lambda: server.announcement(1.0),
         1.0,
     )
     try:

@@ -12,16 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Peer, assert_replicas_agree_every_epoch, make_spec, wait_for
+from tests.integration.harness import Peer, assert_replicas_agree_every_epoch, make_spec, save_spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.timeout(420)
 def test_killed_replica_fails_over_and_late_peer_catches_up(tmp_path: Path, demo_base: Path, demo_data: Path) -> None:
-    spec = make_spec(demo_base, demo_data, "failover", [0, 2, 4], epochs=10)
-    spec_path = tmp_path / "spec.json"
-    spec.save(spec_path)
+    spec_path = save_spec(tmp_path, make_spec(demo_base, demo_data, "failover", [0, 2, 4], epochs=10))
     peers: list[Peer] = []
     try:
         peers.append(Peer(tmp_path, "s1a", spec_path, ["--span-index", "1"]))
@@ -66,9 +64,7 @@ def test_killed_replica_fails_over_and_late_peer_catches_up(tmp_path: Path, demo
 
 @pytest.mark.timeout(300)
 def test_data_parallel_whole_model_peers(tmp_path: Path, demo_base: Path, demo_data: Path) -> None:
-    spec = make_spec(demo_base, demo_data, "dp", [0, 4], epochs=4)
-    spec_path = tmp_path / "spec.json"
-    spec.save(spec_path)
+    spec_path = save_spec(tmp_path, make_spec(demo_base, demo_data, "dp", [0, 4], epochs=4))
     train = str(demo_data / "train.jsonl")
     peers: list[Peer] = []
     try:
@@ -95,9 +91,7 @@ def test_data_parallel_whole_model_peers(tmp_path: Path, demo_base: Path, demo_d
 
 @pytest.mark.timeout(240)
 def test_trainer_waits_for_a_missing_span(tmp_path: Path, demo_base: Path, demo_data: Path) -> None:
-    spec = make_spec(demo_base, demo_data, "waiting", [0, 2, 4], epochs=2)
-    spec_path = tmp_path / "spec.json"
-    spec.save(spec_path)
+    spec_path = save_spec(tmp_path, make_spec(demo_base, demo_data, "waiting", [0, 2, 4], epochs=2))
     peers: list[Peer] = []
     try:
         trainer = Peer(tmp_path, "t0", spec_path, ["--span-index", "0", "--data", str(demo_data / "train.jsonl")])

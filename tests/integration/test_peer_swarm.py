@@ -6,16 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Peer, assert_replicas_agree_every_epoch, make_spec, wait_for
+from tests.integration.harness import Peer, assert_replicas_agree_every_epoch, make_spec, save_spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.timeout(420)
 def test_two_spans_two_replicas_two_trainers(tmp_path: Path, demo_base: Path, demo_data: Path) -> None:
-    spec = make_spec(demo_base, demo_data, "swarm4", [0, 2, 4], epochs=5)
-    spec_path = tmp_path / "spec.json"
-    spec.save(spec_path)
+    spec_path = save_spec(tmp_path, make_spec(demo_base, demo_data, "swarm4", [0, 2, 4], epochs=5))
     train = str(demo_data / "train.jsonl")
     peers: list[Peer] = []
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import hivemind
@@ -17,10 +18,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.announce import Announcer, record_validators
 from peer.server import SpanServer
-from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
-from swarm.dht_records import ServerAnnouncement
 from swarm.lora import lora_parameters
-from tests.integration.harness import wait_for
+from tests.integration.harness import one_span_spec, wait_for
 
 pytestmark = pytest.mark.integration
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
@@ -29,13 +28,7 @@ LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 @pytest.fixture
 def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]:
     ckpt = tiny_checkpoint("llama", layers=2)
-    spec = RoundSpec(
-        round_id="repair",
-        base=BaseModelRef(path=str(ckpt), num_layers=2),
-        spans=(SpanRange(start=0, end=2),),
-        data=DataSettings(seq_len=16),
-        optimizer=OptimizerSettings(target_batch_size=4, matchmaking_time=1.0),
-    )
+    spec = one_span_spec(ckpt, "repair", layers=2)
     # two peers in one process: each signs its DHT records with its own key (a real peer uses its process's key)
     keys = [RSAPrivateKey(), RSAPrivateKey()]
     first = hivemind.DHT(start=True, host_maddrs=LOCAL, record_validators=record_validators("repair", keys[0]))
@@ -49,7 +42,7 @@ def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]
     announcers = []
     for server, key in zip(servers, keys, strict=True):
         server.start(catch_up=False)
-        announcer = Announcer(server.dht, "repair", _announcement(server), period=1.0, private_key=key)
+        announcer = Announcer(server.dht, "repair", partial(server.announcement, 1.0), period=1.0, private_key=key)
         announcer.start()
         announcers.append(announcer)
     try:
@@ -60,12 +53,6 @@ def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]
             announcer.stop(leave=False)
         for server in servers:
             server.shutdown()
-
-
-def _announcement(server: SpanServer) -> Callable[[], ServerAnnouncement]:
-    return lambda: ServerAnnouncement(
-        peer_id=server.peer_id, span_start=0, span_end=2, throughput=1.0, expert_uid=server.uid, epoch=server.epoch
-    )
 
 
 def _diverge(servers: list[SpanServer], epoch: int) -> None:

@@ -20,6 +20,16 @@ pytestmark = pytest.mark.timeout(30)
 TWO = {"a": 0, "b": 1}
 
 
+def ready_to_publish(tmp_path: Path) -> Swarm:
+    """Peers a and b trained, uploaded spans 0 and 1 and a reported its final eval (lower than before)."""
+    s = Swarm(tmp_path)
+    s.train(TWO, before={"a": 3.0})
+    s.upload("a", 0, span_state(0))
+    s.upload("b", 1, span_state(1))
+    s.report("a", 3, 2.0)
+    return s
+
+
 def run_round(s: Swarm, before: float = 3.0, after: float = 2.0, seed: int = 0) -> Outcome | None:
     s.train(TWO, before={"a": before})
     s.upload("a", 0, span_state(0, seed))
@@ -95,11 +105,7 @@ def test_round_spec_without_fingerprint_cannot_publish(tmp_path: Path) -> None:
 
 
 def test_a_round_that_ends_during_assembly_publishes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    s = Swarm(tmp_path)
-    s.train(TWO, before={"a": 3.0})
-    s.upload("a", 0, span_state(0))
-    s.upload("b", 1, span_state(1))
-    s.report("a", 3, 2.0)
+    s = ready_to_publish(tmp_path)
     real = publish.assemble
 
     def assemble_while_failed_elsewhere(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -115,11 +121,7 @@ def test_a_round_that_ends_during_assembly_publishes_nothing(tmp_path: Path, mon
 
 
 def test_unexpected_errors_are_retried_until_the_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    s = Swarm(tmp_path)
-    s.train(TWO, before={"a": 3.0})
-    s.upload("a", 0, span_state(0))
-    s.upload("b", 1, span_state(1))
-    s.report("a", 3, 2.0)
+    s = ready_to_publish(tmp_path)
 
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
