@@ -50,6 +50,12 @@ def peer_command(
     min_replicas: int = typer.Option(
         1, "--min-replicas", help="Before training, wait until every span has this many announced servers."
     ),
+    min_trainers: int = typer.Option(
+        1, "--min-trainers", help="Before training, wait until this many trainers announce themselves."
+    ),
+    activation_memory_mb: int = typer.Option(
+        1024, "--activation-memory-mb", help="Memory for forward activations kept for their backward (MiB)."
+    ),
     max_steps: int = typer.Option(0, "--max-steps", help="Stop training after N micro-batches (0 = round end)."),
     pipeline_depth: int = typer.Option(
         0,
@@ -62,7 +68,7 @@ def peer_command(
     metrics_port: int = typer.Option(-1, "--metrics-port", help="/metrics and /health port (-1 off, 0 any)."),
     metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="Address of the metrics server."),
     threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = default)."),
-    events_file: str = typer.Option("", "--events-file", help="Append JSON-lines events (ready, eval, epoch)."),
+    events_file: str = typer.Option("", "--events-file", help="Append JSON-lines events (ready, eval, step, epoch)."),
     checkpoint_dir: str = typer.Option("", "--checkpoint-dir", help="Save the span's LoRA after each epoch."),
     eval_batches: int = typer.Option(4, "--eval-batches", help="Held-out micro-batches per evaluation."),
     seed: int = typer.Option(0, "--seed", help="Seed of the trainer's batch order."),
@@ -92,6 +98,8 @@ def peer_command(
             shard_index=shard_index,
             num_shards=num_shards,
             min_replicas=min_replicas,
+            min_trainers=min_trainers,
+            activation_memory_mb=activation_memory_mb,
             max_steps=max_steps,
             pipeline_depth=pipeline_depth,
             request_timeout=request_timeout,

@@ -42,6 +42,10 @@ class PeerConfig(BaseModel):
         description="Micro-batches the trainer keeps in flight through the chain (0 = auto: 2 on a GPU or with "
         "--threads 1, else 1).",
     )
+    min_trainers: int = Field(1, description="Trainer waits until this many trainers announce a step record.")
+    activation_memory_mb: int = Field(
+        1024, description="Memory for forward activations kept for their backward (beyond it: recompute)."
+    )
     request_timeout: float = Field(30.0, description="Seconds before a remote span call fails over.")
     announce_period: float = Field(5.0, description="Seconds between DHT announcements.")
     metrics_port: int = Field(-1, description="Port of /metrics and /health (-1 = off, 0 = ephemeral).")
@@ -54,7 +58,7 @@ class PeerConfig(BaseModel):
     eval_batches: int = Field(4, description="Held-out micro-batches the trainer evaluates at start and end.")
     seed: int = Field(0, description="Seed of the trainer's batch order.")
 
-    @field_validator("shard_index", "num_shards", "max_steps", "num_blocks", "min_replicas", "pipeline_depth")
+    @field_validator("shard_index", "num_shards", "max_steps", "num_blocks", "min_replicas", "min_trainers", "pipeline_depth", "activation_memory_mb")
     @classmethod
     def _non_negative(cls, v: int) -> int:
         if v < 0:
