@@ -56,8 +56,12 @@ def share(slots: int, participants: Iterable[str], me: str) -> int:
 
 
 def participants(records: Sequence[TrainerRecord], step: int) -> list[str]:
-    """Trainers expected to contribute to ``step``: live, not done, and not already past it."""
-    return [r.peer_id for r in records if not r.done and r.step <= step]
+    """Trainers taking part in ``step``: live and not done, not past it yet or already closed it (took their share)."""
+    return [
+        r.peer_id
+        for r in records
+        if (not r.done and r.step <= step) or any(c.step == step for c in r.closed_steps)
+    ]
 
 
 def step_contents(records: Sequence[TrainerRecord], step: int) -> StepContents | None:
