@@ -46,8 +46,14 @@ def encode(tensor: torch.Tensor, compression: str) -> list[runtime_pb2.Tensor]:
     return list(split_for_streaming(serialize_torch_tensor(t.contiguous(), kind), PART_BYTES))
 
 
-def decode_parts(parts: Iterable[runtime_pb2.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """Tensors from streamed parts (a part with a dtype starts a new tensor), cast to the span's dtype."""
+def wire_dtype(compression: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` arrives in with this wire compression (before casting back)."""
+    cast, _ = WIRE_COMPRESSIONS[compression]
+    return cast or dtype
+
+
+def decode_parts(parts: Iterable[runtime_pb2.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Tensors from streamed parts (a part with a dtype starts a new tensor), cast to ``dtype`` if given."""
     tensors, current = [], []
     for part in parts:
         if part.dtype and current:
@@ -56,7 +62,7 @@ def decode_parts(parts: Iterable[runtime_pb2.Tensor], dtype: torch.dtype) -> lis
         current.append(part)
     if current:
         tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
-    return [t.to(dtype) for t in tensors]
+    return [t if dtype is None else t.to(dtype) for t in tensors]
 
 
 def wire_bytes(parts: Iterable[runtime_pb2.Tensor]) -> int:
@@ -94,7 +100,9 @@ class SpanServicer(ServicerBase):
     def __init__(self, server: SpanServer, pool: ThreadPoolExecutor):
         self.server, self.pool = server, pool
 
-    async def _gather(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> tuple[dict[str, Any], list]:
+    async def _gather(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], names: tuple[str, ...]
+    ) -> tuple[dict[str, Any], list]:
         from peer.server import BadRequestError
 
         meta: dict[str, Any] | None = None
@@ -112,10 +120,15 @@ class SpanServicer(ServicerBase):
         if meta is None:
             raise BadRequestError("empty request")
         try:
-            tensors = decode_parts(parts, self.server.dtype)
+            tensors = decode_parts(parts)
         except Exception as exc:
             raise BadRequestError(f"tensors could not be decoded: {exc}") from None
-        return meta, tensors
+        expected = wire_dtype(meta["compression"], self.server.dtype)
+        for name, t in zip(names, tensors, strict=False):
+            if t.dtype != expected:
+                got, want = (str(d).removeprefix("torch.") for d in (t.dtype, expected))
+                raise BadRequestError(f"{name} has dtype {got}, expected {want}")
+        return meta, [t.to(self.server.dtype) for t in tensors]
 
     async def _compute(self, fn: Any, *args: Any) -> torch.Tensor:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)  # type: ignore[no-any-return]
@@ -128,7 +141,8 @@ class SpanServicer(ServicerBase):
 
         server = self.server
         try:
-            meta, tensors = await self._gather(requests)
+            names = ("grad_outputs", "hidden_states") if kind == "backward" else ("hidden_states",)
+            meta, tensors = await self._gather(requests, names)
             key = (meta["trainer"], meta["mb"])
             if kind == "forward":
                 _expect(tensors, 1)
