@@ -58,7 +58,16 @@ class PeerConfig(BaseModel):
     eval_batches: int = Field(4, description="Held-out micro-batches the trainer evaluates at start and end.")
     seed: int = Field(0, description="Seed of the trainer's batch order.")
 
-    @field_validator("shard_index", "num_shards", "max_steps", "num_blocks", "min_replicas", "min_trainers", "pipeline_depth", "activation_memory_mb")
+    @field_validator(
+        "shard_index",
+        "num_shards",
+        "max_steps",
+        "num_blocks",
+        "min_replicas",
+        "min_trainers",
+        "pipeline_depth",
+        "activation_memory_mb",
+    )
     @classmethod
     def _non_negative(cls, v: int) -> int:
         if v < 0:

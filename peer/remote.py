@@ -89,7 +89,9 @@ class RemoteSpan:
             raise RemoteBadOutputError(f"{what}: undecodable output ({exc})") from exc
         if len(out) != 1 or out[0].shape != like.shape or not torch.isfinite(out[0]).all():
             shapes = [list(t.shape) for t in out]
-            raise RemoteBadOutputError(f"{what}: bad output (shapes {shapes}, expected {list(like.shape)}, or non-finite)")
+            raise RemoteBadOutputError(
+                f"{what}: bad output (shapes {shapes}, expected {list(like.shape)}, or non-finite)"
+            )
         return out[0].to(like.device)
 
     def forward(self, step: int, key: MicroBatchKey, hidden: torch.Tensor) -> torch.Tensor:

@@ -249,9 +249,8 @@ class ReplicaGroup:
         deadline = time.monotonic() + self.settings.averaging_timeout
         while not self._stop.is_set():
             epochs = self.replica_epochs()
-            if any(e > epoch for p, e in epochs.items() if p != self.peer_id):
-                if self.catch_up():
-                    return
+            if any(e > epoch for p, e in epochs.items() if p != self.peer_id) and self.catch_up():
+                return
             here = sorted({p for p, e in epochs.items() if e == epoch} | {self.peer_id})
             if here[0] == self.peer_id or time.monotonic() > deadline:
                 self.apply(epoch, mean, "all-reduce failed: stepped on local gradients, replicas copy this one")

@@ -237,7 +237,9 @@ class SpanServer:
     def check_input(self, name: str, tensor: torch.Tensor) -> None:
         check_hidden(name, tensor, self.seq_len, self.hidden, self.dtype)
         if tensor.shape[0] > self.max_batch_size:
-            raise BadRequestError(f"{name} has batch {tensor.shape[0]}, this server takes at most {self.max_batch_size}")
+            raise BadRequestError(
+                f"{name} has batch {tensor.shape[0]}, this server takes at most {self.max_batch_size}"
+            )
 
     def forward(self, step: int, key: MicroBatchKey, hidden: torch.Tensor) -> torch.Tensor:
         """Forward of a training micro-batch of ``step``; its graph is kept for the backward when it fits."""

@@ -21,9 +21,7 @@ RECORD_TTL = 6.0
 class StepRecorder:
     """Publishes this trainer's step record on every transition and re-publishes it every ``period`` seconds."""
 
-    def __init__(
-        self, dht: hivemind.DHT, round_id: str, period: float = 1.0, private_key: RSAPrivateKey | None = None
-    ):
+    def __init__(self, dht: hivemind.DHT, round_id: str, period: float = 1.0, private_key: RSAPrivateKey | None = None):
         self.dht, self.round_id, self.period = dht, round_id, period
         self.subkey = RSASignatureValidator(private_key).local_public_key
         self.record = TrainerRecord(peer_id=str(dht.peer_id), step=0)
@@ -35,7 +33,9 @@ class StepRecorder:
         with self._lock:
             value = self.record.dict()
         return bool(
-            self.dht.store(trainers_key(self.round_id), subkey=self.subkey, value=value, expiration_time=get_dht_time() + ttl)
+            self.dht.store(
+                trainers_key(self.round_id), subkey=self.subkey, value=value, expiration_time=get_dht_time() + ttl
+            )
         )
 
     def open(self, step: int) -> None:

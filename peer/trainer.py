@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import hivemind
 import torch
@@ -29,6 +30,7 @@ from peer.server import SpanServer, StaleStepError, expert_uid
 from swarm.config import RoundSpec, SpanRange
 from swarm.routing import NoReplicaError, Replica, choose_replica
 from swarm.span import TrainerHead
+from swarm.steps import MicroBatchKey
 
 log = get_logger(__name__)
 
@@ -120,6 +122,18 @@ class Router:
         return self._handles[peer_id, uid]
 
 
+def _forward(h: RemoteSpan, step: int, key: MicroBatchKey, x: torch.Tensor) -> torch.Tensor:
+    return h.forward(step, key, x)
+
+
+def _backward(h: RemoteSpan, step: int, key: MicroBatchKey, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return h.backward(step, key, g, x)
+
+
+def _evaluate(h: RemoteSpan, step: int, x: torch.Tensor) -> torch.Tensor:
+    return h.evaluate(step, x)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -191,7 +205,7 @@ class ChainTrainer:
                 if local is not None:
                     hidden, handle = local.forward(step, key, inp), None
                 else:
-                    hidden, handle = self._remote(span, lambda h, x=inp: h.forward(step, key, x))
+                    hidden, handle = self._remote(span, partial(_forward, step=step, key=key, x=inp))
                 saved.append((span, inp, handle))
             last = hidden.detach().requires_grad_(True)
             loss = self.head.loss(last, ids)
@@ -203,7 +217,7 @@ class ChainTrainer:
                 if local is not None:
                     grad = local.backward(step, key, grad, inp)
                 else:
-                    grad, _ = self._remote(span, lambda h, g=grad, x=inp: h.backward(step, key, g, x), first=handle)
+                    grad, _ = self._remote(span, partial(_backward, step=step, key=key, g=grad, x=inp), first=handle)
         except StaleStepError as exc:
             raise StepOverError(exc.epoch) from exc
         batch = int(ids.shape[0])
@@ -233,19 +247,18 @@ class ChainTrainer:
                 batch_no, ids = retry.popleft() if retry else next(batches)
                 yield MicroBatch(next(counter), batch_no, ids)
 
-        over: StepOverError | None = None
+        overs: list[StepOverError] = []
         stream = source()
-        while over is None and len(completed) < quota and not stop():
-            for mb, future in in_flight(
-                lambda mb: self.microbatch(step, mb),
-                stream,
-                depth,
-                stop=lambda n: over is not None or stop() or len(completed) + n >= quota,
-            ):
+
+        def enough(n_in_flight: int) -> bool:
+            return bool(overs) or stop() or len(completed) + n_in_flight >= quota
+
+        while not enough(0):
+            for mb, future in in_flight(lambda mb: self.microbatch(step, mb), stream, depth, stop=enough):
                 try:
                     result = future.result()
                 except StepOverError as exc:
-                    over = exc
+                    overs.append(exc)
                     continue
                 except (SpanUnavailableError, RemoteCallError) as exc:
                     failures += 1
@@ -256,9 +269,9 @@ class ChainTrainer:
                     continue
                 completed.append(mb)
                 on_result(mb, result)
-        if over is not None:
-            over.completed = completed
-            raise over
+        if overs:
+            overs[0].completed = completed
+            raise overs[0]
         return completed
 
     @torch.no_grad()
@@ -273,7 +286,7 @@ class ChainTrainer:
                 if local is not None:
                     hidden = local.evaluate(step, hidden)
                 else:
-                    hidden, _ = self._remote(span, lambda h, x=hidden: h.evaluate(step, x))
+                    hidden, _ = self._remote(span, partial(_evaluate, step=step, x=hidden))
             total += float(self.head.loss(hidden, ids)) * len(ids)
             count += len(ids)
         return total / max(count, 1)
@@ -309,10 +322,10 @@ def in_flight(
                 yield pending.popleft()
             if stop(len(pending)):
                 break
-            batch = next(iterator, None)
-            if batch is None:
+            found = next(iterator, None)
+            if found is None:
                 break
-            pending.append((batch, pool.submit(step, batch)))
+            pending.append((found, pool.submit(step, found)))
         while pending:
             yield pending.popleft()
 

@@ -12,7 +12,7 @@ from hivemind.utils.logging import get_logger
 from peer.announce import fetch_trainers
 from peer.daemon import PeerDaemon
 from peer.step_records import StepRecorder
-from peer.trainer import ChainTrainer, Router, SpanUnavailableError, StepOverError, StepResult
+from peer.trainer import ChainTrainer, MicroBatch, Router, SpanUnavailableError, StepOverError, StepResult
 from swarm.checkpoint import resolve_checkpoint
 from swarm.data import batches, load_round_data
 from swarm.span import load_trainer_head
@@ -155,7 +155,12 @@ class TrainingLoop:
             self.recorder.open(self.step)
             others = participants(fetch_trainers(self.daemon.dht, spec.round_id), self.step)
             quota = share(self.slots, others, me)
-            started, losses = time.monotonic(), []
+            started, losses = time.monotonic(), list[float]()
+
+            def on_result(mb: MicroBatch, result: StepResult, losses: list[float] = losses) -> None:
+                losses.append(result.loss)
+                self.record(result)
+
             try:
                 done = self.trainer.run_step(
                     self.step,
@@ -163,7 +168,7 @@ class TrainingLoop:
                     stream,
                     self.pipeline_depth(),
                     stop=self.stopped,
-                    on_result=lambda mb, r: (losses.append(r.loss), self.record(r)),
+                    on_result=on_result,
                 )
                 next_step = self.step + 1
             except StepOverError as exc:

@@ -54,7 +54,8 @@ def wire_dtype(compression: str, dtype: torch.dtype) -> torch.dtype:
 
 def decode_parts(parts: Iterable[runtime_pb2.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Tensors from streamed parts (a part with a dtype starts a new tensor), cast to ``dtype`` if given."""
-    tensors, current = [], []
+    tensors: list[torch.Tensor] = []
+    current: list[runtime_pb2.Tensor] = []
     for part in parts:
         if part.dtype and current:
             tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))

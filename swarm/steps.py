@@ -58,9 +58,7 @@ def share(slots: int, participants: Iterable[str], me: str) -> int:
 def participants(records: Sequence[TrainerRecord], step: int) -> list[str]:
     """Trainers taking part in ``step``: live and not done, not past it yet or already closed it (took their share)."""
     return [
-        r.peer_id
-        for r in records
-        if (not r.done and r.step <= step) or any(c.step == step for c in r.closed_steps)
+        r.peer_id for r in records if (not r.done and r.step <= step) or any(c.step == step for c in r.closed_steps)
     ]
 
 
