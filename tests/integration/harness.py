@@ -17,6 +17,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
+from peer.inprocess import in_process_server  # noqa: F401 (re-exported for the tests)
 from swarm.config import BaseModelRef, DataSettings, EndCondition, OptimizerSettings, RoundSpec, SpanRange
 
 LOCAL = "/ip4/127.0.0.1/tcp/0"
@@ -88,31 +89,6 @@ def one_span_spec(checkpoint: Path, round_id: str, layers: int) -> RoundSpec:
         data=DataSettings(seq_len=16, micro_batch_size=2),
         optimizer=OptimizerSettings(target_batch_size=4, matchmaking_time=1.0),
     )
-
-
-def in_process_server(spec: RoundSpec, span: SpanRange, dht: Any, key: Any, **kwargs: Any) -> tuple[Any, Any]:
-    """A SpanServer wired to the DHT like a daemon's (trainer records, announced replica epochs) + its announcer.
-
-    Peers sharing one process sign their DHT records with their own ``key``. Nothing is started.
-    """
-    from functools import partial
-
-    from peer.announce import Announcer, fetch_trainers, replica_epochs
-    from peer.server import SpanServer
-    from swarm.steps import step_contents
-
-    holder: dict[str, Any] = {}
-    server = SpanServer(
-        spec,
-        span,
-        dht,
-        step_contents=lambda epoch: step_contents(fetch_trainers(dht, spec.round_id), epoch),
-        replica_epochs=lambda: replica_epochs(dht, spec.round_id, (span.start, span.end)),
-        announce=lambda: holder["announcer"].announce_once(),
-        **kwargs,
-    )
-    holder["announcer"] = Announcer(dht, spec.round_id, partial(server.announcement, 1.0), period=1.0, private_key=key)
-    return server, holder["announcer"]
 
 
 def _group_members(pgid: int) -> list[psutil.Process]:
