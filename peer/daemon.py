@@ -88,7 +88,7 @@ class PeerDaemon:
         self.trained_samples = 0
         self.trained_tokens = 0
         self.last_loss = 0.0
-        self.events = EventLog(config.ready_file)
+        self.events = EventLog(config.events_file)
         self.metrics = PeerMetrics()
         self.device, self.dtype = resolve_device(config.device, config.dtype)
         if config.threads:
