@@ -18,7 +18,10 @@ class PeerConfig(BaseModel):
     coordinator: str = Field("", description="Coordinator gRPC address HOST:PORT; the round spec comes from it.")
     coordinator_public_key: str = Field("", description="Coordinator's Ed25519 public key that signs adapters.")
     join_token: str = Field("", description="Token the coordinator may require to join (env SWARM_JOIN_TOKEN).")
-    span: SpanRange | None = Field(None, description="Blocks to host as START:END (default: from --span-index, the coordinator, or the least-served span).")
+    span: SpanRange | None = Field(
+        None,
+        description="Blocks to host as START:END (default: from --span-index, the coordinator, or the least-served span).",
+    )
     span_index: int = Field(-1, description="Index into the round's spans to host (-1 = choose automatically).")
     num_blocks: int = Field(0, description="Max blocks to host (0 = no limit on CPU, what fits in free GPU memory).")
     initial_peers: tuple[str, ...] = Field((), description="Multiaddrs of DHT peers to join (empty = start a DHT).")
@@ -32,7 +35,10 @@ class PeerConfig(BaseModel):
         "auto", description="Span weights dtype; auto = float32 on CPU, bfloat16 on GPU."
     )
     trainer: bool | None = Field(None, description="Drive training batches (default: on when --data is given).")
-    data_path: str = Field("", description="Training text for the trainer: JSONL/txt/parquet file or directory (overrides the spec's data).")
+    data_path: str = Field(
+        "",
+        description="Training text for the trainer: JSONL/txt/parquet file or directory (overrides the spec's data).",
+    )
     shard_index: int = Field(0, description="Which data shard this trainer reads (0-based).")
     num_shards: int = Field(1, description="How many shards the training data is cut into.")
     min_replicas: int = Field(1, description="Trainer waits until every span has this many announced servers.")

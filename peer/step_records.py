@@ -58,6 +58,8 @@ class StepRecorder:
         """No more steps from this trainer; the record stays readable a while so spans can end the last step."""
         self._stop.set()
         with self._lock:
+            if self.record.done:
+                return
             self.record = self.record.copy(update={"done": True})
         self._publish_or_warn(ttl=10 * RECORD_TTL)
 

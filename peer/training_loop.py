@@ -122,7 +122,10 @@ class TrainingLoop:
         while not daemon.stop_event.is_set():
             self.router.refresh(force=True)
             seen = self.router.peers_seen()
-            short = [s.name for s in daemon.spec.spans if seen.get(s.name, 0) < cfg.min_replicas]
+            # with --min-replicas 1 a missing span is waited for (and said) by the first call that needs it
+            short = [
+                s.name for s in daemon.spec.spans if cfg.min_replicas > 1 and seen.get(s.name, 0) < cfg.min_replicas
+            ]
             trainers = len(fetch_trainers(daemon.dht, daemon.spec.round_id))
             if not short and trainers >= cfg.min_trainers:
                 return
@@ -142,6 +145,11 @@ class TrainingLoop:
             self.wait_for_peers()
             self.evaluate("before")
             self.train_until_done()
+            self.recorder.finish()
+            if self.daemon.config.coordinator:
+                # the coordinator counts the final eval once it has ended the round (heartbeat action "finalize")
+                while not (self.daemon.finalize_event.wait(0.5) or self.daemon.stop_event.is_set()):
+                    pass
             if not self.daemon.stop_event.is_set():
                 self.evaluate("after")
         finally:
