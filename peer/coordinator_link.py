@@ -23,7 +23,6 @@ class CoordinatorLink:
 
     def __init__(self, client: CoordinatorClient, config: PeerConfig, peer_id: str, spec: RoundSpec, fingerprint: str):
         self.client, self.config, self.peer_id, self.spec, self.fingerprint = client, config, peer_id, spec, fingerprint
-        self.action = ""
         self.daemon: PeerDaemon | None = None
         self.interval = 2.0
         self._uploaded_epoch = -1
@@ -100,7 +99,6 @@ class CoordinatorLink:
             throughput=daemon.throughput,
             epoch=daemon.server.epoch,
         )
-        self.action = resp.action
         if resp.heartbeat_interval_s:
             self.interval = resp.heartbeat_interval_s
         if resp.action == "finalize":

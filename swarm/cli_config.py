@@ -40,7 +40,7 @@ def _option(
     elif get_origin(annotation) is tuple:
         kind, option = list[str], typer.Option(list(default), flag, help=help_text + " (repeatable)")
     elif get_origin(annotation) is Literal:
-        kind = enum.Enum(f"{name}_choices", {str(c): str(c) for c in get_args(annotation)}, type=str)  # type: ignore[misc]
+        kind = enum.Enum(f"{name}_choices", {str(c): str(c) for c in get_args(annotation)}, type=str)  # type: ignore[misc, no-redef]
         option = typer.Option(kind(default), flag, help=help_text, case_sensitive=False)
     elif annotation in (int, float, str):
         kind, option = annotation, typer.Option(default, flag, help=help_text, envvar=envvar)

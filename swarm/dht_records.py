@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic.v1 import BaseModel, Extra, StrictBool, StrictInt, StrictStr, ValidationError, confloat, conint
 
-ONLINE, JOINING, OFFLINE = "online", "joining", "offline"
+ONLINE = "online"  # the only state announced today; readers skip others
 
 
 def dht_prefix(round_id: str) -> str:
@@ -104,8 +104,6 @@ def parse_announcement(value: Any) -> ServerAnnouncement | None:
 
 
 __all__ = [
-    "JOINING",
-    "OFFLINE",
     "ONLINE",
     "RoundRecordsSchema",
     "ServerAnnouncement",
