@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,6 +19,11 @@ class PeerConfig(BaseModel):
     coordinator: str = Field("", description="Coordinator gRPC address HOST:PORT; the round spec comes from it.")
     coordinator_public_key: str = Field("", description="Coordinator's Ed25519 public key that signs adapters.")
     join_token: str = Field("", description="Token the coordinator may require to join.")
+    coordinator_cert: str = Field(
+        "",
+        description="The coordinator's TLS certificate (PEM) to pin; '' = tls_cert.pem beside coordinator_public_key "
+        "when it exists, else plaintext (only a coordinator run with --insecure answers that).",
+    )
     span: SpanRange | None = Field(None, description="Blocks to host; None = assigned by the coordinator or spec.")
     span_index: int = Field(-1, description="Index into the round's spans to host (-1 = choose automatically).")
     num_blocks: int = Field(0, description="Max blocks to host (0 = no limit on CPU, what fits in free GPU memory).")
@@ -67,6 +73,14 @@ class PeerConfig(BaseModel):
         if v <= 0:
             raise ValueError(f"must be > 0, got {v}")
         return v
+
+    @property
+    def coordinator_cert_path(self) -> str:
+        """The certificate to pin ('' = plaintext)."""
+        if self.coordinator_cert or not self.coordinator_public_key:
+            return self.coordinator_cert
+        beside = Path(self.coordinator_public_key).with_name("tls_cert.pem")
+        return str(beside) if beside.exists() else ""
 
     @property
     def is_trainer(self) -> bool:
