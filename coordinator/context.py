@@ -30,18 +30,21 @@ class CoordinatorContext:
     clock: Callable[[], float] = time.time
     lock: threading.RLock = field(default_factory=threading.RLock)
     dht_initial_peers: tuple[str, ...] = ()  # the coordinator DHT node's multiaddrs, sent in JoinResponse
-    challenges: Challenges = field(default_factory=Challenges)
-    rate: RateLimiter = field(default_factory=lambda: RateLimiter(0.0, 1.0))
+    challenges: Challenges = field(init=False)  # single-use Join challenges on ``clock``
+    rate: RateLimiter = field(init=False)  # per-identity call budget (config.rate_limit_*)
     #: The latest refused joins (kept in memory, bounded: refusals cost the caller nothing, so they must not grow the DB).
     rejections: deque[JoinRejection] = field(default_factory=lambda: deque(maxlen=200))
     #: round id -> the candidate adapter being evaluated (see :mod:`coordinator.publish`).
     candidates: dict[str, Candidate] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.challenges = Challenges(self.config.challenge_ttl_s, self.clock)
+        self.rate = RateLimiter(self.config.rate_limit_per_s, self.config.rate_limit_burst)
+
     @classmethod
     def from_config(cls, config: CoordinatorConfig, clock: Callable[[], float] = time.time) -> CoordinatorContext:
         """Open the store the config names and export its state metrics."""
         store: CoordinatorStore = SqliteStore(config.db_path) if config.store == "sqlite" else MemoryStore()
-        ctx = cls(store=store, config=config, clock=clock, challenges=Challenges(config.challenge_ttl_s, clock),
-                  rate=RateLimiter(config.rate_limit_per_s, config.rate_limit_burst))  # fmt: skip
+        ctx = cls(store=store, config=config, clock=clock)
         ctx.metrics.watch(store, clock)
         return ctx
