@@ -10,10 +10,14 @@ from __future__ import annotations
 import functools
 import hashlib
 
+import grpc
+
 from coordinator import handlers
 from coordinator.context import CoordinatorContext
 from swarm.identity import PeerIdentity, join_payload
 from swarm.proto import coordinator_pb2 as pb
+from swarm.proto import coordinator_pb2_grpc as pb_grpc
+from swarm.tls import channel
 
 
 @functools.cache
@@ -56,3 +60,38 @@ class Peers:
 
     def credential(self, name: str) -> str:
         return self.credentials.get(name, "")
+
+
+class GrpcPeers:
+    """The same over a live coordinator's gRPC stub: each Join signs a challenge from GetRoundSpec."""
+
+    def __init__(self, stub: pb_grpc.CoordinatorStub, timeout: float = 10.0, **defaults: object) -> None:
+        self.stub, self.timeout, self.defaults = stub, timeout, defaults
+        self.credentials: dict[str, str] = {}
+
+    def join_request(self, name: str, **fields: object) -> pb.JoinRequest:
+        req = pb.JoinRequest(**{**self.defaults, "peer_id": pid(name), **fields})  # type: ignore[arg-type]
+        req.challenge = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=self.timeout).join_challenge
+        req.public_key = identity(name).public_key_pb
+        req.signature = identity(name).sign(join_payload(req.peer_id, req.round_id, req.challenge,
+                                                         req.base_fingerprint, list(req.multiaddrs)))  # fmt: skip
+        return req
+
+    def join(self, name: str, **fields: object) -> pb.JoinResponse:
+        reply = self.stub.Join(self.join_request(name, **fields), timeout=self.timeout)
+        if reply.accepted:
+            self.credentials[name] = reply.credential
+        return reply
+
+    def credential(self, name: str) -> str:
+        return self.credentials.get(name, "")
+
+    def heartbeat(self, name: str, round_id: str = "r1", **progress: float) -> pb.HeartbeatResponse:
+        req = pb.HeartbeatRequest(peer_id=pid(name), round_id=round_id, progress=pb.Progress(**progress),  # type: ignore[arg-type]
+                                  credential=self.credential(name))  # fmt: skip
+        return self.stub.Heartbeat(req, timeout=self.timeout)
+
+
+def coordinator_channel(address: str, cert: object) -> grpc.Channel:
+    """A channel to a test coordinator: TLS pinned to ``cert`` (its ``tls_cert_path``), plaintext for None."""
+    return channel(address, cert if cert else None, [])  # type: ignore[arg-type]
