@@ -21,7 +21,6 @@ assigned to that span, authenticated by its credential (:mod:`coordinator.handle
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from coordinator.lifecycle import lower_median
 from coordinator.state import MemberRecord, RoundRecord, SpanStateUpload
 from swarm.adapter_tensors import merge_span_states, validate_lora_tensors
 
@@ -71,11 +71,6 @@ class Collected:
     @property
     def complete(self) -> bool:
         return self.minimal and not self.waiting_for
-
-
-def lower_median(values: Iterable[int]) -> int:
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2] if ordered else 0
 
 
 def expected_epoch(members: list[MemberRecord], span_index: int) -> int:

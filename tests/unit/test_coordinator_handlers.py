@@ -160,10 +160,10 @@ def test_heartbeat_progress_ends_round(ctx: CoordinatorContext) -> None:
     join(ctx, "a")
     join(ctx, "b")
     ctx.clock.now += 1  # type: ignore[attr-defined]  # counters may grow by max_samples_per_s per second
-    assert beat(ctx, "a", 40, loss=2.5, epoch=1).round_state == "training"
+    assert beat(ctx, "a", 40, loss=2.5, epoch=3).round_state == "training"
     e = error(beat, ctx, "a", 30)
     assert e.code is grpc.StatusCode.INVALID_ARGUMENT and "went backwards" in e.message
-    r = beat(ctx, "b", 60)
+    r = beat(ctx, "b", 60, epoch=3)  # samples count up to (epochs + 1) * target_batch_size: 128 here
     assert (r.round_state, r.action) == ("finalizing", "finalize")
     assert sorted((c.samples, c.tokens) for c in ctx.store.list_contributions("r1")) == [(40, 400), (60, 600)]
     spec = handlers.get_round_spec(ctx, pb.GetRoundSpecRequest())
