@@ -89,6 +89,12 @@ def register(app: typer.Typer) -> None:
         dht_initial_peers: list[str] = typer.Option(
             [], "--dht-initial-peers", help="Multiaddr of a DHT node to join (default: start a new DHT); repeatable."
         ),
+        public_dir: Path | None = typer.Option(
+            None,
+            file_okay=False,
+            help="Directory to copy public_key.pem and tls_cert.pem into, for peers "
+            "(e.g. a volume shared with them; the private keys stay in WORKDIR).",
+        ),
         insecure: bool = typer.Option(
             False,
             "--insecure",
@@ -127,6 +133,7 @@ def register(app: typer.Typer) -> None:
                 dht_announce_maddrs=tuple(dht_announce_maddrs),
                 dht_initial_peers=tuple(dht_initial_peers),
                 insecure=insecure,
+                public_dir=public_dir,
                 tls_cert=tls_cert,
                 tls_key=tls_key,
                 tls_hostnames=tuple(tls_hostname),

@@ -80,6 +80,9 @@ class CoordinatorConfig(BaseModel):
     tls_hostnames: tuple[str, ...] = Field(
         (), description="Names put in a generated certificate besides localhost, 127.0.0.1 and host."
     )
+    public_dir: Path | None = Field(
+        None, description="Directory to copy what peers need into (public_key.pem, tls_cert.pem); never the keys."
+    )
     challenge_ttl_s: float = Field(60.0, gt=0, description="Seconds a Join challenge stays valid (single use).")
     max_samples_per_s: float = Field(
         2000.0, gt=0, description="Most samples per second one member's heartbeats may add (the excess waits)."

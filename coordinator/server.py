@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -93,6 +94,11 @@ class CoordinatorServer:
         """Signing key, DHT node (a process: started before gRPC spawns threads), finalizer and roster threads."""
         cfg = self.config
         key = load_or_create_signing_key(cfg.signing_key_path)
+        if cfg.public_dir is not None:  # what peers need, apart from the state dir that holds the private keys
+            cfg.public_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg.insecure:
+                shutil.copyfile(cfg.tls_cert_path, cfg.public_dir / "tls_cert.pem")
+            write_public_key(key, cfg.public_dir / "public_key.pem")
         write_public_key(key, cfg.public_key_path)
         if cfg.dht:
             from coordinator.dht_node import start_dht, visible_maddrs
@@ -117,6 +123,8 @@ class CoordinatorServer:
 
     def _start(self) -> None:
         cfg = self.config
+        if not cfg.insecure:  # before the public key appears: whoever waits for that finds the certificate too
+            ensure_certificate(cfg.tls_cert_path, cfg.tls_key_path, (cfg.host, *cfg.tls_hostnames))
         self._open_configured_round()
         self._start_background()
         limit = cfg.max_message_bytes
@@ -139,7 +147,6 @@ class CoordinatorServer:
                 log.warning("gRPC in plaintext (--insecure): credentials and join tokens travel in clear")
                 self.port = server.add_insecure_port(_hostport(cfg.host, cfg.port))
             else:
-                ensure_certificate(cfg.tls_cert_path, cfg.tls_key_path, (cfg.host, *cfg.tls_hostnames))
                 creds = server_credentials(cfg.tls_cert_path, cfg.tls_key_path)
                 self.port = server.add_secure_port(_hostport(cfg.host, cfg.port), creds)
         except RuntimeError as e:

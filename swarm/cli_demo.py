@@ -102,13 +102,14 @@ def _wait(predicate: Any, timeout: float, what: str, procs: list[_Proc]) -> None
         time.sleep(0.2)
 
 
-def _round_state(port: int) -> tuple[str, str]:
+def _round_state(port: int, cert: Path) -> tuple[str, str]:
     import grpc
 
     from swarm.proto import coordinator_pb2 as pb
     from swarm.proto import coordinator_pb2_grpc as pb_grpc
+    from swarm.tls import channel as tls_channel
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with tls_channel(f"127.0.0.1:{port}", cert, []) as channel:
         try:
             resp = pb_grpc.CoordinatorStub(channel).GetRoundSpec(pb.GetRoundSpecRequest(), timeout=5)
         except grpc.RpcError:
@@ -195,8 +196,8 @@ def demo_command(
                 ],
             )
         )
-        public = workdir / "coordinator" / "public_key.pem"
-        _wait(lambda: public.exists(), 120, "the coordinator to start", procs)
+        public, cert = workdir / "coordinator" / "public_key.pem", workdir / "coordinator" / "tls_cert.pem"
+        _wait(lambda: public.exists() and cert.exists(), 120, "the coordinator to start", procs)
         common = ["--coordinator", f"127.0.0.1:{port}", "--coordinator-public-key", str(public)]
         typer.echo("[3/5] 3 peers join through the coordinator: a server, then a trainer on each span")
         procs.append(_Proc.peer(workdir, "peer0", [*common, "--no-trainer"]))
@@ -217,7 +218,7 @@ def demo_command(
                 dead = [p.dir.name for p in procs if p.proc.poll() is not None]
                 if dead:
                     raise RuntimeError(f"{', '.join(dead)} exited; see the logs under {workdir}")
-                state, reason = _round_state(port)
+                state, reason = _round_state(port, cert)
                 if state == "failed":
                     raise RuntimeError(f"the round failed: {reason}")
                 done = min((max((e["epoch"] for e in p.events("epoch")), default=0) for p in procs[2:]), default=0)
