@@ -105,6 +105,7 @@ def test_join_rejects_wrong_fingerprint_and_version(ctx: CoordinatorContext) -> 
     r = join(ctx, "a", software_version="0.2.0")
     assert not r.accepted and r.reject_code == "software_version" and "install loraswarm 0.1.x" in r.reject_reason
     assert [j.reason for j in ctx.rejections] == ["fingerprint", "software_version"]
+    assert ctx.store.list_rejections() == []  # refusals cost the caller nothing: they never grow the database
     assert ctx.store.list_members("r1") == []
     sample = ctx.metrics.registry.get_sample_value
     assert sample("swarm_coordinator_join_rejections_total", {"reason": "fingerprint"}) == 1

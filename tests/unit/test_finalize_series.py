@@ -139,3 +139,15 @@ def test_unexpected_errors_are_retried_until_the_timeout(tmp_path: Path, monkeyp
     s.clock.now += 31
     assert finalize_step(s.ctx, s.key) is Outcome.ERROR
     assert "No space left on device" in s.ctx.store.get_round("r1").reason  # type: ignore[union-attr]
+
+
+def test_retention_drops_blobs_and_eval_reports_of_old_rounds(tmp_path: Path) -> None:
+    s = Swarm(tmp_path, rounds=3, keep_rounds=1)
+    assert run_round(s) is Outcome.PUBLISHED
+    assert (s.config.blob_dir / "r1").is_dir() and s.ctx.store.list_eval_reports("r1")
+    s.clock.now += 100
+    assert run_round(s, before=2.0, after=1.5, seed=1) is Outcome.PUBLISHED  # r1-r2 ends: r1 is beyond keep_rounds
+    assert not (s.config.blob_dir / "r1").exists() and s.ctx.store.list_eval_reports("r1") == []
+    assert (s.config.blob_dir / "r1-r2" / "candidate.safetensors").is_file()
+    assert s.ctx.store.list_eval_reports("r1-r2") and s.ctx.candidates == {}
+    assert [a.version for a in s.ctx.store.list_adapters()] == ["v1", "v2"]  # the registry is never pruned
