@@ -95,6 +95,12 @@ def register(app: typer.Typer) -> None:
             help="Directory to copy public_key.pem and tls_cert.pem into, for peers "
             "(e.g. a volume shared with them; the private keys stay in WORKDIR).",
         ),
+        evaluator_id: list[str] = typer.Option(
+            [],
+            "--evaluator-id",
+            help="Peer id of an evaluator you run (swarm evaluator); repeatable. With one, "
+            "evaluators alone gate publication; without, a quorum of members does.",
+        ),
         insecure: bool = typer.Option(
             False,
             "--insecure",
@@ -134,6 +140,7 @@ def register(app: typer.Typer) -> None:
                 dht_initial_peers=tuple(dht_initial_peers),
                 insecure=insecure,
                 public_dir=public_dir,
+                evaluator_ids=tuple(evaluator_id),
                 tls_cert=tls_cert,
                 tls_key=tls_key,
                 tls_hostnames=tuple(tls_hostname),

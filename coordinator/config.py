@@ -87,6 +87,11 @@ class CoordinatorConfig(BaseModel):
     max_samples_per_s: float = Field(
         2000.0, gt=0, description="Most samples per second one member's heartbeats may add (the excess waits)."
     )
+    evaluator_ids: tuple[str, ...] = Field(
+        (),
+        description="Peer ids of evaluators the operator runs (swarm evaluator); when set, they alone gate "
+        "publication (else a quorum of members does).",
+    )
     eval_quorum: int = Field(
         3, ge=1, description="Evaluators the coordinator picks among members that reported a starting eval."
     )

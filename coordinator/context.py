@@ -34,6 +34,8 @@ class CoordinatorContext:
     rate: RateLimiter = field(init=False)  # per-identity call budget (config.rate_limit_*)
     #: The latest refused joins (kept in memory, bounded: refusals cost the caller nothing, so they must not grow the DB).
     rejections: deque[JoinRejection] = field(default_factory=lambda: deque(maxlen=200))
+    #: evaluator peer id -> sha256 of the credential its Join returned (in memory: it joins again after a restart)
+    evaluator_credentials: dict[str, str] = field(default_factory=dict)
     #: round id -> the candidate adapter being evaluated (see :mod:`coordinator.publish`).
     candidates: dict[str, Candidate] = field(default_factory=dict)
 

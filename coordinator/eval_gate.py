@@ -2,15 +2,21 @@
 
 Rules (after :mod:`coordinator.finalize` has assembled the candidate adapter):
 
-4. **Evaluators.** The coordinator picks up to ``eval_quorum`` members among those that reported a
+4. **Evaluators.** When the operator runs evaluators (``evaluator_ids``, :mod:`coordinator.evaluators`),
+   they are the evaluators: each loads base + candidate itself and reports the candidate's loss
+   (``adapter_version ""``) and the round start's (``"round-start"``), both naming the candidate's
+   sha256; members' reports then count for nothing. Otherwise the coordinator picks up to
+   ``eval_quorum`` members among those that reported a
    starting eval (``adapter_version == ""``, epoch 0, before training stopped): the ones with the
    smallest ``sha256(round_id | ended_at | peer_id)``. No peer steers the pick: its id was fixed at
    Join (it is its key) and ``ended_at`` was unknown then. Picked evaluators learn the candidate's
    sha256 from ``HeartbeatResponse.eval_candidate_sha256``.
-5. **Gate.** *before* = median of the picked evaluators' starting reports; *after* = median of their
+5. **Gate.** *before* = median of the evaluators' starting reports (an operator evaluator's
+   ``round-start`` report on this candidate); *after* = median of their
    latest reports that name the candidate's sha256. Reports of anyone else, or naming another
    candidate, do not count, and ``eval_tokens`` weighs nothing: one member cannot move a median of
-   three. Wait until every live evaluator has reported; after ``finalize_timeout_s`` go on with a
+   three. Wait until every live evaluator (every operator evaluator) has reported; after
+   ``finalize_timeout_s`` go on with a
    majority of the evaluators; fail ``no_eval`` without one and ``worse_than_parent`` unless
    after < before.
 """
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 
 from coordinator.finalize import FinalizeError, Outcome
 from coordinator.state import EvalReport, MemberRecord, RoundRecord
+from swarm.proto import ROUND_START
 
 
 def _latest_per_peer(reports: Iterable[EvalReport]) -> dict[str, EvalReport]:
@@ -72,15 +79,21 @@ def tally(
     reports: list[EvalReport],
     sha256: str,
     evaluators: tuple[str, ...],
+    operator: bool = False,
 ) -> Tally:
-    """What the picked evaluators reported on candidate ``sha256`` (rule 5)."""
+    """What the evaluators reported on candidate ``sha256`` (rule 5); ``operator``: they are the operator's."""
     chosen = set(evaluators)
-    before = {p: r.eval_loss for p, r in starting_reports(record, reports).items() if p in chosen}
-    named = _latest_per_peer(r for r in reports if r.candidate_sha256 == sha256 and r.peer_id in chosen)
-    after = {p: r.eval_loss for p, r in named.items()}
-    live = {m.peer_id for m in members if m.live}
-    waiting = [f"eval of candidate {sha256[:12]} from {p}" for p in evaluators if p in live and p not in after]
-    return Tally(evaluators, before, after, waiting)
+    named = [r for r in reports if r.candidate_sha256 == sha256 and r.peer_id in chosen]
+    after = {p: r.eval_loss for p, r in _latest_per_peer(r for r in named if not r.adapter_version).items()}
+    if operator:
+        start = _latest_per_peer(r for r in named if r.adapter_version == ROUND_START)
+        before = {p: r.eval_loss for p, r in start.items()}
+        owing = [p for p in evaluators if p not in after or p not in before]
+    else:
+        before = {p: r.eval_loss for p, r in starting_reports(record, reports).items() if p in chosen}
+        live = {m.peer_id for m in members if m.live}
+        owing = [p for p in evaluators if p in live and p not in after]
+    return Tally(evaluators, before, after, [f"eval of candidate {sha256[:12]} from {p}" for p in owing])
 
 
 def decide(t: Tally, elapsed_s: float, timeout_s: float) -> bool:

@@ -28,7 +28,7 @@ from coordinator.validation import (
     span_index,
     span_message,
 )
-from swarm.proto import Action, RejectCode, RoundState
+from swarm.proto import EVALUATOR_ROLE, Action, RejectCode, RoundState
 from swarm.proto import coordinator_pb2 as pb
 
 
@@ -78,6 +78,12 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
             raise invalid(f"multiaddrs[{i}] must be a multiaddr such as /ip4/1.2.3.4/tcp/31337 "
                           f"(1-{MAX_MULTIADDR_CHARS} chars)")  # fmt: skip
     check_real("capacity.throughput", req.capacity.throughput, minimum=0.0)
+    if req.role == EVALUATOR_ROLE:
+        from coordinator.evaluators import join_evaluator
+
+        return join_evaluator(ctx, req)
+    if req.role:
+        raise invalid(f"role {req.role[:32]!r} is unknown: use '' (a member) or {EVALUATOR_ROLE!r}")
     if ctx.config.join_token and not hmac.compare_digest(req.join_token.encode(), ctx.config.join_token.encode()):
         why = "join_token is wrong or missing: ask the coordinator's operator for the round's token"
         _reject(ctx, req, req.round_id, RejectCode.JOIN_TOKEN, why)
@@ -234,6 +240,7 @@ def get_round_spec(ctx: CoordinatorContext, req: pb.GetRoundSpecRequest) -> pb.G
         record = refresh(ctx, resolve_round(ctx, req.round_id), now)
         progress = round_progress(ctx.store, record, now)
         published = next((a for a in ctx.store.list_adapters() if a.round_id == record.round_id), None)
+        candidate = ctx.candidates.get(record.round_id) if record.state is RoundState.FINALIZING else None
     return pb.GetRoundSpecResponse(
         round_id=record.round_id,
         round_spec_json=record.spec_json,
@@ -246,6 +253,7 @@ def get_round_spec(ctx: CoordinatorContext, req: pb.GetRoundSpecRequest) -> pb.G
         reason=record.reason,
         adapter_version=published.version if published else "",
         join_challenge=ctx.challenges.issue(),
+        candidate_sha256=candidate.sha256 if candidate is not None else "",
     )
 
 

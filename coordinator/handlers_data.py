@@ -11,10 +11,11 @@ import grpc
 from coordinator.auth import check_credential
 from coordinator.blobs import adapter_files, read_chunks, span_state_relpath, write_atomic
 from coordinator.context import CoordinatorContext
+from coordinator.evaluators import check_evaluator
 from coordinator.handlers import resolve_round
 from coordinator.state import AdapterRecord, EvalReport, MemberRecord, RoundRecord, SpanStateUpload
 from coordinator.validation import HandlerError, check_count, check_name, check_real, check_safetensors, span_index
-from swarm.proto import RoundState
+from swarm.proto import CANDIDATE_PREFIX, RoundState
 from swarm.proto import coordinator_pb2 as pb
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -38,6 +39,8 @@ def list_adapters(ctx: CoordinatorContext, req: pb.ListAdaptersRequest) -> pb.Li
 
 def download_adapter(ctx: CoordinatorContext, req: pb.DownloadAdapterRequest) -> Iterator[pb.AdapterChunk]:
     """Check the request now (errors before the first chunk), then stream every file of the directory."""
+    if req.version.startswith(CANDIDATE_PREFIX):
+        return _candidate_chunks(ctx, req.version)
     if req.version:
         adapter = ctx.store.get_adapter(req.version)
         if adapter is None:
@@ -60,6 +63,19 @@ def download_adapter(ctx: CoordinatorContext, req: pb.DownloadAdapterRequest) ->
 
 #: Uploads one member may make per round (each up to max_message_mb): bounds the disk an attacker can fill.
 MAX_UPLOADS_PER_MEMBER = 4
+
+
+def _candidate_chunks(ctx: CoordinatorContext, version: str) -> Iterator[pb.AdapterChunk]:
+    """The finalizing round's candidate, as one file ``candidate.safetensors`` (NOT_FOUND once it is gone)."""
+    sha256 = version[len(CANDIDATE_PREFIX) :]
+    candidate = next((c for c in list(ctx.candidates.values()) if c.sha256 == sha256), None)
+    if candidate is None:
+        raise HandlerError(grpc.StatusCode.NOT_FOUND, f"no candidate {sha256[:64]!r} is being evaluated")
+    return (
+        pb.AdapterChunk(file_name="candidate.safetensors", offset=c.offset, data=c.data, file_size=c.file_size,
+                        version=version)
+        for c in read_chunks([Path(candidate.path)], ctx.config.download_chunk_bytes)
+    )  # fmt: skip
 
 
 def _member_round(
@@ -128,7 +144,11 @@ def report_eval(ctx: CoordinatorContext, req: pb.ReportEvalRequest) -> pb.Report
     if req.candidate_sha256 and not _SHA256.match(req.candidate_sha256):
         raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "candidate_sha256 must be 64 lowercase hex digits")
     with ctx.lock:
-        record, _ = _member_round(ctx, req.peer_id, req.round_id, req.credential, "report an eval")
+        if req.peer_id in ctx.config.evaluator_ids:
+            check_evaluator(ctx, req.peer_id, req.credential)
+            record = resolve_round(ctx, req.round_id)
+        else:
+            record, _ = _member_round(ctx, req.peer_id, req.round_id, req.credential, "report an eval")
         mine = sum(r.peer_id == req.peer_id for r in ctx.store.list_eval_reports(record.round_id))
         if mine >= ctx.config.max_eval_reports:
             raise HandlerError(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -185,7 +185,7 @@ def _prepare(ctx: CoordinatorContext, key: Ed25519PrivateKey) -> _Assemble | _Jo
                 return None
             return _Assemble(record, collected)
         tally = eval_gate.tally(record, members, store.list_eval_reports(record.round_id), candidate.sha256,
-                                candidate.evaluators)  # fmt: skip
+                                candidate.evaluators, operator=bool(ctx.config.evaluator_ids))  # fmt: skip
         if not eval_gate.decide(tally, elapsed, timeout):
             log.debug("round %s finalizing, waiting for: %s", record.round_id, "; ".join(tally.waiting_for))
             return None
@@ -231,7 +231,7 @@ def _build_candidate(ctx: CoordinatorContext, job: _Assemble) -> None:
         if current is None:
             return
         reports = ctx.store.list_eval_reports(record.round_id)
-        evaluators = eval_gate.pick_evaluators(current, reports, ctx.config.eval_quorum)
+        evaluators = ctx.config.evaluator_ids or eval_gate.pick_evaluators(current, reports, ctx.config.eval_quorum)
         ctx.candidates[record.round_id] = Candidate(record.round_id, sha256, str(ctx.config.blob_dir / relpath),
                                                     evaluators, tuple(notes))  # fmt: skip
     log.info("round %s: candidate %s assembled; evaluators %s", record.round_id, sha256[:12],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -76,7 +77,7 @@ def _names_pinned(pem: bytes) -> bool:
     return PINNED_NAME in san.get_values_for_type(x509.DNSName)
 
 
-def channel(address: str, cert_path: str | Path | None, options: list[tuple[str, object]]) -> grpc.Channel:
+def channel(address: str, cert_path: str | Path | None, options: Sequence[tuple[str, object]]) -> grpc.Channel:
     """A channel to the coordinator: TLS pinned to ``cert_path``, or plaintext when it is None/''."""
     if not cert_path:
         return grpc.insecure_channel(address, options=options)

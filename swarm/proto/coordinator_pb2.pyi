@@ -40,6 +40,7 @@ class JoinRequest(_message.Message):
         "public_key",
         "challenge",
         "signature",
+        "role",
     )
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MULTIADDRS_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +52,7 @@ class JoinRequest(_message.Message):
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     multiaddrs: _containers.RepeatedScalarFieldContainer[str]
     capacity: Capacity
@@ -61,6 +63,7 @@ class JoinRequest(_message.Message):
     public_key: bytes
     challenge: str
     signature: bytes
+    role: str
     def __init__(
         self,
         peer_id: str | None = ...,
@@ -73,6 +76,7 @@ class JoinRequest(_message.Message):
         public_key: bytes | None = ...,
         challenge: str | None = ...,
         signature: bytes | None = ...,
+        role: str | None = ...,
     ) -> None: ...
 
 class JoinResponse(_message.Message):
@@ -234,6 +238,7 @@ class GetRoundSpecResponse(_message.Message):
         "reason",
         "adapter_version",
         "join_challenge",
+        "candidate_sha256",
     )
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +251,7 @@ class GetRoundSpecResponse(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOIN_CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     round_spec_json: str
     state: str
@@ -257,6 +263,7 @@ class GetRoundSpecResponse(_message.Message):
     reason: str
     adapter_version: str
     join_challenge: str
+    candidate_sha256: str
     def __init__(
         self,
         round_id: str | None = ...,
@@ -270,6 +277,7 @@ class GetRoundSpecResponse(_message.Message):
         reason: str | None = ...,
         adapter_version: str | None = ...,
         join_challenge: str | None = ...,
+        candidate_sha256: str | None = ...,
     ) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
