@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("INFO", help="Python logging level."),
     ) -> None:
         """Evaluate each round's candidate adapter (base + candidate, loaded here) and report to the coordinator."""
-        from evaluator.run import Evaluator, load_or_create_identity
+        from evaluator.run import Evaluator
+        from swarm.identity import load_or_create_identity
 
         if print_peer_id:
             typer.echo(load_or_create_identity(identity_path).peer_id)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import tempfile
 import threading
 from pathlib import Path
@@ -22,7 +21,7 @@ from evaluator.config import EvaluatorConfig
 from evaluator.measure import adapter_loss, held_out
 from swarm import __version__
 from swarm.config import RoundSpec
-from swarm.identity import PeerIdentity, join_payload, load_identity
+from swarm.identity import join_payload, load_or_create_identity
 from swarm.proto import CANDIDATE_PREFIX, EVALUATOR_ROLE, ROUND_START, RoundState
 from swarm.proto import coordinator_pb2 as pb
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
@@ -30,17 +29,6 @@ from swarm.tls import channel
 
 log = logging.getLogger(__name__)
 RPC_TIMEOUT = 30.0
-
-
-def load_or_create_identity(path: str | Path) -> PeerIdentity:
-    """The evaluator's libp2p identity (an Ed25519 key file, mode 0600, made if missing)."""
-    path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(PeerIdentity.generate_ed25519().private_pb())
-    return load_identity(path)
 
 
 class Evaluator:

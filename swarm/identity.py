@@ -13,6 +13,7 @@ this module needs neither torch nor hivemind.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,15 @@ RSA, ED25519 = 0, 1
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 _MAX_KEY_BYTES = 4096  # a 4096-bit RSA public key in DER is ~550 bytes
 
-__all__ = ["IdentityError", "PeerIdentity", "join_payload", "load_identity", "peer_id_of", "verify_peer_signature"]
+__all__ = [
+    "IdentityError",
+    "PeerIdentity",
+    "join_payload",
+    "load_identity",
+    "load_or_create_identity",
+    "peer_id_of",
+    "verify_peer_signature",
+]
 
 
 class IdentityError(ValueError):
@@ -171,6 +180,17 @@ class PeerIdentity:
 def load_identity(path: str | Path) -> PeerIdentity:
     """Read a libp2p identity file (``P2P.generate_identity`` writes one)."""
     return PeerIdentity.from_private_pb(Path(path).read_bytes())
+
+
+def load_or_create_identity(path: str | Path) -> PeerIdentity:
+    """:func:`load_identity`, after writing a new Ed25519 identity file (mode 0600) if there is none."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(PeerIdentity.generate_ed25519().private_pb())
+    return load_identity(path)
 
 
 def join_payload(peer_id: str, round_id: str, challenge: str, base_fingerprint: str, multiaddrs: list[str]) -> bytes:

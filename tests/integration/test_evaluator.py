@@ -15,9 +15,10 @@ from safetensors.torch import save
 from coordinator.server import CoordinatorConfig, CoordinatorServer, serve
 from evaluator.config import EvaluatorConfig
 from evaluator.measure import adapter_loss, held_out
-from evaluator.run import Evaluator, load_or_create_identity
+from evaluator.run import Evaluator
 from swarm.adapter import load_adapter_tensors, split_by_span
 from swarm.config import RoundSpec
+from swarm.identity import load_or_create_identity
 from swarm.keys import load_public_key
 from swarm.proto import coordinator_pb2 as pb
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
