@@ -3,7 +3,7 @@
 Requests arrive as raw bytes (no deserializer is registered) so that the servicer, not grpc, parses
 them: a garbage body gets ``INVALID_ARGUMENT`` and one log line at most, never ``INTERNAL`` with a
 traceback per call. Each method has its own size cap (only ``UploadSpanState`` may be large) and every
-call spends a token of its caller's rate-limit bucket (its peer id, or its address before Join).
+call spends a token of its caller's rate-limit buckets (its address, and the peer id it names).
 """
 
 from __future__ import annotations
@@ -76,8 +76,11 @@ class CoordinatorServicer:
             raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{method.name} request is not a valid {method.request.DESCRIPTOR.full_name}: "
                                f"{type(e).__name__}") from None  # fmt: skip
-        key = getattr(request, "peer_id", "") if method.name != "Join" else ""
-        if not self.ctx.rate.allow(f"peer:{key}" if key else _caller(context)):
+        # Every call spends from its address's bucket (a peer id in a request is a claim until checked, so
+        # it cannot buy a fresh budget); a call naming a peer id also spends from that peer's bucket.
+        peer_id = getattr(request, "peer_id", "")
+        keys = [_caller(context), *([f"peer:{peer_id}"] if peer_id else [])]
+        if not all([self.ctx.rate.allow(key) for key in keys]):
             raise HandlerError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{method.name}: too many calls; slow down")
         return request
 

@@ -93,7 +93,14 @@ def test_calls_are_rate_limited_per_identity(servicer: CoordinatorServicer) -> N
     assert context.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "too many calls" in context.details
     servicer.call("ListAdapters", raw, FakeContext("ipv4:127.0.0.2:1"))  # another caller has its own budget
     beat = pb.HeartbeatRequest(peer_id="some-peer").SerializeToString()
-    assert aborted(servicer, "Heartbeat", beat).code is not grpc.StatusCode.RESOURCE_EXHAUSTED  # keyed by peer id
+    assert (
+        aborted(servicer, "Heartbeat", beat).code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    )  # a new peer id: no new budget
+    for _ in range(4):  # one peer id spends its own budget too, whatever address it calls from
+        aborted(servicer, "Heartbeat", beat, FakeContext("ipv4:10.9.9.9:1"))
+    assert (
+        aborted(servicer, "Heartbeat", beat, FakeContext("ipv4:10.8.8.8:1")).code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
 
 
 def test_unexpected_exception_is_internal(servicer: CoordinatorServicer) -> None:
