@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import hivemind
@@ -21,13 +20,15 @@ from hivemind.utils.crypto import RSAPrivateKey
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from peer.announce import Announcer, record_validators
-from peer.server import SpanServer
-from peer.trainer import ChainTrainer, Router, in_flight
+from peer.announce import record_validators
+from peer.inprocess import in_process_server
+from peer.step_records import StepRecorder
+from peer.trainer import ChainTrainer, Router
 from swarm.basemodel import make_base
 from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
 from swarm.lora import init_lora_, lora_parameters, peft_lora_config
 from swarm.span import load_trainer_head
+from swarm.steps import slots_per_step
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -58,9 +59,11 @@ def bench_peft(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: in
 
 
 def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int, depth: int) -> float:
+    """The swarm: one trainer (hosting span 0) drives swarm-wide steps through in-process span servers."""
     dhts, servers, announcers = [], [], []
     try:
-        for i, span in enumerate(spec.spans):
+        keys = []
+        for span in spec.spans:
             initial = dhts[0].get_visible_maddrs() if dhts else []
             key = RSAPrivateKey()  # peers sharing this process sign their DHT records with their own keys
             dht = hivemind.DHT(
@@ -69,28 +72,31 @@ def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: i
                 initial_peers=initial,
                 record_validators=record_validators(spec.round_id, key),
             )
-            server = SpanServer(spec, span, dht)
+            server, ann = in_process_server(spec, span, dht, key)
             server.start(catch_up=False)
-            ann = Announcer(
-                dht,
-                spec.round_id,
-                partial(server.announcement, 1.0),
-                period=5.0,
-                private_key=key,
-            )
             ann.start()
             dhts.append(dht)
+            keys.append(key)
             servers.append(server)
             announcers.append(ann)
-            del i
         router = Router(dhts[0], spec, {spec.spans[0]: servers[0]}, timeout=60)
         trainer = ChainTrainer(spec, load_trainer_head(base), router)
-        for future in in_flight(trainer.step, data[:warmup], depth):
-            future.result()
+        recorder = StepRecorder(dhts[0], spec.round_id, private_key=keys[0])
+        slots = slots_per_step(spec.optimizer.target_batch_size, spec.data.micro_batch_size)
+        stream = iter(enumerate(data))
+
+        def run(steps: range) -> None:
+            for s in steps:
+                recorder.open(s)
+                done = trainer.run_step(s, slots, stream, depth)
+                recorder.close(s, [mb.index for mb in done], sum(len(mb.input_ids) for mb in done))
+
+        warm = warmup // slots
+        run(range(warm))
         started = time.perf_counter()
-        for future in in_flight(trainer.step, data[warmup:], depth):
-            future.result()
-        return sum(x.numel() for x in data[warmup:]) / (time.perf_counter() - started)
+        run(range(warm, len(data) // slots))
+        timed = data[warm * slots : (len(data) // slots) * slots]
+        return sum(x.numel() for x in timed) / (time.perf_counter() - started)
     finally:
         for ann in announcers:
             ann.stop(leave=False)

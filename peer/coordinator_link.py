@@ -94,7 +94,7 @@ class CoordinatorLink:
             daemon.span,
             epoch,
             state,
-            max(daemon.server.backend.samples_trained, daemon.trained_samples),
+            max(daemon.server.samples_trained, daemon.trained_samples),
         )
         self._uploaded_epoch = epoch
         log.info(f"Uploaded span {daemon.span.name} at epoch {epoch}")

@@ -177,6 +177,16 @@ class OptimizerSettings(_Strict):
         return v
 
 
+class WireSettings(_Strict):
+    """How activations and their gradients travel between spans (hivemind.compression)."""
+
+    compression: Literal["none", "float16", "bfloat16", "uint8"] = Field(
+        "none",
+        description="none = exact fp32 (default; exactness tests), float16 / bfloat16 = half the bytes, "
+        "uint8 = hivemind's uniform 8-bit quantization (a quarter).",
+    )
+
+
 class EndCondition(_Strict):
     """When a round stops training. The first limit reached ends it; at least one must be set."""
 
@@ -202,6 +212,7 @@ class RoundSpec(_Strict):
     spans: tuple[SpanRange, ...] = Field(..., description="Contiguous spans covering [0, base.num_layers).")
     data: DataSettings = DataSettings()
     optimizer: OptimizerSettings = OptimizerSettings()
+    wire: WireSettings = WireSettings()
     end: EndCondition = EndCondition(target_epochs=10)
     parent_adapter: str = Field("", description="Version of the adapter this round starts from ('' = fresh LoRA).")
 
@@ -223,7 +234,21 @@ class RoundSpec(_Strict):
             expected = span.end
         if expected != self.base.num_layers:
             raise ValueError(f"spans end at block {expected} but the base model has {self.base.num_layers} blocks")
+        if self.optimizer.target_batch_size % self.data.micro_batch_size:
+            raise ValueError(
+                f"optimizer.target_batch_size ({self.optimizer.target_batch_size}) must be a multiple of "
+                f"data.micro_batch_size ({self.data.micro_batch_size}): a step is a whole number of micro-batches"
+            )
         return self
+
+    @property
+    def target_epochs(self) -> int:
+        """Swarm-wide steps the round trains (0 = only a deadline ends it)."""
+        end = self.end
+        if end.target_samples:
+            by_samples = -(-end.target_samples // self.optimizer.target_batch_size)
+            return min(by_samples, end.target_epochs) if end.target_epochs else by_samples
+        return end.target_epochs
 
     def span_index(self, span: SpanRange) -> int:
         """Position of ``span`` in :attr:`spans`; ``ValueError`` if the round has no such span."""
