@@ -22,7 +22,10 @@ class PeerConfig(BaseModel):
     coordinator_cert: str = Field(
         "",
         description="The coordinator's TLS certificate (PEM) to pin; '' = tls_cert.pem beside coordinator_public_key "
-        "when it exists, else plaintext (only a coordinator run with --insecure answers that).",
+        "when it exists.",
+    )
+    coordinator_insecure: bool = Field(
+        False, description="Talk plaintext to a coordinator run with --insecure (local demos and tests only)."
     )
     span: SpanRange | None = Field(
         None,
@@ -96,11 +99,19 @@ class PeerConfig(BaseModel):
 
     @property
     def coordinator_cert_path(self) -> str:
-        """The certificate to pin ('' = plaintext)."""
-        if self.coordinator_cert or not self.coordinator_public_key:
+        """The certificate to pin ('' = plaintext, only with ``coordinator_insecure``); ValueError if none."""
+        if self.coordinator_insecure:
+            return ""
+        if self.coordinator_cert:
             return self.coordinator_cert
-        beside = Path(self.coordinator_public_key).with_name("tls_cert.pem")
-        return str(beside) if beside.exists() else ""
+        beside = Path(self.coordinator_public_key).with_name("tls_cert.pem") if self.coordinator_public_key else None
+        if beside is None or not beside.exists():
+            raise ValueError(
+                f"no TLS certificate for the coordinator: pass --coordinator-cert FILE (the coordinator's tls_cert.pem)"
+                f"{f' or put it at {beside}' if beside else ''}; --coordinator-insecure only for a coordinator run "
+                "with --insecure"
+            )
+        return str(beside)
 
     @property
     def is_trainer(self) -> bool:
