@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import grpc
 
@@ -58,7 +59,7 @@ def check_credential(member: MemberRecord | None, peer_id: str, credential: str)
 class Challenges:
     """Issue and redeem single-use Join challenges (thread-safe)."""
 
-    def __init__(self, ttl_s: float = 60.0, clock: object = time.time, max_used: int = 100_000) -> None:
+    def __init__(self, ttl_s: float = 60.0, clock: Callable[[], float] = time.time, max_used: int = 100_000) -> None:
         self.ttl_s = ttl_s
         self._secret = secrets.token_bytes(32)
         self._clock = clock
@@ -67,7 +68,7 @@ class Challenges:
         self._lock = threading.Lock()
 
     def _now(self) -> float:
-        return float(self._clock())  # type: ignore[operator]
+        return float(self._clock())
 
     def _mac(self, body: str) -> str:
         return hmac.new(self._secret, body.encode(), hashlib.sha256).hexdigest()[:32]
