@@ -3,6 +3,7 @@ state-changing call needs the caller's own credential, counters grow only as fas
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,6 +73,13 @@ def test_a_join_challenge_is_single_use_and_expires(peers: Peers) -> None:
     forged = sign_join(ctx, pb.JoinRequest(peer_id=pid("d"), software_version="0.1.0"), "d")
     forged.challenge = "1000.000.0000.deadbeef"
     assert refused(handlers.join, ctx, forged) is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_store_keeps_only_a_digest_of_the_credential(peers: Peers) -> None:
+    token = peers.credential("a")
+    member = peers.ctx.store.get_member("r1", pid("a"))
+    assert len(token) >= 40 and member is not None and token not in repr(member)
+    assert member.credential_sha256 == hashlib.sha256(token.encode()).hexdigest()
 
 
 def test_forged_calls_for_another_member_change_nothing(peers: Peers) -> None:
