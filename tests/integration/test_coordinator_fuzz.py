@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from coordinator.server import CoordinatorConfig, CoordinatorServer, serve
@@ -69,6 +70,15 @@ def test_grpc_garbage_is_refused_cleanly(server: CoordinatorServer, caplog: pyte
             with pytest.raises(grpc.RpcError) as info:
                 stub.Heartbeat(pb.HeartbeatRequest(peer_id="x", round_id="y" * size), timeout=10)
             assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        rss = psutil.Process().memory_info().rss
+        upload = channel.unary_unary(f"/{SERVICE_NAME}/UploadSpanState", request_serializer=None,
+                                     response_deserializer=None)  # fmt: skip
+        for _ in range(30):  # 30 x 3.5 MiB of junk uploads, each refused after it was received
+            with pytest.raises(grpc.RpcError):
+                upload(pb.UploadSpanStateRequest(peer_id="x", safetensors=rng.randbytes(7 << 19)).SerializeToString(),
+                       timeout=10)  # fmt: skip
+        grown = (psutil.Process().memory_info().rss - rss) / (1 << 20)
+        assert grown < 100, f"memory grew by {grown:.0f} MiB over 105 MiB of refused uploads"
         answered_within_a_second(server, stub)
     assert codes.get("INVALID_ARGUMENT", 0) > 20, codes
     assert not [r for r in caplog.records if r.exc_info], "a traceback per bad call would let junk flood the log"
