@@ -137,6 +137,7 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
         round_id=record.round_id,
         dht_initial_peers=list(ctx.dht_initial_peers),
         credential=credential,
+        round_spec_signature=ctx.spec_signature(record.spec_json),
     )
 
 
@@ -254,6 +255,7 @@ def get_round_spec(ctx: CoordinatorContext, req: pb.GetRoundSpecRequest) -> pb.G
         adapter_version=published.version if published else "",
         join_challenge=ctx.challenges.issue(),
         candidate_sha256=candidate.sha256 if candidate is not None else "",
+        round_spec_signature=ctx.spec_signature(record.spec_json),
     )
 
 

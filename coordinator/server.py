@@ -94,6 +94,7 @@ class CoordinatorServer:
         """Signing key, DHT node (a process: started before gRPC spawns threads), finalizer and roster threads."""
         cfg = self.config
         key = load_or_create_signing_key(cfg.signing_key_path)
+        self.ctx.signing_key = key
         if cfg.public_dir is not None:  # what peers need, apart from the state dir that holds the private keys
             cfg.public_dir.mkdir(parents=True, exist_ok=True)
             if not cfg.insecure:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors.torch import save
 
 from swarm import __version__
@@ -40,7 +41,8 @@ class CoordinatorClient:
     """Thin synchronous client; every call has a deadline and raises ``grpc.RpcError`` on transport errors.
 
     ``identity`` (the peer's libp2p key) is needed to Join; ``cert`` is the coordinator's TLS certificate
-    to pin (None / '' = plaintext, only against a coordinator started with ``--insecure``).
+    to pin (None / '' = plaintext, only against a coordinator started with ``--insecure``); with
+    ``public_key`` (the coordinator's adapter signing key) every round spec must carry its signature.
     """
 
     def __init__(
@@ -51,9 +53,10 @@ class CoordinatorClient:
         *,
         identity: PeerIdentity | None = None,
         cert: str | Path | None = None,
+        public_key: Ed25519PublicKey | None = None,
     ):
         self.address, self.join_token, self.timeout = address, join_token, timeout
-        self.identity = identity
+        self.identity, self.public_key = identity, public_key
         self.credentials: dict[str, str] = {}  # round id -> the credential its Join returned
         self.channel = channel(
             address,
@@ -65,9 +68,22 @@ class CoordinatorClient:
     def _credential(self, round_id: str) -> str:
         return self.credentials.get(round_id, "")
 
+    def _spec(self, spec_json: str, signature: str) -> RoundSpec:
+        """The round spec, after checking the coordinator's signature on it (when the client has its key)."""
+        if self.public_key is not None:
+            from swarm.keys import verify_hex
+
+            try:
+                ok = verify_hex(self.public_key, spec_json.encode(), signature)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError("the round spec does not carry the coordinator's signature: refusing it")
+        return RoundSpec.from_json(spec_json)
+
     def current_spec(self) -> RoundSpec:
         resp = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=self.timeout)
-        return RoundSpec.from_json(resp.round_spec_json)
+        return self._spec(resp.round_spec_json, resp.round_spec_signature)
 
     def join(
         self,
@@ -103,7 +119,11 @@ class CoordinatorClient:
                 f"the coordinator refused to let this peer join: {resp.reject_reason}", resp.reject_code
             )
         self.credentials[resp.round_id] = resp.credential
-        return RoundSpec.from_json(resp.round_spec_json), SpanRange(start=resp.span.start, end=resp.span.end), resp
+        return (
+            self._spec(resp.round_spec_json, resp.round_spec_signature),
+            SpanRange(start=resp.span.start, end=resp.span.end),
+            resp,
+        )
 
     def heartbeat(
         self,

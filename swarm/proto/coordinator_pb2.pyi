@@ -90,6 +90,7 @@ class JoinResponse(_message.Message):
         "reject_code",
         "dht_initial_peers",
         "credential",
+        "round_spec_signature",
     )
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +101,7 @@ class JoinResponse(_message.Message):
     REJECT_CODE_FIELD_NUMBER: _ClassVar[int]
     DHT_INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    ROUND_SPEC_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     span: Span
     round_spec_json: str
@@ -109,6 +111,7 @@ class JoinResponse(_message.Message):
     reject_code: str
     dht_initial_peers: _containers.RepeatedScalarFieldContainer[str]
     credential: str
+    round_spec_signature: str
     def __init__(
         self,
         accepted: bool | None = ...,
@@ -120,6 +123,7 @@ class JoinResponse(_message.Message):
         reject_code: str | None = ...,
         dht_initial_peers: _Iterable[str] | None = ...,
         credential: str | None = ...,
+        round_spec_signature: str | None = ...,
     ) -> None: ...
 
 class Progress(_message.Message):
@@ -239,6 +243,7 @@ class GetRoundSpecResponse(_message.Message):
         "adapter_version",
         "join_challenge",
         "candidate_sha256",
+        "round_spec_signature",
     )
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +257,7 @@ class GetRoundSpecResponse(_message.Message):
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOIN_CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ROUND_SPEC_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     round_spec_json: str
     state: str
@@ -264,6 +270,7 @@ class GetRoundSpecResponse(_message.Message):
     adapter_version: str
     join_challenge: str
     candidate_sha256: str
+    round_spec_signature: str
     def __init__(
         self,
         round_id: str | None = ...,
@@ -278,6 +285,7 @@ class GetRoundSpecResponse(_message.Message):
         adapter_version: str | None = ...,
         join_challenge: str | None = ...,
         candidate_sha256: str | None = ...,
+        round_spec_signature: str | None = ...,
     ) -> None: ...
 
 class ListAdaptersRequest(_message.Message):

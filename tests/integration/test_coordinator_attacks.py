@@ -175,3 +175,31 @@ def test_plaintext_clients_cannot_talk_to_a_tls_coordinator(server: CoordinatorS
     with coordinator_channel(server.address, other / "cert.pem") as channel:
         code = refused(lambda: pb_grpc.CoordinatorStub(channel).GetRoundSpec(pb.GetRoundSpecRequest(), timeout=3))
     assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_the_peer_client_joins_signed_and_checks_the_spec_signature(server: CoordinatorServer) -> None:
+    """The real client: signed Join, credential kept and attached by itself, spec signature checked."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from peer.coordinator_client import CoordinatorClient
+    from tests.identities import identity
+
+    key = load_public_key(server.public_key_path)
+    client = CoordinatorClient(server.address, identity=identity("a"), cert=server.tls_cert_path, public_key=key)
+    try:
+        spec, span, reply = client.join(pid("a"), [], "sha256:tiny", 1.0, "cpu", 1 << 30)
+        assert spec == SPEC and reply.credential and client.credentials["r1"] == reply.credential
+        time.sleep(0.01)
+        beat = client.heartbeat(pid("a"), "r1", span, samples=1, tokens=64, loss=2.0, throughput=1.0, epoch=0)
+        assert beat.ok and beat.action == "continue"
+        with pytest.raises(ValueError, match="needs that peer's identity key"):
+            client.join(pid("b"), [], "sha256:tiny", 1.0, "cpu", 1 << 30)
+    finally:
+        client.close()
+    impostor = CoordinatorClient(server.address, cert=server.tls_cert_path,
+                                 public_key=Ed25519PrivateKey.generate().public_key())  # fmt: skip
+    try:
+        with pytest.raises(ValueError, match="signature"):
+            impostor.current_spec()  # signed by another key than the one this client trusts
+    finally:
+        impostor.close()
