@@ -13,6 +13,7 @@ import grpc
 from coordinator.assignment import choose_span
 from coordinator.auth import check_credential, new_credential, verify_join
 from coordinator.context import CoordinatorContext
+from coordinator.evaluators import join_evaluator
 from coordinator.lifecycle import action_for
 from coordinator.membership import expire_members, rebalance_round
 from coordinator.rounds import advance, live_replicas, round_progress
@@ -79,8 +80,6 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
                           f"(1-{MAX_MULTIADDR_CHARS} chars)")  # fmt: skip
     check_real("capacity.throughput", req.capacity.throughput, minimum=0.0)
     if req.role == EVALUATOR_ROLE:
-        from coordinator.evaluators import join_evaluator
-
         return join_evaluator(ctx, req)
     if req.role:
         raise invalid(f"role {req.role[:32]!r} is unknown: use '' (a member) or {EVALUATOR_ROLE!r}")
