@@ -24,6 +24,7 @@ def run(config: CoordinatorConfig) -> None:
             typer.echo(f"coordinator gRPC listening on {server.address}")
             typer.echo(f"coordinator metrics on {server.metrics_url or '(off)'}")
             typer.echo(f"coordinator public key {server.public_key_path}")
+            typer.echo(f"coordinator TLS certificate {server.tls_cert_path or '(none: plaintext, --insecure)'}")
             typer.echo(f"coordinator DHT {' '.join(server.ctx.dht_initial_peers) or '(off)'}")
             typer.echo(f"coordinator state in {config.db_path if config.store == 'sqlite' else '(memory)'}")
             while not stop.wait(1.0):
@@ -88,6 +89,33 @@ def register(app: typer.Typer) -> None:
         dht_initial_peers: list[str] = typer.Option(
             [], "--dht-initial-peers", help="Multiaddr of a DHT node to join (default: start a new DHT); repeatable."
         ),
+        public_dir: Path | None = typer.Option(
+            None,
+            file_okay=False,
+            help="Directory to copy public_key.pem and tls_cert.pem into, for peers "
+            "(e.g. a volume shared with them; the private keys stay in WORKDIR).",
+        ),
+        evaluator_id: list[str] = typer.Option(
+            [],
+            "--evaluator-id",
+            help="Peer id of an evaluator you run (swarm evaluator); repeatable. With one, "
+            "evaluators alone gate publication; without, a quorum of members does.",
+        ),
+        insecure: bool = typer.Option(
+            False,
+            "--insecure",
+            help="Serve gRPC in plaintext (local demos and tests only: credentials travel in clear).",
+        ),
+        tls_cert: Path | None = typer.Option(
+            None,
+            dir_okay=False,
+            help="PEM certificate of the gRPC port (default WORKDIR/coordinator/tls_cert.pem, made "
+            "if missing): hand it to peers, who pin it.",
+        ),
+        tls_key: Path | None = typer.Option(None, dir_okay=False, help="PEM private key of --tls-cert."),
+        tls_hostname: list[str] = typer.Option(
+            [], "--tls-hostname", help="Name or IP put in a generated certificate (repeatable)."
+        ),
         log_level: str = typer.Option("INFO", help="Python logging level: DEBUG, INFO, WARNING, ERROR."),
     ) -> None:
         """Run the round coordinator: membership, span assignment, round lifecycle, adapter registry."""
@@ -110,6 +138,12 @@ def register(app: typer.Typer) -> None:
                 dht_host_maddrs=tuple(dht_host_maddrs),
                 dht_announce_maddrs=tuple(dht_announce_maddrs),
                 dht_initial_peers=tuple(dht_initial_peers),
+                insecure=insecure,
+                public_dir=public_dir,
+                evaluator_ids=tuple(evaluator_id),
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_hostnames=tuple(tls_hostname),
             )
         except ValueError as e:  # pydantic's ValidationError is a ValueError; its text names each field
             typer.echo(f"invalid coordinator settings: {e}", err=True)

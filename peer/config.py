@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,6 +19,14 @@ class PeerConfig(BaseModel):
     coordinator: str = Field("", description="Coordinator gRPC address HOST:PORT; the round spec comes from it.")
     coordinator_public_key: str = Field("", description="Coordinator's Ed25519 public key that signs adapters.")
     join_token: str = Field("", description="Token the coordinator may require to join (env SWARM_JOIN_TOKEN).")
+    coordinator_cert: str = Field(
+        "",
+        description="The coordinator's TLS certificate (PEM) to pin; '' = tls_cert.pem beside coordinator_public_key "
+        "when it exists.",
+    )
+    coordinator_insecure: bool = Field(
+        False, description="Talk plaintext to a coordinator run with --insecure (local demos and tests only)."
+    )
     span: SpanRange | None = Field(
         None,
         description="Blocks to host as START:END (default: from --span-index, the coordinator, or the least-served span).",
@@ -87,6 +96,22 @@ class PeerConfig(BaseModel):
         if v <= 0:
             raise ValueError(f"must be > 0, got {v}")
         return v
+
+    @property
+    def coordinator_cert_path(self) -> str:
+        """The certificate to pin ('' = plaintext, only with ``coordinator_insecure``); ValueError if none."""
+        if self.coordinator_insecure:
+            return ""
+        if self.coordinator_cert:
+            return self.coordinator_cert
+        beside = Path(self.coordinator_public_key).with_name("tls_cert.pem") if self.coordinator_public_key else None
+        if beside is None or not beside.exists():
+            raise ValueError(
+                f"no TLS certificate for the coordinator: pass --coordinator-cert FILE (the coordinator's tls_cert.pem)"
+                f"{f' or put it at {beside}' if beside else ''}; --coordinator-insecure only for a coordinator run "
+                "with --insecure"
+            )
+        return str(beside)
 
     @property
     def is_trainer(self) -> bool:

@@ -27,6 +27,8 @@ class CoordinatorLink:
         self.interval = 2.0
         self._uploaded_epoch = -1
         self._uploader: threading.Thread | None = None
+        self._final_eval: tuple[float, int, int] | None = None  # (loss, epoch, tokens) of the final eval
+        self._candidate, self._named = "", ""  # candidate sha256 this peer must evaluate / has reported on
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="coordinator-heartbeat", daemon=True)
 
@@ -62,6 +64,24 @@ class CoordinatorLink:
             self.client.report_eval(self.peer_id, self.spec.round_id, 0 if phase == "before" else epoch, loss, tokens)
         except grpc.RpcError as exc:
             log.warning(f"could not report the {phase} eval to the coordinator: {exc.details()}")
+        if phase != "before":
+            self._final_eval = (loss, epoch, tokens)
+            self._name_candidate()
+
+    def _name_candidate(self) -> None:
+        """As a picked evaluator: report the final eval on the candidate the coordinator named.
+
+        The trainer measured the swarm's final state, which the candidate was assembled from; an evaluator
+        that loads base + candidate itself is the stronger check (SECURITY.md).
+        """
+        if not self._candidate or self._candidate == self._named or self._final_eval is None:
+            return
+        loss, epoch, tokens = self._final_eval
+        try:
+            self.client.report_eval(self.peer_id, self.spec.round_id, max(epoch, 1), loss, tokens, self._candidate)
+            self._named = self._candidate
+        except grpc.RpcError as exc:
+            log.warning(f"could not report the eval of candidate {self._candidate[:12]}: {exc.details()}")
 
     def _upload(self, epoch: int) -> None:
         daemon = self.daemon
@@ -99,6 +119,9 @@ class CoordinatorLink:
             throughput=daemon.throughput,
             epoch=daemon.server.epoch,
         )
+        if resp.eval_candidate_sha256:
+            self._candidate = resp.eval_candidate_sha256
+            self._name_candidate()
         if resp.heartbeat_interval_s:
             self.interval = resp.heartbeat_interval_s
         if resp.action == "finalize":

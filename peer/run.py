@@ -17,6 +17,8 @@ from peer.config import PeerConfig
 from peer.coordinator_client import CoordinatorClient, JoinRejectedError
 from peer.daemon import PeerDaemon, install_signal_handlers
 from swarm.config import RoundSpec, SpanRange
+from swarm.identity import load_identity
+from swarm.keys import load_public_key
 
 log = get_logger(__name__)
 
@@ -62,7 +64,9 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event) -> None:
     if not config.coordinator_public_key:
         raise ValueError("--coordinator needs --coordinator-public-key FILE to verify the adapters it publishes")
     identity, peer_id = _identity(config)
-    client = CoordinatorClient(config.coordinator, config.join_token)
+    client = CoordinatorClient(config.coordinator, config.join_token, identity=load_identity(identity),
+                               cert=config.coordinator_cert_path,
+                               public_key=load_public_key(config.coordinator_public_key))  # fmt: skip
     try:
         while not stop.is_set():
             joined = _join_when_open(client, config, peer_id, stop)

@@ -70,6 +70,7 @@ __all__ = [
     "split_by_span",
     "verify_adapter",
     "write_adapter",
+    "write_peft_dir",
 ]
 
 
@@ -107,6 +108,16 @@ def _write_peft_config(directory: Path, lora: LoraSettings, base_model: str) -> 
     config = json.loads(path.read_text())
     config["target_modules"] = sorted(config["target_modules"])  # PEFT stores a set: fix the order
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_peft_dir(directory: Path, tensors: Mapping[str, torch.Tensor], lora: LoraSettings, base_model: str) -> None:
+    """A plain, unsigned PEFT adapter directory (``adapter_config.json`` + weights) of ``tensors``, checked
+    by :func:`~swarm.adapter_tensors.validate_lora_tensors` (an evaluator loads a candidate this way)."""
+    validate_lora_tensors(tensors, lora)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: t.detach().to("cpu").contiguous() for k, t in sorted(tensors.items())}
+    save_file(weights, str(directory / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    _write_peft_config(directory, lora, base_model)
 
 
 def _check_target(directory: Path) -> None:
