@@ -61,7 +61,9 @@ class Setup:
         return self.spec.optimizer.target_batch_size // len(self.shards)
 
 
-def round_spec(workdir: Path, base: Path, n_train: int, n_eval: int, steps: int, target_batch: int) -> RoundSpec:
+def round_spec(
+    workdir: Path, base: Path, n_train: int, n_eval: int, steps: int, target_batch: int, lr: float = 3e-3
+) -> RoundSpec:
     """The round both the baselines and the swarm run: ``swarm make-data`` files, the demo's optimizer settings."""
     from swarm.checkpoint import fingerprint, read_config
 
@@ -75,7 +77,7 @@ def round_spec(workdir: Path, base: Path, n_train: int, n_eval: int, steps: int,
         spans=split_even(layers, 2),
         lora=LoraSettings(),
         data=DataSettings(train_path=str(train), eval_path=str(eval_), seq_len=64, micro_batch_size=8),
-        optimizer=OptimizerSettings(lr=3e-3, target_batch_size=target_batch),
+        optimizer=OptimizerSettings(lr=lr, target_batch_size=target_batch),
         end=EndCondition(target_epochs=steps),
     )
 
@@ -183,12 +185,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="trainers / FedAvg clients (data shards)")
     parser.add_argument("--target-batch", type=int, default=32, help="samples per optimizer step, all clients")
     parser.add_argument("--local-steps", default="1,4,12", help="FedAvg local steps between averagings (list)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of every run (the demo's 3e-3)")
     parser.add_argument("--n-train", type=int, default=2000, help="training documents (swarm make-data --n-train)")
     parser.add_argument("--n-eval", type=int, default=200, help="held-out documents (swarm make-data --n-eval)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (2 on a loaded 2-core machine ran 10x slower)"
     )
     parser.add_argument("--fresh-optimizer", action="store_true", help="FedAvg: new AdamW each round (FlowerTune)")
+    parser.add_argument("--no-frozen-a", action="store_true", help="skip the frozen-A (B only) runs")
     parser.add_argument("--swarm-adapter", type=Path, help="evaluate this published adapter as the swarm's result")
     parser.add_argument("--run-swarm", action="store_true", help="run the swarm round (run_swarm_round hook)")
     parser.add_argument("--workdir", type=Path, default=None, help="where base, data and round spec go (temp dir)")
@@ -196,7 +200,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-quality-"))
     base = make_base(workdir / "base", progress=False)
-    spec = round_spec(workdir, base, args.n_train, args.n_eval, args.steps, args.target_batch)
+    spec = round_spec(workdir, base, args.n_train, args.n_eval, args.steps, args.target_batch, args.lr)
     spec.save(workdir / "round.json")
     tokenizer = AutoTokenizer.from_pretrained(base)
     shards, eval_rows = [], None
@@ -212,30 +216,33 @@ def main() -> None:
         f"LoRA r{spec.lora.rank} alpha {spec.lora.alpha} on {','.join(spec.lora.target_modules)}"
     )
     before, _ = new_model(setup)
-    print(f"{'base model (no LoRA training)':<44} held-out loss {eval_loss(before, eval_rows):.4f}")
+    print(f"{'base model (no LoRA training)':<52} held-out loss {eval_loss(before, eval_rows):.4f}")
     started = time.perf_counter()
     central = centralized_peft(setup)
     print(
-        f"{'centralized PEFT LoRA (reference)':<44} held-out loss {central:.4f}  ({time.perf_counter() - started:.0f} s)"
+        f"{'centralized PEFT LoRA (reference)':<52} held-out loss {central:.4f}  ({time.perf_counter() - started:.0f} s)"
     )
-    central_frozen = centralized_peft(setup, freeze_a=True)
-    print(
-        f"{'centralized PEFT LoRA, frozen A (B only)':<44} held-out loss {central_frozen:.4f}  "
-        f"{100 * (central_frozen - central) / central:+.2f}% vs centralized"
-    )
+    variants = [(False, "FedAvg A,B separately")]
+    if not args.no_frozen_a:
+        variants.append((True, "FedAvg frozen A (B only)"))
+        central_frozen = centralized_peft(setup, freeze_a=True)
+        print(
+            f"{'centralized PEFT LoRA, frozen A (B only)':<52} held-out loss {central_frozen:.4f}  "
+            f"{100 * (central_frozen - central) / central:+.2f}% vs centralized"
+        )
     fresh = " fresh AdamW/round" if args.fresh_optimizer else ""
     for h in (int(x) for x in args.local_steps.split(",")):
-        for freeze_a, label in ((False, "FedAvg A,B separately"), (True, "FedAvg frozen A (B only)")):
+        for freeze_a, label in variants:
             loss = fedavg_peft(setup, h, freeze_a, args.fresh_optimizer)
             name = f"{label}, H={h}{fresh}"
-            print(f"{name:<44} held-out loss {loss:.4f}  {100 * (loss - central) / central:+.2f}% vs centralized")
+            print(f"{name:<52} held-out loss {loss:.4f}  {100 * (loss - central) / central:+.2f}% vs centralized")
     adapter = args.swarm_adapter
     if args.run_swarm:
         adapter = run_swarm_round(spec, workdir, args.clients)
     if adapter is not None:
         loss = swarm_adapter_loss(setup, adapter)
         print(
-            f"{'swarm adapter ' + str(adapter):<44} held-out loss {loss:.4f}  {100 * (loss - central) / central:+.2f}%"
+            f"{'swarm adapter ' + str(adapter):<52} held-out loss {loss:.4f}  {100 * (loss - central) / central:+.2f}%"
         )
     else:
         print("swarm: not run (hook run_swarm_round pending the swarm-wide step; --swarm-adapter DIR to evaluate one)")
