@@ -104,16 +104,18 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     tokens = job["batch"] * job["seq"]
     for threads in job["threads"]:
         torch.set_num_threads(threads)
-        times = []
+        times, cpu = [], 0.0
         for step in range(job["warmup"] + job["steps"]):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             out = model(x.requires_grad_(True))
             out.float().pow(2).mean().backward()  # grads reach LoRA and the input (what a span server returns)
             if step >= job["warmup"]:
                 times.append(time.perf_counter() - started)
+                cpu += time.process_time() - cpu_started
             model.zero_grad(set_to_none=True)
             x.grad = None
         result[f"tok_s_{threads}"] = tokens * len(times) / sum(times)
+        result[f"cores_{threads}"] = cpu / sum(times)  # CPU time per wall second: the cores this process got
     result["peak_train"] = peak_rss()
     return result
 
@@ -128,6 +130,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def measure_model(cfg: RealConfig, base: Path, args: argparse.Namespace) -> None:
     layers, half = cfg.num_hidden_layers, cfg.num_hidden_layers // 2
+    if not args.only_train:
+        measure_memory(cfg, base, layers, half)
+    measure_training(base, half, args)
+
+
+def measure_memory(cfg: RealConfig, base: Path, layers: int, half: int) -> None:
     block = block_param_count(cfg)
     print(
         f"\n== {cfg.name}: {layers} blocks x hidden {cfg.hidden_size}, {block:,} parameters per block, "
@@ -157,6 +165,9 @@ def measure_model(cfg: RealConfig, base: Path, args: argparse.Namespace) -> None
             f"{h['load_s'] / a['load_s']:.2f}x; half blocks vs whole-model from_pretrained: RSS growth "
             f"{grow['h'] / grow['f']:.2f}x, peak {h['peak'] / f['peak']:.2f}x, load time {h['load_s'] / f['load_s']:.2f}x"
         )
+
+
+def measure_training(base: Path, half: int, args: argparse.Namespace) -> None:
     job = {
         "kind": "train",
         "base": str(base),
@@ -171,8 +182,12 @@ def measure_model(cfg: RealConfig, base: Path, args: argparse.Namespace) -> None
     r = run_job(job)
     print(
         f"train span [0,{half}) fp32 + LoRA r8 q/k/v/o, micro-batch {args.batch}x{args.seq}, forward+backward: "
-        f"{r['tok_s_1']:.1f} tokens/s at 1 thread, {r['tok_s_2']:.1f} at 2 threads "
-        f"({r['tok_s_2'] / r['tok_s_1']:.2f}x); peak RSS {r['peak_train'] / GB:.2f} GB"
+        + "; ".join(
+            f"{t} thread{'s' if t > 1 else ''}: {r[f'tok_s_{t}']:.1f} tokens/s using {r[f'cores_{t}']:.2f} cores "
+            f"({r[f'tok_s_{t}'] / r[f'cores_{t}']:.1f} tokens per CPU-second)"
+            for t in (1, 2)
+        )
+        + f"; 2 vs 1 thread {r['tok_s_2'] / r['tok_s_1']:.2f}x; peak RSS {r['peak_train'] / GB:.2f} GB"
     )
 
 
@@ -183,6 +198,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences per training micro-batch")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per thread count (after 1 warm-up)")
+    parser.add_argument("--only-train", action="store_true", help="skip the memory / load-time measurements")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
