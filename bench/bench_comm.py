@@ -251,8 +251,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peers = [int(x) for x in args.peers.split(",")]
-    base = make_base(Path(tempfile.mkdtemp()) / "base", progress=False)
-    activation = tiny_base_section(base, peers)
+    with tempfile.TemporaryDirectory(prefix="bench-comm-") as tmp:
+        base = make_base(Path(tmp) / "base", progress=False)
+        activation = tiny_base_section(base, peers)
     real_shapes_section(peers)
     hidden = {"tiny": activation.shape[-1], "Qwen2.5-0.5B": 896, "TinyLlama": 2048, "Llama-3-8B": 4096}
     activation_section(activation, hidden, args.micro_batch, args.seq, args.reps)

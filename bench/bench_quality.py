@@ -97,8 +97,8 @@ def step_batches(setup: Setup) -> Iterator[list[torch.Tensor]]:
         yield [next(it) for it in its]
 
 
-def new_model(setup: Setup, freeze_a: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = get_peft_model(
+def new_model(setup: Setup, freeze_a: bool = False) -> tuple[PeftModel, torch.optim.Optimizer]:
+    model: PeftModel = get_peft_model(  # type: ignore[assignment]  # a PeftModel for a plain LoraConfig
         AutoModelForCausalLM.from_pretrained(setup.base, attn_implementation="sdpa"), peft_lora_config(setup.spec.lora)
     )
     init_lora_(lora_parameters(model), setup.spec.lora.init_seed)
@@ -133,12 +133,17 @@ def eval_loss(model: torch.nn.Module, rows: torch.Tensor, batch: int = 32) -> fl
     return total / len(rows)
 
 
-def centralized_peft(setup: Setup, freeze_a: bool = False) -> float:
-    """Single-process PEFT LoRA: one AdamW step per global batch (``freeze_a``: B only, the FFA-LoRA reference)."""
+def centralized_peft(setup: Setup, freeze_a: bool = False, save_to: Path | None = None) -> float:
+    """Single-process PEFT LoRA: one AdamW step per global batch (``freeze_a``: B only, the FFA-LoRA reference).
+
+    ``save_to``: also write the trained adapter there (plain PEFT ``save_pretrained``).
+    """
     model, optimizer = new_model(setup, freeze_a)
     model.train()
     for parts in step_batches(setup):
         train_step(model, optimizer, torch.cat(parts), setup.spec.data.micro_batch_size)
+    if save_to is not None:
+        model.save_pretrained(str(save_to))
     return eval_loss(model, setup.eval_rows)
 
 
@@ -154,7 +159,7 @@ def fedavg_peft(setup: Setup, local_steps: int, freeze_a: bool = False, fresh_op
             states = [lora_parameters(model) for model, _ in clients]
             with torch.no_grad():
                 for key in states[0]:
-                    mean = sum(w * s[key] for w, s in zip(weights, states, strict=True))
+                    mean = torch.stack([w * s[key] for w, s in zip(weights, states, strict=True)]).sum(0)
                     for s in states:
                         s[key].copy_(mean)
             if fresh_optimizer:
@@ -194,11 +199,23 @@ def main() -> None:
     parser.add_argument("--fresh-optimizer", action="store_true", help="FedAvg: new AdamW each round (FlowerTune)")
     parser.add_argument("--no-frozen-a", action="store_true", help="skip the frozen-A (B only) runs")
     parser.add_argument("--swarm-adapter", type=Path, help="evaluate this published adapter as the swarm's result")
+    parser.add_argument(
+        "--save-centralized", type=Path, help="write the centralized adapter here (a reference for the swarm's)"
+    )
     parser.add_argument("--run-swarm", action="store_true", help="run the swarm round (run_swarm_round hook)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where base, data and round spec go (temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep base, data and round.json here (default: a temp dir, removed)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    if args.workdir is not None:
+        run(args, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+            run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
     base = make_base(workdir / "base", progress=False)
     spec = round_spec(workdir, base, args.n_train, args.n_eval, args.steps, args.target_batch, args.lr)
     spec.save(workdir / "round.json")
@@ -218,7 +235,7 @@ def main() -> None:
     before, _ = new_model(setup)
     print(f"{'base model (no LoRA training)':<52} held-out loss {eval_loss(before, eval_rows):.4f}")
     started = time.perf_counter()
-    central = centralized_peft(setup)
+    central = centralized_peft(setup, save_to=args.save_centralized)
     print(
         f"{'centralized PEFT LoRA (reference)':<52} held-out loss {central:.4f}  ({time.perf_counter() - started:.0f} s)"
     )

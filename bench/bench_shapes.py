@@ -75,6 +75,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["dtype"]]
     before = rss()
     started = time.perf_counter()
+    model: Any
     if job["kind"] == "hf":
         model = AutoModelForCausalLM.from_pretrained(job["base"], dtype=dtype)
     else:
@@ -98,7 +99,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         return result
     attach_lora(model, LoraSettings(target_modules=QKVO))
     model.train()
-    hidden = model.hidden_size
+    hidden = int(model.hidden_size)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(job["batch"], job["seq"], hidden, generator=gen) * 0.1
     tokens = job["batch"] * job["seq"]

@@ -88,6 +88,7 @@ def hf_config(cfg: RealConfig) -> Any:
         hidden_act="silu",
         dtype="bfloat16",
     )
+    config: Any
     if cfg.model_type == "qwen2":
         config = Qwen2Config(use_sliding_window=False, max_window_layers=cfg.num_hidden_layers, **common)
     else:
