@@ -155,8 +155,8 @@ def real_shapes_section(peers: list[int]) -> None:
 def decode(msg: runtime_pb2.Tensor) -> torch.Tensor:
     """``deserialize_torch_tensor``, with the 8-bit formats decoded here.
 
-    hivemind 1.1.12 reads the 8-bit codebook length with ``int(np.frombuffer(..., count=1))``, a TypeError with
-    numpy >= 2.4 (this venv has 2.4.6), so ``deserialize_torch_tensor`` fails on QUANTILE_8BIT, UNIFORM_8BIT and
+    hivemind 1.1.12 reads the 8-bit codebook length with ``int(np.frombuffer(..., count=1))``, deprecated since
+    numpy 1.25 and a TypeError in this venv's numpy 2.4.6, so ``deserialize_torch_tensor`` fails on QUANTILE_8BIT, UNIFORM_8BIT and
     BLOCKWISE_8BIT here. The buffer layouts are hivemind's (``compression/quantization.py``).
     """
     buf, shape = msg.buffer, tuple(msg.size)
