@@ -190,9 +190,9 @@ def activation_section(activation: torch.Tensor, hidden_sizes: dict[str, int], b
 
     print("\n== 3. activations per span hop (hivemind.compression.serialize_torch_tensor) ==")
     print(
-        "per token, remote span and micro-batch, peer/remote.py moves 5 hidden-size tensors: forward request (input) "
-        "and reply (output), backward request (input again: the server recomputes, + output gradient) and reply "
-        "(input gradient). Today each is serialized with CompressionType.NONE (fp32 on CPU)"
+        "per token, remote span and micro-batch, peer/transport.py moves 5 hidden-size tensors: forward request "
+        "(input) and reply (output), backward request (input again: the server recomputes, + output gradient) and "
+        "reply (input gradient), each with the round's wire.compression (default none: fp32)"
     )
     real = activation.float()
     tokens = batch * seq
