@@ -10,7 +10,7 @@
 * ``fedavg-frozen-A``: the same with lora_A frozen at its shared initialisation: averaging B is then exactly
   averaging the weight update B A (FFA-LoRA); the remaining gap is local steps and Adam.
 * ``swarm``: the adapter the swarm publishes for the same round spec (:func:`round_spec`). HOOK for the lead:
-  :func:`run_swarm_round` (issue 7's swarm-wide step), or pass a published adapter with ``--swarm-adapter DIR``.
+  :func:`run_swarm_round` (the swarm-wide step), or pass a published adapter with ``--swarm-adapter DIR``.
 
 Every run sees the same rows in the same steps; every client does ``--steps`` optimizer steps, so all runs use
 steps x target batch samples. Data is ``swarm make-data``'s (finetune domain), base is ``swarm make-base``'s.
@@ -175,7 +175,7 @@ def fedavg_peft(setup: Setup, local_steps: int, freeze_a: bool = False, fresh_op
 # held-out rows, the ratio to centralized) is done by swarm_adapter_loss() and main().
 # ---------------------------------------------------------------------------------------------------------------
 def run_swarm_round(spec: RoundSpec, workdir: Path, num_trainers: int) -> Path:
-    raise NotImplementedError("swarm-wide step (issue 7) pending: pass --swarm-adapter DIR or fill run_swarm_round")
+    raise NotImplementedError("run_swarm_round is a hook to fill (bench/bench_quality.py); or pass --swarm-adapter DIR")
 
 
 def swarm_adapter_loss(setup: Setup, adapter_dir: Path) -> float:
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             f"{'swarm adapter ' + str(adapter):<52} held-out loss {loss:.4f}  {100 * (loss - central) / central:+.2f}%"
         )
     else:
-        print("swarm: not run (hook run_swarm_round pending the swarm-wide step; --swarm-adapter DIR to evaluate one)")
+        print("swarm: not run (hook run_swarm_round not filled yet; --swarm-adapter DIR evaluates a published adapter)")
 
 
 if __name__ == "__main__":
