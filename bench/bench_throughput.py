@@ -95,6 +95,7 @@ def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: i
         run(range(warm))
         started = time.perf_counter()
         run(range(warm, len(data) // slots))
+        recorder.finish()
         timed = data[warm * slots : (len(data) // slots) * slots]
         return sum(x.numel() for x in timed) / (time.perf_counter() - started)
     finally:

@@ -65,6 +65,7 @@ def run_round(spec: RoundSpec, train: torch.Tensor, held_out: torch.Tensor, step
             recorder.open(s)
             done = trainer.run_step(s, slots, stream, depth=1)
             recorder.close(s, [mb.index for mb in done], sum(len(mb.input_ids) for mb in done))
+        recorder.finish()
         tokens = steps * slots * mbs * spec.data.seq_len
         hop_bytes = wire["bytes"]
         loss = trainer.evaluate(steps, held_out, mbs)

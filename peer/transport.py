@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, AsyncIterator  # noqa: UP035 (hivemind's ServicerBase reads typing's hints)
 
+import hivemind.compression.base
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import P2PContext, ServicerBase
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from peer.server import SpanServer
 
 log = get_logger(__name__)
+# hivemind sends bfloat16 as float32 unless told otherwise ("legacy" mode): keep it at 2 bytes per element. Peers in
+# legacy mode still decode these tensors (the dtype travels with them).
+hivemind.compression.base.USE_LEGACY_BFLOAT16 = False
 PART_BYTES = 2 * 1024 * 1024
 #: wire compression name -> (cast dtype before serializing or None, hivemind CompressionType)
 WIRE_COMPRESSIONS: dict[str, tuple[torch.dtype | None, int]] = {
