@@ -91,7 +91,7 @@ def poll(condition: Callable[[], bool], deadline_s: float, what: str) -> None:
     deadline = time.monotonic() + deadline_s
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {deadline_s} s waiting for {what}"
-        time.sleep(0.02)
+        time.sleep(0.1)  # a poll sends heartbeats: stay under the per-address rate limit
 
 
 def test_round_trip_and_health(server: CoordinatorServer, stub: pb_grpc.CoordinatorStub) -> None:
