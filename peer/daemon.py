@@ -19,6 +19,7 @@ from peer.announce import Announcer, fetch_trainers, online_servers, record_vali
 from peer.config import PeerConfig
 from peer.metrics import MetricsServer, PeerMetrics
 from peer.server import SpanServer
+from peer.stats import PeerStats, RoundSignals
 from swarm import __version__
 from swarm.config import RoundSpec, SpanRange
 from swarm.dht_records import ONLINE, ServerAnnouncement
@@ -81,13 +82,14 @@ class PeerDaemon:
         stop_event: threading.Event | None = None,
     ):
         self.config, self.spec = config, spec
-        self.stop_event = stop_event or threading.Event()  # set by SIGTERM/SIGINT (see install_signal_handlers)
-        self.finalize_event = threading.Event()  # the coordinator ended training: stop stepping
-        self.round_over = threading.Event()  # the round is over for this peer: leave and maybe rejoin
+        self.signals = RoundSignals(stop=stop_event or threading.Event())  # stop: SIGTERM/SIGINT
+        self.stop_event, self.finalize_event, self.round_over = (
+            self.signals.stop,
+            self.signals.finalize,
+            self.signals.round_over,
+        )
         self.on_eval: list[Any] = []  # callbacks (phase, loss, epoch, tokens)
-        self.trained_samples = 0
-        self.trained_tokens = 0
-        self.last_loss = 0.0
+        self.stats = PeerStats()
         self.events = EventLog(config.events_file)
         self.metrics = PeerMetrics()
         self.device, self.dtype = resolve_device(config.device, config.dtype)
@@ -105,7 +107,6 @@ class PeerDaemon:
         )
         self.peer_id = str(self.dht.peer_id)
         self.span = self._choose_span()
-        self.throughput = 0.0
         self.announcer = Announcer(self.dht, spec.round_id, self._announcement, config.announce_period)
         self.server = SpanServer(
             spec,
@@ -163,7 +164,7 @@ class PeerDaemon:
 
     def _announcement(self) -> ServerAnnouncement:
         return self.server.announcement(
-            float(self.throughput),
+            float(self.stats.throughput),
             state=ONLINE,
             version=__version__,
             adapter_version=self.spec.parent_adapter,
@@ -188,9 +189,9 @@ class PeerDaemon:
             inp = x.detach().requires_grad_(True)
             out = module(inp)
             torch.autograd.grad(out.float().pow(2).mean(), [inp])
-        self.throughput = batch * repeats / (time.perf_counter() - started)
-        self.metrics.throughput.set(self.throughput)
-        return self.throughput
+        self.stats.throughput = batch * repeats / (time.perf_counter() - started)
+        self.metrics.throughput.set(self.stats.throughput)
+        return self.stats.throughput
 
     def health(self) -> dict[str, Any]:
         return {
@@ -216,12 +217,12 @@ class PeerDaemon:
             span=[self.span.start, self.span.end],
             maddrs=[str(m) for m in self.dht.get_visible_maddrs()],
             metrics_port=self.metrics_server.port if self.metrics_server else None,
-            throughput=self.throughput,
+            throughput=self.stats.throughput,
             epoch=self.server.epoch,
         )
         log.info(
             f"Peer {self.peer_id} serves span {self.span.name} of round {self.spec.round_id} "
-            f"({self.throughput:.1f} samples/s)"
+            f"({self.stats.throughput:.1f} samples/s)"
         )
 
     def tick(self) -> None:

@@ -84,7 +84,8 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event) -> None:
                 }
             )
             daemon = PeerDaemon(peer_config, spec, initial_state=initial, stop_event=stop)
-            link.attach(daemon, resp.heartbeat_interval_s or 2.0)
+            link.attach(daemon.server, daemon.stats, daemon.signals, resp.heartbeat_interval_s or 2.0)
+            daemon.on_eval.append(link.report_eval)
             _run_round(daemon, on_start=link.start)
             link.stop()
             if stop.is_set():  # a signal, not a round change

@@ -66,7 +66,7 @@ class TrainingLoop:
                 )
                 break
             except (SpanUnavailableError, StepOverError) as exc:
-                if self.daemon.stop_event.is_set():
+                if self.daemon.signals.stop.is_set():
                     return None
                 if isinstance(exc, StepOverError):
                     self.step = exc.epoch
@@ -89,8 +89,8 @@ class TrainingLoop:
         """A stop from outside: signal, the coordinator's finalize, or --max-steps micro-batches."""
         cfg = self.daemon.config
         return bool(
-            self.daemon.stop_event.is_set()
-            or self.daemon.finalize_event.is_set()
+            self.daemon.signals.stop.is_set()
+            or self.daemon.signals.finalize.is_set()
             or (cfg.max_steps and self.microbatches >= cfg.max_steps)
         )
 
@@ -107,9 +107,7 @@ class TrainingLoop:
     def record(self, result: StepResult) -> None:
         m = self.daemon.metrics
         self.microbatches += 1
-        self.daemon.trained_samples += result.samples
-        self.daemon.trained_tokens += result.tokens
-        self.daemon.last_loss = result.loss
+        self.daemon.stats.trained(result.samples, result.tokens, result.loss)
         m.samples.inc(result.samples)
         m.tokens.inc(result.tokens)
         m.loss.set(result.loss)
@@ -148,9 +146,9 @@ class TrainingLoop:
             self.recorder.finish()
             if self.daemon.config.coordinator:
                 # the coordinator counts the final eval once it has ended the round (heartbeat action "finalize")
-                while not (self.daemon.finalize_event.wait(0.5) or self.daemon.stop_event.is_set()):
+                while not (self.daemon.signals.finalize.wait(0.5) or self.daemon.signals.stop.is_set()):
                     pass
-            if not self.daemon.stop_event.is_set():
+            if not self.daemon.signals.stop.is_set():
                 self.evaluate("after")
         finally:
             self.recorder.finish()
