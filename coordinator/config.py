@@ -18,16 +18,21 @@ class CoordinatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field("127.0.0.1", description="Interface for gRPC and /metrics (0.0.0.0 = every interface).")
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = an ephemeral port, see .port).")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free port; the bound one is printed).")
     metrics_port: int | None = Field(
-        9400, ge=0, le=65535, description="HTTP port of /metrics and /health (0 = ephemeral, None = off)."
+        9400,
+        ge=0,
+        le=65535,
+        description="HTTP port of /metrics, /health and the status page (0 = pick a free port, -1 = off).",
     )
-    workdir: Path = Field(Path("swarm-work"), description="State lives in WORKDIR/coordinator/.")
+    workdir: Path = Field(
+        Path("swarm-work"), description="Working directory; state goes to WORKDIR/coordinator/state.sqlite3."
+    )
     store: Literal["sqlite", "memory"] = Field(
         "sqlite", description="sqlite: WORKDIR/coordinator/state.sqlite3; memory: lost on exit (tests)."
     )
     round_spec: RoundSpec | None = Field(
-        None, description="Round to open at start when no round is active (None = open nothing)."
+        None, description="RoundSpec JSON file: the round to open when none is open (none = open nothing)."
     )
     join_token: str = Field("", description="Shared secret peers must send in Join ('' = anyone may join).")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often peers are told to heartbeat.")
@@ -108,6 +113,7 @@ class CoordinatorConfig(BaseModel):
         2, ge=1, description="Ended rounds whose uploaded span states are kept on disk (older ones are deleted)."
     )
     http_threads: int = Field(4, ge=1, description="Worker threads of the status / metrics HTTP server.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Python logging level.")
     http_timeout_s: float = Field(10.0, gt=0, description="Seconds an idle or slow HTTP connection is kept.")
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ import enum
 import inspect
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import typer
@@ -25,15 +26,16 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def _option(
-    name: str, field: Any, flag: str, parser: Callable[[str], Any] | None, envvar: str | None
-) -> inspect.Parameter:
+def _option(name: str, field: Any, flag: str, parser: Parser | None, envvar: str | None) -> inspect.Parameter:
     annotation, optional = _unwrap_optional(field.annotation)
     help_text = field.description or ""
     default = field.default
     kind: Any
     if parser is not None:
-        kind, option = str, typer.Option("" if default is None else str(default), flag, help=help_text)
+        kind, extra = (parser[1], parser[2]) if isinstance(parser, tuple) else (str, {})
+        text_default = "" if default is None or kind is not str else str(default)
+        kind = kind | None if kind is not str else str
+        option = typer.Option(text_default or None, flag, help=help_text, **extra)
     elif annotation is bool:
         decls = flag if "/" in flag else f"{flag}/--no-{flag.removeprefix('--')}"
         kind, option = (bool | None) if optional else bool, typer.Option(default, decls, help=help_text)
@@ -42,11 +44,16 @@ def _option(
     elif get_origin(annotation) is Literal:
         kind = enum.Enum(f"{name}_choices", {str(c): str(c) for c in get_args(annotation)}, type=str)  # type: ignore[misc, no-redef]
         option = typer.Option(kind(default), flag, help=help_text, case_sensitive=False)
-    elif annotation in (int, float, str):
-        kind, option = annotation, typer.Option(default, flag, help=help_text, envvar=envvar)
+    elif annotation in (int, float, str, Path):
+        kind = (annotation | None) if optional else annotation
+        option = typer.Option(default, flag, help=help_text, envvar=envvar)
     else:
         raise TypeError(f"field {name}: no CLI mapping for {annotation!r}; give it a parser")
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+
+
+#: A text parser for a field, or (parser, option type, extra typer.Option arguments), e.g. a Path that must exist.
+Parser = Callable[[Any], Any] | tuple[Callable[[Any], Any], type, dict[str, Any]]
 
 
 def command_from_model(
@@ -55,12 +62,13 @@ def command_from_model(
     *,
     doc: str,
     flags: dict[str, str] | None = None,
-    parsers: dict[str, Callable[[str], Any]] | None = None,
+    parsers: dict[str, Parser] | None = None,
+    converters: dict[str, Callable[[Any], Any]] | None = None,
     envvars: dict[str, str] | None = None,
     skip: tuple[str, ...] = (),
 ) -> Callable[..., None]:
     """A Typer command function with one option per field of ``model``; invalid values exit 2 naming the field."""
-    flags, parsers, envvars = flags or {}, parsers or {}, envvars or {}
+    flags, parsers, envvars, converters = flags or {}, parsers or {}, envvars or {}, converters or {}
     params = [
         _option(name, field, flags.get(name, "--" + name.replace("_", "-")), parsers.get(name), envvars.get(name))
         for name, field in model.model_fields.items()
@@ -69,8 +77,16 @@ def command_from_model(
 
     def command(**values: Any) -> None:
         for name, value in list(values.items()):
-            if name in parsers:
-                values[name] = parsers[name](value) if value else None
+            if name in converters:
+                values[name] = converters[name](value)
+            elif name in parsers:
+                entry = parsers[name]
+                parse = entry[0] if isinstance(entry, tuple) else entry
+                try:
+                    values[name] = parse(value) if value else None
+                except (ValueError, OSError) as exc:
+                    typer.echo(f"error: {flags.get(name, '--' + name.replace('_', '-'))}: {exc}", err=True)
+                    raise typer.Exit(2) from None
             elif isinstance(value, list):
                 values[name] = tuple(value)
             elif isinstance(value, enum.Enum):
