@@ -9,8 +9,11 @@
   the centralized update even at H = 1 (nor is an average of Adam steps an Adam step on the averaged gradient).
 * ``fedavg-frozen-A``: the same with lora_A frozen at its shared initialisation: averaging B is then exactly
   averaging the weight update B A (FFA-LoRA); the remaining gap is local steps and Adam.
-* ``swarm``: the adapter the swarm publishes for the same round spec (:func:`round_spec`). HOOK for the lead:
-  :func:`run_swarm_round` (the swarm-wide step), or pass a published adapter with ``--swarm-adapter DIR``.
+* ``swarm`` (``--run-swarm``): the same round on real ``swarm peer`` processes (2 spans x 2 replicas, K trainers,
+  :func:`run_swarm_round`), its adapter assembled from the replicas' span states and loaded with plain PEFT; next
+  to it, centralized PEFT trained on exactly the micro-batches the trainers declared for each step (the trainers
+  draw their own micro-batch order, so this, not ``centralized``, is the like-for-like reference). Or evaluate a
+  published adapter with ``--swarm-adapter DIR``.
 
 Every run sees the same rows in the same steps; every client does ``--steps`` optimizer steps, so all runs use
 steps x target batch samples. Data is ``swarm make-data``'s (finetune domain), base is ``swarm make-base``'s.
@@ -167,15 +170,97 @@ def fedavg_peft(setup: Setup, local_steps: int, freeze_a: bool = False, fresh_op
     return eval_loss(clients[0][0], setup.eval_rows)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# HOOK (lead): the swarm's published adapter for the same round. Run `spec` with 2 spans x 2 replicas and
-# len(setup.shards) trainers (trainer k reads shard k: swarm.data.load_round_data(spec.data, tok, k, K)) until
-# spec.end (= setup.steps swarm-wide optimizer steps of target_batch_size samples), and return the published
-# adapter directory. Everything after that (loading with plain PeftModel.from_pretrained, evaluation on the same
-# held-out rows, the ratio to centralized) is done by swarm_adapter_loss() and main().
-# ---------------------------------------------------------------------------------------------------------------
-def run_swarm_round(spec: RoundSpec, workdir: Path, num_trainers: int) -> Path:
-    raise NotImplementedError("run_swarm_round is a hook to fill (bench/bench_quality.py); or pass --swarm-adapter DIR")
+def run_swarm_round(spec: RoundSpec, workdir: Path, num_trainers: int) -> tuple[Path, float]:
+    """The round on a real swarm: 2 spans x 2 replicas, ``num_trainers`` trainers (trainer k reads shard k), real
+    ``swarm peer`` processes on 127.0.0.1 until spec.end. Returns the adapter assembled from the span replicas'
+    states at the last epoch (what the coordinator assembles), and the held-out loss of centralized PEFT LoRA
+    trained on exactly the micro-batches the trainers declared, step by step (the exact reference)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from peer.training_loop import data_stream
+    from swarm.adapter import write_peft_dir
+    from swarm.adapter_tensors import merge_span_states
+    from swarm.reference import centralized_lora
+
+    steps = spec.end.target_epochs
+    spec = spec.model_copy(update={"optimizer": spec.optimizer.model_copy(update={"matchmaking_time": 1.0})})
+    spec_path = workdir / "swarm_round.json"
+    spec.save(spec_path)
+    procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def start(name: str, *args: str) -> Path:
+        folder = workdir / "swarm" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "swarm.cli", "peer", "--round-spec", str(spec_path), "--device", "cpu"]
+        cmd += ["--threads", "1", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--announce-period", "1"]
+        cmd += ["--events-file", str(folder / "events.jsonl"), "--checkpoint-dir", str(folder / "ckpt"), *args]
+        with open(folder / "log.txt", "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append((name, proc, folder))
+        return folder
+
+    def events(folder: Path, kind: str) -> list[dict]:
+        path = folder / "events.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        return [r for r in rows if r["event"] == kind]
+
+    def wait(check: object, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():  # type: ignore[operator]
+            if time.monotonic() > deadline or any(p.poll() is not None for _, p, _ in procs):
+                raise RuntimeError(f"swarm round: {what} did not happen; see {workdir / 'swarm'}")
+            time.sleep(0.5)
+
+    try:
+        first = start("s0", "--span-index", "0")
+        wait(lambda: events(first, "ready"), 120, "the first server to start")
+        boot = ["--initial-peers", events(first, "ready")[0]["maddrs"][0]]
+        start("s1", "--span-index", "1", *boot)
+        train = spec.data.train_path
+        trainers = []
+        for k in range(num_trainers):
+            args = ["--span-index", str(k % 2), "--data", train, "--shard-index", str(k), "--num-shards"]
+            args += [str(num_trainers), "--min-replicas", "2", "--min-trainers", str(num_trainers), *boot]
+            trainers.append(start(f"t{k}", *args))
+        wait(lambda: all(len(events(t, "eval")) >= 2 for t in trainers), 60 + 20 * steps, "training to finish")
+        servers = [workdir / "swarm" / "s0", workdir / "swarm" / "s1"]
+        snaps = [sorted((f / "ckpt").glob(f"span*_epoch{steps:05d}.safetensors")) for f in servers]
+        wait(lambda: all(sorted((f / "ckpt").glob(f"span*_epoch{steps:05d}.safetensors")) for f in servers), 60, "")
+        snaps = [sorted((f / "ckpt").glob(f"span*_epoch{steps:05d}.safetensors")) for f in servers]
+        state = merge_span_states([load_file(str(s[0])) for s in snaps], spec.spans)
+        out = workdir / "swarm_adapter"
+        write_peft_dir(out, state, spec.lora, str(spec.base.path))
+        # the exact reference: centralized PEFT on the micro-batches each step declared
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec.base.path)
+        per_step: list[list[torch.Tensor]] = [[] for _ in range(steps)]
+        for k, t in enumerate(trainers):
+            rows, _ = load_round_data(spec.data, tokenizer, k, num_trainers)
+            stream = data_stream(rows, spec.data.micro_batch_size, seed=0)
+            declared = {e["step"]: e for e in events(t, "step")}
+            upto = max(mb["batch_no"] for e in declared.values() for mb in e["microbatches"])
+            data = [next(stream) for _ in range(upto + 1)]
+            for s_, e in declared.items():
+                per_step[s_] += [data[mb["batch_no"]] for mb in e["microbatches"]]
+        _, eval_rows = load_round_data(spec.data, tokenizer, 0, 1)
+        _, exact = centralized_lora(spec, per_step, eval_rows)
+        return out, float(exact or 0.0)
+    finally:
+        for _, proc, _ in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for _, proc, _ in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def swarm_adapter_loss(setup: Setup, adapter_dir: Path) -> float:
@@ -202,7 +287,7 @@ def main() -> None:
     parser.add_argument(
         "--save-centralized", type=Path, help="write the centralized adapter here (a reference for the swarm's)"
     )
-    parser.add_argument("--run-swarm", action="store_true", help="run the swarm round (run_swarm_round hook)")
+    parser.add_argument("--run-swarm", action="store_true", help="also run the round on a real swarm (2x2, real peers)")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep base, data and round.json here (default: a temp dir, removed)"
     )
@@ -255,14 +340,19 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             print(f"{name:<52} held-out loss {loss:.4f}  {100 * (loss - central) / central:+.2f}% vs centralized")
     adapter = args.swarm_adapter
     if args.run_swarm:
-        adapter = run_swarm_round(spec, workdir, args.clients)
+        started = time.perf_counter()
+        adapter, exact = run_swarm_round(spec, workdir, args.clients)
+        print(
+            f"{'centralized PEFT on the swarm steps (exact reference)':<52} held-out loss {exact:.4f}  "
+            f"{100 * (exact - central) / central:+.2f}% vs centralized  (swarm round {time.perf_counter() - started:.0f} s)"
+        )
     if adapter is not None:
         loss = swarm_adapter_loss(setup, adapter)
         print(
             f"{'swarm adapter ' + str(adapter):<52} held-out loss {loss:.4f}  {100 * (loss - central) / central:+.2f}%"
         )
     else:
-        print("swarm: not run (hook run_swarm_round not filled yet; --swarm-adapter DIR evaluates a published adapter)")
+        print("swarm: not run (--run-swarm runs it; --swarm-adapter DIR evaluates a published adapter)")
 
 
 if __name__ == "__main__":
