@@ -241,7 +241,11 @@ class ReplicaGroup:
                 "samples (a replica that served some died or missed the group)"
             )
         with self.averager.get_tensors() as buffers:
-            return [b.detach().clone() for b in buffers]
+            averaged = [b.detach().clone() for b in buffers]
+        if not all(torch.isfinite(a).all() for a in averaged):
+            log.warning(f"{self.settings.run_id} epoch {epoch}: the averaged gradients are not finite; refused")
+            return None
+        return averaged
 
     def repair(self, epoch: int, mean: list[torch.Tensor]) -> None:
         """After a failed all-reduce: copy a replica that reached the next epoch, or, if none, let the smallest

@@ -104,13 +104,25 @@ class ActivationCache:
 
 
 class GradientStore:
-    """LoRA gradients of each micro-batch served at each step, summed only over what the step declares."""
+    """LoRA gradients of each micro-batch served at each step, summed only over what the step declares.
 
-    def __init__(self) -> None:
+    ``max_norm`` > 0 clips each micro-batch's gradient (L2 over all its LoRA tensors) before it is kept, so one
+    contributor's micro-batch moves the step by a bounded amount; non-finite gradients are refused.
+    """
+
+    def __init__(self, max_norm: float = 0.0) -> None:
         self._items: dict[tuple[int, str, int], tuple[int, list[torch.Tensor]]] = {}
         self._lock = threading.Lock()
+        self.max_norm = max_norm
+        self.clipped = 0
 
     def add(self, step: int, key: MicroBatchKey, samples: int, grads: list[torch.Tensor]) -> None:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if not torch.isfinite(norm):
+            raise BadRequestError("the micro-batch's LoRA gradients are not finite (grad_outputs too large?)")
+        if self.max_norm > 0 and norm > self.max_norm:
+            grads = [g * (self.max_norm / float(norm)) for g in grads]
+            self.clipped += 1
         with self._lock:
             self._items[(step, *key)] = (samples, grads)
 
@@ -181,7 +193,7 @@ class SpanServer:
         self.params = list(lora_parameters(self.module).values())
         self.on_served, self.on_epoch = on_served, on_epoch
         self.cache = ActivationCache(activation_budget)
-        self.grads = GradientStore()
+        self.grads = GradientStore(spec.optimizer.max_microbatch_grad_norm)
         self.samples_trained = 0
         self.group = ReplicaGroup(
             dht,

@@ -155,6 +155,11 @@ class OptimizerSettings(_Strict):
     target_batch_size: int = Field(32, description="Samples (sequences) summed over the swarm per epoch.")
     matchmaking_time: float = Field(3.0, description="Seconds hivemind waits to form an averaging group.")
     averaging_timeout: float = Field(30.0, description="Seconds before an all-reduce is abandoned.")
+    max_microbatch_grad_norm: float = Field(
+        0.0,
+        description="Span servers clip each micro-batch's LoRA gradient to this L2 norm before it counts (bounds "
+        "what one contributor can push; 0 = off, the exact default: a clipped step is no longer centralized PEFT's).",
+    )
     average_state_every: int = Field(
         0,
         description="Epochs between averaging LoRA weights + optimizer state across replicas (0 = never). Not "

@@ -25,8 +25,8 @@ def test_no_peer_class_overrides_a_private_hivemind_method() -> None:
                 continue
             checked.append(cls.__name__)
             for name in vars(cls):
-                if name.startswith("_") and not name.startswith("__"):
-                    if any(name in vars(base) for base in _hivemind_bases(cls)):
-                        offenders.append(f"{cls.__name__}.{name}")
+                private = name.startswith("_") and not name.startswith("__")
+                if private and any(name in vars(base) for base in _hivemind_bases(cls)):
+                    offenders.append(f"{cls.__name__}.{name}")
     assert checked, "expected peer classes built on hivemind (the averager, the span servicer)"
     assert not offenders, f"overrides of hivemind's private methods: {offenders}"

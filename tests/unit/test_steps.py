@@ -55,3 +55,22 @@ def test_participants_and_the_step_a_newcomer_starts_at() -> None:
     assert sorted(participants(records, 1)) == ["a", "b"]
     assert current_step(records) == 2
     assert current_step([], floor=5) == 5
+
+
+def test_span_gradient_store_sums_only_declared_microbatches_and_clips() -> None:
+    import torch
+
+    from peer.server import BadRequestError, GradientStore
+    from swarm.steps import StepContents
+
+    like = [torch.nn.Parameter(torch.zeros(2, 2))]
+    store = GradientStore(max_norm=1.0)
+    store.add(0, ("a", 0), 8, [torch.full((2, 2), 0.1)])  # norm 0.2: kept as is
+    store.add(0, ("a", 1), 8, [torch.full((2, 2), 10.0)])  # norm 20: clipped to 1
+    store.add(0, ("b", 0), 8, [torch.full((2, 2), 5.0)])  # not declared: dropped
+    with pytest.raises(BadRequestError, match="not finite"):
+        store.add(0, ("a", 2), 8, [torch.full((2, 2), float("inf"))])
+    sums, samples = store.take(StepContents(0, frozenset({("a", 0), ("a", 1)}), 16), like)
+    assert samples == 16 and store.clipped == 2  # (a, 1) and the undeclared (b, 0)
+    assert torch.allclose(sums[0], 8 * torch.full((2, 2), 0.1) + 8 * torch.full((2, 2), 0.5))
+    assert store.take(StepContents(0, frozenset({("b", 0)}), 8), like)[1] == 0  # the step was dropped whole
