@@ -23,7 +23,7 @@ def centralized_lora(
 
     from swarm.checkpoint import resolve_checkpoint
 
-    base = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(spec.base.path), torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(spec.base.path), dtype=torch.float32)
     model = get_peft_model(base, peft_lora_config(spec.lora))
     params = lora_parameters(model)
     init_lora_(params, spec.lora.init_seed)
