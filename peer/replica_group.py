@@ -82,6 +82,8 @@ class ReplicaGroup:
         self.version = 0  # odd while parameters are being changed (see SpanServer.compute)
         self.incomplete_epochs = 0
         self._stop = threading.Event()
+        self._poked = 0.0  # monotonic time of the last poke (see poke)
+        self._wake = threading.Event()
         buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in params]
         self.averager = StateAverager(
             buffers,
@@ -178,7 +180,11 @@ class ReplicaGroup:
                 self._stop.wait(0.5)
                 continue
             if contents is None:
-                self._stop.wait(0.05)
+                # poll often right after this replica served a backward (a trainer is about to close the step),
+                # rarely otherwise: every poll is a DHT read
+                fast = time.monotonic() - self._poked < 0.5
+                self._wake.wait(0.01 if fast else 0.1)
+                self._wake.clear()
                 continue
             try:
                 self.end_epoch(contents)
@@ -186,6 +192,10 @@ class ReplicaGroup:
                 if not self._stop.is_set():
                     log.exception(f"{self.settings.run_id}: epoch {self.epoch} failed; retrying")
                     self._stop.wait(0.5)
+
+    def poke(self) -> None:
+        """A micro-batch of the current step was served: the step may close soon, read the records often."""
+        self._poked = time.monotonic()
 
     def end_epoch(self, contents: StepContents) -> None:
         """All-reduce this step's gradients with every live replica, apply them, move to the next epoch."""
@@ -288,6 +298,7 @@ class ReplicaGroup:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._wake.set()
         with self.changed:
             self.changed.notify_all()
         if self._thread.is_alive():

@@ -299,6 +299,7 @@ class SpanServer:
         self._check_unchanged(step, version)
         batch = int(grad_output.shape[0])
         self.grads.add(step, key, batch, [g.detach() for g in grads[1:]])
+        self.group.poke()
         self.samples_trained += batch
         self._served("backward", batch, started)
         return grads[0].detach()

@@ -25,6 +25,7 @@ class StepRecorder:
         self.dht, self.round_id, self.period = dht, round_id, period
         self.subkey = RSASignatureValidator(private_key).local_public_key
         self.record = TrainerRecord(peer_id=str(dht.peer_id), step=0)
+        self._published = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="step-record", daemon=True)
@@ -41,17 +42,23 @@ class StepRecorder:
     def open(self, step: int) -> None:
         """Working on ``step`` now (published before any of its micro-batches is sent)."""
         with self._lock:
+            if self.record.step == step and not self.record.closed and self._published:
+                return  # close(..., next_step=step) already said so
             self.record = self.record.copy(update={"step": step, "closed": False})
         self._publish_or_warn()
         if not self._thread.is_alive() and not self._stop.is_set():
             self._thread.start()
 
-    def close(self, step: int, microbatches: list[int], samples: int) -> None:
-        """Every micro-batch of ``step`` is done; these completed (backward through every span)."""
+    def close(self, step: int, microbatches: list[int], samples: int, next_step: int | None = None) -> None:
+        """Every micro-batch of ``step`` is done; these completed (backward through every span).
+
+        With ``next_step``, the same publication also opens the next step (one DHT store per step, not two).
+        """
         done = StepContribution(step=step, microbatches=sorted(microbatches), samples=samples)
         with self._lock:
             kept = [c for c in self.record.closed_steps if c.step != step][-(KEPT_STEPS - 1) :]
-            self.record = self.record.copy(update={"step": step, "closed": True, "closed_steps": [*kept, done]})
+            position = {"step": step, "closed": True} if next_step is None else {"step": next_step, "closed": False}
+            self.record = self.record.copy(update={**position, "closed_steps": [*kept, done]})
         self._publish_or_warn()
 
     def finish(self) -> None:
@@ -67,6 +74,7 @@ class StepRecorder:
         for _ in range(3):
             try:
                 if self.publish(ttl):
+                    self._published = True
                     return
             except Exception as exc:
                 log.warning(f"publishing the step record failed: {exc!r}")

@@ -96,11 +96,15 @@ class TrainingLoop:
 
     def done(self) -> bool:
         """The round's end condition, counted in swarm-wide steps (or a stop) is reached."""
+        return self.done_after(self.step)
+
+    def done_after(self, step: int) -> bool:
+        """Whether the round would be over with ``step`` steps done."""
         spec = self.daemon.spec
         target, deadline = spec.target_epochs, spec.end.deadline_s
         return bool(
             self.stopped()
-            or (target and self.step >= target)
+            or (target and step >= target)
             or (deadline and time.monotonic() - self.started >= deadline)
         )
 
@@ -181,7 +185,8 @@ class TrainingLoop:
                 log.info(f"step {self.step} is over at the spans ({exc}); moving on")
                 done, next_step = exc.completed, max(exc.epoch, self.step + 1)
             samples = sum(int(mb.input_ids.shape[0]) for mb in done)
-            self.recorder.close(self.step, [mb.index for mb in done], samples)
+            more = not self.done_after(next_step)
+            self.recorder.close(self.step, [mb.index for mb in done], samples, next_step if more else None)
             self.daemon.events.write(
                 "step",
                 step=self.step,
