@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from swarm.config import SpanRange
+from swarm.quantize import Quantize
 
 
 class PeerConfig(BaseModel):
@@ -30,6 +31,14 @@ class PeerConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the span runs.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Span weights dtype; auto = float32 on CPU, bfloat16 on GPU."
+    )
+    quantize: Quantize = Field(
+        "none",
+        description="Keep the span's frozen base weights in 4 bits (nf4) or 8 bits (int8) with bitsandbytes; "
+        "LoRA stays in --dtype (QLoRA). For GPUs too small for the span in --dtype.",
+    )
+    check: bool = Field(
+        False, description="Run the startup self-check, print its table (or JSON with --json), exit 0 if all pass."
     )
     trainer: bool | None = Field(None, description="Drive training batches (default: on when data is given).")
     data_path: str = Field("", description="Training text for the trainer (overrides the round spec's data).")

@@ -22,6 +22,7 @@ from peer.server import SpanServer
 from swarm import __version__
 from swarm.config import RoundSpec, SpanRange
 from swarm.dht_records import ONLINE, ServerAnnouncement
+from swarm.quantize import span_block_nbytes
 from swarm.routing import least_served_span
 
 log = get_logger(__name__)
@@ -115,6 +116,7 @@ class PeerDaemon:
             on_averaging=self.metrics.averaged,
             on_epoch=self.snapshot,
             max_batch_size=max(spec.data.micro_batch_size * 4, 1),
+            quantize=config.quantize,
         )
         self.throughput = 0.0
         self.announcer = Announcer(self.dht, spec.round_id, self._announcement, config.announce_period)
@@ -126,10 +128,10 @@ class PeerDaemon:
             return self.config.num_blocks
         if self.device != "cuda":
             return None
-        from swarm.checkpoint import block_nbytes
+        from swarm.quantize import block_nbytes_quantized
 
         free, _ = torch.cuda.mem_get_info()
-        per_block = block_nbytes(self.spec.base.path, 0, torch.finfo(self.dtype).bits // 8)
+        per_block = block_nbytes_quantized(self.spec.base.path, 0, self.config.quantize, self.dtype.itemsize)
         return max(int(free * 0.8 // per_block), 0)
 
     def _choose_span(self) -> SpanRange:
@@ -191,6 +193,7 @@ class PeerDaemon:
         self.server.start(catch_up=True)
         self.measure_throughput()
         self.metrics.set_identity(self.peer_id, self.spec.round_id, (self.span.start, self.span.end), self.device)
+        self.metrics.set_block_bytes(self.config.quantize, span_block_nbytes(self.server.module))
         self.announcer.start()
         if self.config.metrics_port >= 0:
             self.metrics_server = MetricsServer(

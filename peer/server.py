@@ -26,6 +26,7 @@ from peer.backend import SpanBackend, ValidatingConnectionHandler
 from swarm.config import RoundSpec, SpanRange
 from swarm.dht_records import ServerAnnouncement
 from swarm.lora import attach_lora, export_lora_state, import_lora_state, lora_parameters
+from swarm.quantize import Quantize
 from swarm.span import load_span
 
 log = get_logger(__name__)
@@ -179,6 +180,7 @@ class SpanServer:
         on_averaging: Callable[[bool, float], None] | None = None,
         on_epoch: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
         max_batch_size: int = 64,
+        quantize: Quantize = "none",
     ):
         spec.span_index(span)
         self.spec, self.span, self.dht = spec, span, dht
@@ -186,7 +188,7 @@ class SpanServer:
         self.peer_id = str(dht.peer_id)
         self.on_epoch = on_epoch
         self._replicas_read = (0, -float("inf"))  # (count, monotonic time read)
-        self.module = attach_lora(load_span(spec.base.path, span, dtype=dtype, device=device), spec.lora)
+        self.module = attach_lora(load_span(spec.base.path, span, dtype=dtype, device=device, quantize=quantize), spec.lora)
         if initial_state is not None:
             mine = lora_parameters(self.module)
             import_lora_state(self.module, {k: v for k, v in initial_state.items() if k in mine})
