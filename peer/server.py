@@ -188,7 +188,9 @@ class SpanServer:
         self.peer_id = str(dht.peer_id)
         self.on_epoch = on_epoch
         self._replicas_read = (0, -float("inf"))  # (count, monotonic time read)
-        self.module = attach_lora(load_span(spec.base.path, span, dtype=dtype, device=device, quantize=quantize), spec.lora)
+        self.module = attach_lora(
+            load_span(spec.base.path, span, dtype=dtype, device=device, quantize=quantize), spec.lora
+        )
         if initial_state is not None:
             mine = lora_parameters(self.module)
             import_lora_state(self.module, {k: v for k, v in initial_state.items() if k in mine})

@@ -100,6 +100,8 @@ def quantize_block_(block: nn.Module, mode: Quantize, compute_dtype: torch.dtype
     ``block`` holds full-precision weights on the CPU (one block at a time, so the peak is one block in full
     precision); each weight is quantized by bitsandbytes as it moves to ``device``.
     """
+    from torch import nn
+
     check_quantize(mode)
     if mode == "none":
         block.to(device)
@@ -109,7 +111,9 @@ def quantize_block_(block: nn.Module, mode: Quantize, compute_dtype: torch.dtype
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
         setattr(parent, child, _quantized_linear(linear, mode, compute_dtype).to(device))
-    block.to(device)  # the rest (norms) and anything left on the CPU
+    for t in [*block.parameters(), *block.buffers()]:
+        if t.is_floating_point():  # norms, biases: own copies, so none keeps the checkpoint's memory map resident
+            t.data = t.data.to(device, copy=True)
 
 
 def compute_dtype_of(module: nn.Module) -> torch.dtype:
