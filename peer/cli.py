@@ -66,6 +66,9 @@ def peer_command(
     checkpoint_dir: str = typer.Option("", "--checkpoint-dir", help="Save the span's LoRA after each epoch."),
     eval_batches: int = typer.Option(4, "--eval-batches", help="Held-out micro-batches per evaluation."),
     seed: int = typer.Option(0, "--seed", help="Seed of the trainer's batch order."),
+    quantize: str = typer.Option("none", "--quantize", help="Frozen base weights in none, nf4 or int8 (QLoRA)."),
+    check: bool = typer.Option(False, "--check", help="Run the self-check, print it and exit (1 if a check fails)."),
+    check_json: bool = typer.Option(False, "--json", help="With --check: print JSON instead of a table."),
 ) -> None:
     """Run a peer: host a span of the base model, train its LoRA with the swarm, serve other trainers."""
     from pydantic import ValidationError
@@ -103,9 +106,26 @@ def peer_command(
             checkpoint_dir=checkpoint_dir,
             eval_batches=eval_batches,
             seed=seed,
+            quantize=quantize,
+            check=check,
+            check_json=check_json,
         )
     except ValidationError as exc:
         typer.echo(f"error: invalid peer configuration:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    if config.check:
+        from peer.selfcheck import check as run_checks
+        from peer.selfcheck import failures, render_json, render_table
+
+        results = run_checks(config)
+        typer.echo(render_json(results) if config.check_json else render_table(results))
+        raise typer.Exit(1 if failures(results) else 0)
+    from peer.selfcheck import raise_on_local_failures
+
+    try:  # before the heavy imports below: a wrong path or key fails in a second, not after torch loads
+        raise_on_local_failures(config)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     from hivemind.utils.logging import use_hivemind_log_handler
 

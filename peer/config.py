@@ -40,6 +40,7 @@ class PeerConfig(BaseModel):
     check: bool = Field(
         False, description="Run the startup self-check, print its table (or JSON with --json), exit 0 if all pass."
     )
+    check_json: bool = Field(False, description="With --check: print the results as JSON (for tools).")
     trainer: bool | None = Field(None, description="Drive training batches (default: on when data is given).")
     data_path: str = Field("", description="Training text for the trainer (overrides the round spec's data).")
     shard_index: int = Field(0, description="Which data shard this trainer reads (0-based).")

@@ -29,14 +29,26 @@ NF4_NESTED_BLOCKSIZE = 256  # double quantization: the absmaxes are quantized to
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold (transformers' default llm_int8_threshold)
 
 
-class _DropCastNotice(logging.Filter):
-    """LLM.int8 casts activations to float16 for its int8 matmul and logs so at every call: by design, not news."""
+class _DropNotice(logging.Filter):
+    """Drops one bitsandbytes log message that is expected here, not news."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+        return not str(record.msg).startswith(self.prefix)
 
 
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropCastNotice())
+def quiet_bitsandbytes() -> None:
+    """Silence two expected notices (call before bitsandbytes is imported; ``import swarm`` does).
+
+    LLM.int8 casts activations to float16 and says so at every call; on an AVX512-BF16 CPU, bitsandbytes says at
+    import that the optional ``kernels`` package for its packed inference layout is missing (we never use that
+    layout: it has no autograd, see ``quantize_block_``).
+    """
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropNotice("MatMul8bitLt: inputs will be cast"))
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropNotice("Failed to load CPU gemm_4bit_forward"))
 
 
 def check_quantize(mode: str) -> Quantize:
