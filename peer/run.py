@@ -28,6 +28,9 @@ def run_peer(config: PeerConfig) -> None:
     from peer.selfcheck import raise_on_local_failures
 
     raise_on_local_failures(config)  # files, keys, base model: fail at once, before any network wait
+    from peer.orphan_guard import start_orphan_guard
+
+    start_orphan_guard()  # if this process is killed, p2pd and hivemind's workers are stopped too
     stop = threading.Event()
     install_signal_handlers(stop)
     if config.coordinator:
