@@ -9,10 +9,10 @@ node.py connect HOST PORT                      try to open a TCP connection (2 s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 
 def dht(out_file: str, key: str, want: str, initial: str = "") -> dict[str, object]:
