@@ -20,6 +20,7 @@ from hivemind.moe.server.task_pool import TaskPool
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from swarm.lora import lora_parameters
+from swarm.quantize import frozen_memo
 
 
 class BadRequestError(ValueError):
@@ -69,8 +70,7 @@ class SpanBackend(ModuleBackend):
         found = getattr(self._threads, "twin", None)
         if found is None:
             with self.lock:
-                memo = {id(p): p for p in self.module.parameters() if not p.requires_grad}
-                twin = copy.deepcopy(self.module, memo)
+                twin = copy.deepcopy(self.module, frozen_memo(self.module))
             masters = lora_parameters(self.module).values()
             found = (twin, list(zip(masters, lora_parameters(twin).values(), strict=True)))
             self._threads.twin = found
