@@ -26,6 +26,7 @@ from pathlib import Path
 
 PERIOD = 0.25  # seconds between checks (and descendant snapshots)
 GRACE = 1.0  # seconds between SIGTERM and SIGKILL
+SETTLE = 0.5  # seconds the leftovers of a peer that exited normally get to finish by themselves
 _started: list[subprocess.Popen[bytes]] = []  # referenced for the life of the process
 
 
@@ -66,8 +67,12 @@ def _still_same(pid: int, created: float) -> bool:
         return False
 
 
-def stop_leftovers(tracked: dict[int, float], grace: float = GRACE) -> list[int]:
-    """SIGTERM the ``tracked`` processes still running (same pid and start time), SIGKILL them after ``grace``."""
+def stop_leftovers(tracked: dict[int, float], grace: float = GRACE, settle: float = SETTLE) -> list[int]:
+    """SIGTERM the ``tracked`` processes still running (same pid and start time) after ``settle`` seconds, then
+    SIGKILL those still running ``grace`` seconds later; returns the pids it signalled."""
+    deadline = time.monotonic() + settle
+    while any(_still_same(pid, created) for pid, created in tracked.items()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     alive = [pid for pid, created in tracked.items() if _still_same(pid, created)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in alive:

@@ -8,7 +8,6 @@ or fail when ``LORASWARM_REQUIRE_NETNS=1`` (CI sets it, so a broken CI machine c
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,30 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.testbed import Testbed, missing_requirements, run
+from tests.netns.testbed import Testbed, run
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
 NODE = Path(__file__).with_name("node.py")
-
-
-@pytest.fixture
-def testbed() -> Iterator[Testbed]:
-    required = os.environ.get("LORASWARM_REQUIRE_NETNS") == "1"
-    missing = missing_requirements()
-    if missing:
-        if required:
-            pytest.fail(f"netns testbed required but this machine lacks {', '.join(missing)}")
-        pytest.skip(f"netns testbed needs {', '.join(missing)}")
-    try:
-        bed = Testbed()
-    except RuntimeError as exc:  # e.g. root in a container without CAP_SYS_ADMIN
-        if required:
-            raise
-        pytest.skip(f"cannot build network namespaces here: {exc}")
-    try:
-        yield bed
-    finally:
-        bed.close()
 
 
 class Procs:
