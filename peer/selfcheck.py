@@ -65,7 +65,7 @@ def _round_source(config: PeerConfig) -> str:
         return f"coordinator {config.coordinator}"
     if config.round_spec:
         return f"round spec file {config.round_spec}"
-    raise _Failed("no round to join", "pass --round-spec FILE or --coordinator HOST:PORT")
+    raise _Failed("no round: pass --round-spec FILE or --coordinator HOST:PORT")
 
 
 def _coordinator_key(config: PeerConfig) -> str:
