@@ -48,6 +48,43 @@ def test_sigkilled_peer_leaves_no_p2pd(demo_base: Path, demo_data: Path, tmp_pat
     assert peer.leftovers == []
 
 
+def test_calls_to_a_killed_peer_fail_fast(demo_base: Path, demo_data: Path, tmp_path: Path) -> None:
+    """With its p2pd gone, a call to a SIGKILLed span server fails at once instead of waiting for the timeout.
+
+    (A lingering p2pd accepts the stream and nothing ever answers: the caller waited its full request timeout.)
+    """
+    import hivemind
+    import torch
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+    from peer.remote import RemoteCallError, RemoteSpan
+    from peer.server import expert_uid
+
+    spec = make_spec(demo_base, demo_data, "r-dead", [0, 4])
+    peer = Peer(tmp_path, "server", save_spec(tmp_path, spec), ["--no-trainer"])
+    client = None
+    try:
+        ready = peer.ready()
+        client = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=ready["maddrs"])
+        p2p = RemoteExpertWorker.run_coroutine(client.replicate_p2p())
+        remote = RemoteSpan(p2p, ready["peer_id"], expert_uid(spec.round_id, spec.spans[0]), timeout=30)
+        hidden = torch.randn(1, spec.data.seq_len, 64)
+        assert remote.forward(hidden).shape == hidden.shape  # alive: answers
+
+        peer.proc.send_signal(signal.SIGKILL)
+        wait_for(lambda: not [p for p in descendants(peer.proc.pid) if p.name() == "p2pd"], 5, "p2pd to stop")
+        started = time.monotonic()
+        with pytest.raises(RemoteCallError):
+            remote.forward(hidden)
+        failed_after = time.monotonic() - started
+        print(f"a call to the killed peer failed after {failed_after:.2f} s (request timeout 30 s)")
+        assert failed_after < 5
+    finally:
+        if client is not None:
+            client.shutdown()
+        peer.stop(timeout=5)
+
+
 def test_clean_stop_leaves_nothing(demo_base: Path, demo_data: Path, tmp_path: Path) -> None:
     spec_path = save_spec(tmp_path, make_spec(demo_base, demo_data, "r-clean", [0, 4]))
     peer = Peer(tmp_path, "clean", spec_path, ["--no-trainer"])
