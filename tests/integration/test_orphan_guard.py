@@ -71,8 +71,9 @@ def test_calls_to_a_killed_peer_fail_fast(demo_base: Path, demo_data: Path, tmp_
         hidden = torch.randn(1, spec.data.seq_len, 64)
         assert remote.forward(hidden).shape == hidden.shape  # alive: answers
 
+        p2pd = [p for p in descendants(peer.proc.pid) if p.name() == "p2pd"]
         peer.proc.send_signal(signal.SIGKILL)
-        wait_for(lambda: not [p for p in descendants(peer.proc.pid) if p.name() == "p2pd"], 5, "p2pd to stop")
+        wait_for(lambda: not running(p2pd), 5, "the killed peer's p2pd to stop")
         started = time.monotonic()
         with pytest.raises(RemoteCallError):
             remote.forward(hidden)
