@@ -122,7 +122,13 @@ def quantize_block_(block: nn.Module, mode: Quantize, compute_dtype: torch.dtype
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
-        setattr(parent, child, _quantized_linear(linear, mode, compute_dtype).to(device))
+        layer = _quantized_linear(linear, mode, compute_dtype).to(device)
+        if mode == "int8":
+            # Move the int8 weights and scales to the layer's state now. bitsandbytes does it at the first forward
+            # and clears them on the weight, which a twin sharing that weight (a trainer thread's deepcopy) would
+            # then do behind this layer's back: it would be left with no scales.
+            layer.init_8bit_state()
+        setattr(parent, child, layer)
     for t in [*block.parameters(), *block.buffers()]:
         if t.is_floating_point():  # norms, biases: own copies, so none keeps the checkpoint's memory map resident
             t.data = t.data.to(device, copy=True)

@@ -1,4 +1,4 @@
-"""A round whose peers host their spans with ``--quantize nf4`` publishes a plain-PEFT adapter that helps the fp32 base."""
+"""A round whose peers host their spans with ``--quantize nf4`` (or int8) publishes a plain-PEFT adapter that helps the fp32 base."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def _eval_loss(model: torch.nn.Module, seqs: torch.Tensor) -> float:
 
 
 @pytest.mark.timeout(420)
-def test_nf4_round_publishes_adapter_for_the_full_precision_base(
-    tmp_path: Path, demo_base: Path, demo_data: Path
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_round_publishes_adapter_for_the_full_precision_base(
+    tmp_path: Path, demo_base: Path, demo_data: Path, mode: str
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,9 +31,9 @@ def test_nf4_round_publishes_adapter_for_the_full_precision_base(
     from swarm.adapter import verify_adapter
     from swarm.data import load_texts, pack
     from swarm.keys import load_public_key
-    from swarm.quantize import block_nbytes_quantized
+    from swarm.quantize import block_nbytes_quantized, check_quantize
 
-    spec = make_spec(demo_base, demo_data, "nf4", [0, 2, 4], epochs=3)
+    spec = make_spec(demo_base, demo_data, mode, [0, 2, 4], epochs=3)
     server = serve(
         CoordinatorConfig(
             port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
@@ -42,7 +43,7 @@ def test_nf4_round_publishes_adapter_for_the_full_precision_base(
     pub_path = tmp_path / "coord" / "coordinator" / "public_key.pem"
     peers: list[Peer] = []
     try:
-        common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path), "--quantize", "nf4"]
+        common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path), "--quantize", mode]
         peers.append(
             Peer(tmp_path, "server0", tmp_path / "unused.json", [*common, "--metrics-port", "0"], use_spec=False)
         )
@@ -50,8 +51,8 @@ def test_nf4_round_publishes_adapter_for_the_full_precision_base(
         metrics = (
             urllib.request.urlopen(f"http://127.0.0.1:{ready['metrics_port']}/metrics", timeout=10).read().decode()
         )
-        expected = block_nbytes_quantized(demo_base, 0, "nf4", 4)
-        assert f'swarm_peer_block_bytes{{quantize="nf4"}} {float(expected)}' in metrics
+        expected = block_nbytes_quantized(demo_base, 0, check_quantize(mode), 4)
+        assert f'swarm_peer_block_bytes{{quantize="{mode}"}} {float(expected)}' in metrics
         train = str(demo_data / "train.jsonl")
         for i in (0, 1):
             args = [*common, "--data", train, "--shard-index", str(i), "--num-shards", "2"]
@@ -66,7 +67,7 @@ def test_nf4_round_publishes_adapter_for_the_full_precision_base(
         base_loss = _eval_loss(AutoModelForCausalLM.from_pretrained(demo_base), held_out)
         tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_base), str(adapter))
         tuned_loss = _eval_loss(tuned, held_out)
-        print(f"held-out loss of the fp32 base {base_loss:.4f} -> with the nf4-trained adapter {tuned_loss:.4f}")
+        print(f"held-out loss of the fp32 base {base_loss:.4f} -> with the {mode}-trained adapter {tuned_loss:.4f}")
         assert tuned_loss < 0.95 * base_loss
     finally:
         codes = [p.stop() for p in peers]
