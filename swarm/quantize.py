@@ -127,7 +127,7 @@ def quantize_block_(block: nn.Module, mode: Quantize, compute_dtype: torch.dtype
             # Move the int8 weights and scales to the layer's state now. bitsandbytes does it at the first forward
             # and clears them on the weight, which a twin sharing that weight (a trainer thread's deepcopy) would
             # then do behind this layer's back: it would be left with no scales.
-            layer.init_8bit_state()
+            layer.init_8bit_state()  # type: ignore[operator]  # nn.Module attribute lookup
         setattr(parent, child, layer)
     for t in [*block.parameters(), *block.buffers()]:
         if t.is_floating_point():  # norms, biases: own copies, so none keeps the checkpoint's memory map resident
