@@ -103,8 +103,8 @@ def main() -> None:
                 assert r["block_bytes"] == r["predicted_block_bytes"], f"prediction off for {dtype}/{mode}: {r}"
                 ref = ref or r
                 print(
-                    f"{dtype:9} {mode:8} {r['block_bytes'] / 2**20:10.2f}MB {r['block_bytes'] / ref['block_bytes']:6.3f}"
-                    f" {r['rss_per_block'] / 2**20:10.2f}MB {r['rss_per_block'] / ref['rss_per_block']:6.3f}"
+                    f"{dtype:9} {mode:8} {r['block_bytes'] / 2**20:9.2f}MiB {r['block_bytes'] / ref['block_bytes']:6.3f}"
+                    f" {r['rss_per_block'] / 2**20:9.2f}MiB {r['rss_per_block'] / ref['rss_per_block']:6.3f}"
                     f" {r['step_seconds']:7.3f}"
                 )
 

@@ -10,6 +10,7 @@ health, then its open round). Every network step has a timeout. ``swarm peer --c
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from typing import Literal
 from peer.config import PeerConfig
 from swarm.config import RoundSpec, SpanRange
 
+log = logging.getLogger(__name__)  # stdlib: this module is imported before torch and hivemind on purpose
 Status = Literal["ok", "warn", "fail", "skip"]
 PACKAGES = ("loraswarm", "torch", "hivemind", "transformers", "peft", "grpcio", "bitsandbytes")
 MEMORY_HEADROOM = 0.8  # share of free memory the span's frozen weights may take (LoRA, activations, optimizer)
@@ -156,8 +158,12 @@ def failures(results: list[CheckResult]) -> list[CheckResult]:
 
 
 def raise_on_local_failures(config: PeerConfig) -> None:
-    """For ``run_peer``: raise ``ValueError`` with one line per local failure before any network wait."""
-    bad = failures(local_checks(config)[0])
+    """For ``run_peer``: log the local checks; raise ``ValueError`` with one line per failure (no network wait)."""
+    results = local_checks(config)[0]
+    for r in results:
+        if r.status != "fail":
+            log.info(f"self-check: {r.line()}")
+    bad = failures(results)
     if bad:
         raise ValueError("\n".join(f"{r.detail}" + (f" ({r.advice})" if r.advice else "") for r in bad))
 
