@@ -31,7 +31,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy swarm peer coordinator
+	$(BIN)/mypy swarm peer coordinator evaluator
 
 clean:
 	rm -rf $(VENV) build *.egg-info

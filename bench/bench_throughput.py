@@ -1,8 +1,9 @@
 """Tokens/s of swarm training vs plain single-process PEFT LoRA training, measured in the same run.
 
-(a) one peer hosting the whole model (its trainer runs the span locally, LoRA steps through hivemind.Optimizer)
-(b) two peers with two spans (the trainer hosts span 0; span 1 is called over libp2p on the other peer)
-Both are reported as ratios to (base) plain PEFT on the same model, data, micro-batches and thread count.
+(a) one peer hosting the whole model (its trainer runs the span in-process; swarm-wide steps through its group)
+(b) two peers with two spans (the trainer hosts span 0; span 1 is called over the direct p2p transport)
+Both are reported as ratios to plain PEFT at its best on the same cores, model, data, micro-batches and steps: the
+better of one process with --baseline-threads intra-op threads and two one-thread processes with torch DDP (gloo).
 
     python bench/bench_throughput.py [--steps 40] [--threads 2] [--layers 4] [--hidden 64] [--pipeline-depth 2]
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import hivemind
@@ -21,13 +21,15 @@ from hivemind.utils.crypto import RSAPrivateKey
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from peer.announce import Announcer, record_validators
-from peer.server import SpanServer
-from peer.trainer import ChainTrainer, Router, in_flight
+from peer.announce import record_validators
+from peer.inprocess import in_process_server
+from peer.step_records import StepRecorder
+from peer.trainer import ChainTrainer, Router
 from swarm.basemodel import make_base
 from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
 from swarm.lora import init_lora_, lora_parameters, peft_lora_config
 from swarm.span import load_trainer_head
+from swarm.steps import slots_per_step
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -57,10 +59,69 @@ def bench_peft(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: in
     return sum(x.numel() for x in data[warmup:]) / (time.perf_counter() - started)
 
 
+def _ddp_worker(
+    rank: int, base: str, spec_json: str, data: list[torch.Tensor], warmup: int, port: int, out: str
+) -> None:
+    """One of two one-thread data-parallel PEFT processes (torch DDP over gloo): half of every step's micro-batches."""
+    import contextlib
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    spec = RoundSpec.from_json(spec_json)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa"), peft_lora_config(spec.lora)
+    )
+    init_lora_(lora_parameters(model), spec.lora.init_seed)
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
+    per_step = spec.optimizer.target_batch_size // spec.data.micro_batch_size
+    mine = [data[i] for i in range(rank, len(data), 2)]
+    local_steps = per_step // 2
+    started = time.perf_counter()
+    for i, ids in enumerate(mine):
+        if i == warmup // 2:
+            dist.barrier()
+            started = time.perf_counter()
+        last = (i + 1) % local_steps == 0
+        with contextlib.nullcontext() if last else ddp.no_sync():
+            ddp(input_ids=ids, labels=ids).loss.backward()
+        if last:
+            opt.step()
+            opt.zero_grad()
+    dist.barrier()
+    if rank == 0:
+        Path(out).write_text(str(time.perf_counter() - started))
+    dist.destroy_process_group()
+
+
+def bench_ddp(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int) -> float:
+    """Plain PEFT as two one-thread data-parallel processes (torch DDP over gloo), same micro-batches and steps."""
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = Path(tempfile.mkdtemp()) / "ddp_seconds"
+    tmp.start_processes(
+        _ddp_worker,
+        args=(str(base), spec.to_json(), data, warmup, port, str(out)),
+        nprocs=2,
+        start_method="spawn",
+    )
+    return sum(x.numel() for x in data[warmup:]) / float(out.read_text())
+
+
 def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int, depth: int) -> float:
+    """The swarm: one trainer (hosting span 0) drives swarm-wide steps through in-process span servers."""
     dhts, servers, announcers = [], [], []
     try:
-        for i, span in enumerate(spec.spans):
+        keys = []
+        for span in spec.spans:
             initial = dhts[0].get_visible_maddrs() if dhts else []
             key = RSAPrivateKey()  # peers sharing this process sign their DHT records with their own keys
             dht = hivemind.DHT(
@@ -69,28 +130,32 @@ def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: i
                 initial_peers=initial,
                 record_validators=record_validators(spec.round_id, key),
             )
-            server = SpanServer(spec, span, dht)
+            server, ann = in_process_server(spec, span, dht, key)
             server.start(catch_up=False)
-            ann = Announcer(
-                dht,
-                spec.round_id,
-                partial(server.announcement, 1.0),
-                period=5.0,
-                private_key=key,
-            )
             ann.start()
             dhts.append(dht)
+            keys.append(key)
             servers.append(server)
             announcers.append(ann)
-            del i
         router = Router(dhts[0], spec, {spec.spans[0]: servers[0]}, timeout=60)
         trainer = ChainTrainer(spec, load_trainer_head(base), router)
-        for future in in_flight(trainer.step, data[:warmup], depth):
-            future.result()
+        recorder = StepRecorder(dhts[0], spec.round_id, private_key=keys[0])
+        slots = slots_per_step(spec.optimizer.target_batch_size, spec.data.micro_batch_size)
+        stream = iter(enumerate(data))
+
+        def run(steps: range) -> None:
+            for s in steps:
+                recorder.open(s)
+                done = trainer.run_step(s, slots, stream, depth)
+                recorder.close(s, [mb.index for mb in done], sum(len(mb.input_ids) for mb in done))
+
+        warm = warmup // slots
+        run(range(warm))
         started = time.perf_counter()
-        for future in in_flight(trainer.step, data[warmup:], depth):
-            future.result()
-        return sum(x.numel() for x in data[warmup:]) / (time.perf_counter() - started)
+        run(range(warm, len(data) // slots))
+        recorder.finish()
+        timed = data[warm * slots : (len(data) // slots) * slots]
+        return sum(x.numel() for x in timed) / (time.perf_counter() - started)
     finally:
         for ann in announcers:
             ann.stop(leave=False)
@@ -135,7 +200,9 @@ def main() -> None:
 
     depth, half = args.pipeline_depth, args.layers // 2
     torch.set_num_threads(args.baseline_threads or args.threads)
-    baseline = bench_peft(base, spec([0, args.layers], "b"), data, args.warmup)
+    single = bench_peft(base, spec([0, args.layers], "b"), data, args.warmup)
+    ddp = bench_ddp(base, spec([0, args.layers], "e"), data, args.warmup)
+    baseline = max(single, ddp)
     torch.set_num_threads(args.threads)
     one_peer = bench_swarm(base, spec([0, args.layers], "a"), data, args.warmup, depth)
     two_peers = bench_swarm(base, spec([0, half, args.layers], "c"), data, args.warmup, depth)
@@ -145,7 +212,9 @@ def main() -> None:
         f"optimizer step every {args.target_batch} samples, {args.steps} timed steps"
     )
     print(f"torch threads: plain PEFT {args.baseline_threads or args.threads}, swarm {args.threads} per micro-batch")
-    print(f"plain PEFT (baseline)                 : {baseline:10.0f} tokens/s  1.00x")
+    print(f"plain PEFT, {args.baseline_threads or args.threads} intra-op threads         : {single:10.0f} tokens/s")
+    print(f"plain PEFT, 2 one-thread DDP processes : {ddp:10.0f} tokens/s")
+    print(f"plain PEFT at its best (baseline)      : {baseline:10.0f} tokens/s  1.00x")
     print(f"(a) one peer, whole model, depth {depth}    : {one_peer:10.0f} tokens/s  {one_peer / baseline:.2f}x")
     print(f"(b) two peers, two spans, depth {depth}     : {two_peers:10.0f} tokens/s  {two_peers / baseline:.2f}x")
     if two_serial is not None:

@@ -18,16 +18,21 @@ class CoordinatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field("127.0.0.1", description="Interface for gRPC and /metrics (0.0.0.0 = every interface).")
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = an ephemeral port, see .port).")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free port; the bound one is printed).")
     metrics_port: int | None = Field(
-        9400, ge=0, le=65535, description="HTTP port of /metrics and /health (0 = ephemeral, None = off)."
+        9400,
+        ge=0,
+        le=65535,
+        description="HTTP port of /metrics, /health and the status page (0 = pick a free port, -1 = off).",
     )
-    workdir: Path = Field(Path("swarm-work"), description="State lives in WORKDIR/coordinator/.")
+    workdir: Path = Field(
+        Path("swarm-work"), description="Working directory; state goes to WORKDIR/coordinator/state.sqlite3."
+    )
     store: Literal["sqlite", "memory"] = Field(
         "sqlite", description="sqlite: WORKDIR/coordinator/state.sqlite3; memory: lost on exit (tests)."
     )
     round_spec: RoundSpec | None = Field(
-        None, description="Round to open at start when no round is active (None = open nothing)."
+        None, description="RoundSpec JSON file: the round to open when none is open (none = open nothing)."
     )
     join_token: str = Field("", description="Shared secret peers must send in Join ('' = anyone may join).")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often peers are told to heartbeat.")
@@ -68,6 +73,48 @@ class CoordinatorConfig(BaseModel):
     )
     dht_initial_peers: tuple[str, ...] = Field((), description="Multiaddrs of DHT nodes to join (empty = a new DHT).")
     roster_interval_s: float = Field(5.0, gt=0, description="Seconds between roster publications in the DHT.")
+    insecure: bool = Field(
+        False, description="Serve gRPC in plaintext (local demos and tests only: credentials then travel in clear)."
+    )
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate of the gRPC port (None = WORKDIR/coordinator/tls_cert.pem, made if missing)."
+    )
+    tls_key: Path | None = Field(
+        None, description="PEM private key of tls_cert (None = WORKDIR/coordinator/tls_key.pem, made with the cert)."
+    )
+    tls_hostnames: tuple[str, ...] = Field(
+        (), description="Names put in a generated certificate besides localhost, 127.0.0.1 and host."
+    )
+    public_dir: Path | None = Field(
+        None, description="Directory to copy what peers need into (public_key.pem, tls_cert.pem); never the keys."
+    )
+    challenge_ttl_s: float = Field(60.0, gt=0, description="Seconds a Join challenge stays valid (single use).")
+    max_samples_per_s: float = Field(
+        2000.0, gt=0, description="Most samples per second one member's heartbeats may add (the excess waits)."
+    )
+    evaluator_ids: tuple[str, ...] = Field(
+        (),
+        description="Peer ids of evaluators the operator runs (swarm evaluator); when set, they alone gate "
+        "publication (else a quorum of members does).",
+    )
+    eval_quorum: int = Field(
+        3, ge=1, description="Evaluators the coordinator picks among members that reported a starting eval."
+    )
+    max_small_message_kb: int = Field(
+        64, ge=1, description="Largest request of every call but UploadSpanState, in KiB (bigger: RESOURCE_EXHAUSTED)."
+    )
+    max_concurrent_rpcs: int = Field(64, ge=1, description="RPCs served at once; more get RESOURCE_EXHAUSTED.")
+    rate_limit_per_s: float = Field(
+        20.0, ge=0, description="Calls per second per identity (peer id, or address before Join); 0 = no limit."
+    )
+    rate_limit_burst: float = Field(60.0, ge=1, description="Calls one identity may make in a burst.")
+    max_eval_reports: int = Field(50, ge=1, description="Eval reports kept per member and round (older dropped).")
+    keep_rounds: int = Field(
+        2, ge=1, description="Ended rounds whose uploaded span states are kept on disk (older ones are deleted)."
+    )
+    http_threads: int = Field(4, ge=1, description="Worker threads of the status / metrics HTTP server.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Python logging level.")
+    http_timeout_s: float = Field(10.0, gt=0, description="Seconds an idle or slow HTTP connection is kept.")
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorConfig:
@@ -80,6 +127,8 @@ class CoordinatorConfig(BaseModel):
             raise ValueError(
                 f"download_chunk_bytes ({self.download_chunk_bytes}) must be at most half of max_message_mb"
             )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither to generate a pair")
         return self
 
     @property
@@ -103,6 +152,15 @@ class CoordinatorConfig(BaseModel):
     @property
     def signing_key_path(self) -> Path:
         return self.signing_key or self.state_dir / "signing_key"
+
+    @property
+    def tls_cert_path(self) -> Path:
+        """PEM certificate peers pin (``--coordinator-cert``)."""
+        return self.tls_cert or self.state_dir / "tls_cert.pem"
+
+    @property
+    def tls_key_path(self) -> Path:
+        return self.tls_key or self.state_dir / "tls_key.pem"
 
     @property
     def public_key_path(self) -> Path:

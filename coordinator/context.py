@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.auth import Challenges, RateLimiter
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.state import CoordinatorStore
+from coordinator.state import Candidate, CoordinatorStore, JoinRejection
 from coordinator.store_memory import MemoryStore
 from coordinator.store_sqlite import SqliteStore
 
@@ -28,6 +32,24 @@ class CoordinatorContext:
     clock: Callable[[], float] = time.time
     lock: threading.RLock = field(default_factory=threading.RLock)
     dht_initial_peers: tuple[str, ...] = ()  # the coordinator DHT node's multiaddrs, sent in JoinResponse
+    challenges: Challenges = field(init=False)  # single-use Join challenges on ``clock``
+    rate: RateLimiter = field(init=False)  # per-identity call budget (config.rate_limit_*)
+    #: The latest refused joins (kept in memory, bounded: refusals cost the caller nothing, so they must not grow the DB).
+    rejections: deque[JoinRejection] = field(default_factory=lambda: deque(maxlen=200))
+    #: The adapter signing key; also signs every round spec handed out (None in tests that need no signature).
+    signing_key: Ed25519PrivateKey | None = None
+    #: evaluator peer id -> sha256 of the credential its Join returned (in memory: it joins again after a restart)
+    evaluator_credentials: dict[str, str] = field(default_factory=dict)
+    #: round id -> the candidate adapter being evaluated (see :mod:`coordinator.publish`).
+    candidates: dict[str, Candidate] = field(default_factory=dict)
+
+    def spec_signature(self, spec_json: str) -> str:
+        """The coordinator's signature of a round spec ('' without a signing key)."""
+        return self.signing_key.sign(spec_json.encode()).hex() if self.signing_key is not None else ""
+
+    def __post_init__(self) -> None:
+        self.challenges = Challenges(self.config.challenge_ttl_s, self.clock)
+        self.rate = RateLimiter(self.config.rate_limit_per_s, self.config.rate_limit_burst)
 
     @classmethod
     def from_config(cls, config: CoordinatorConfig, clock: Callable[[], float] = time.time) -> CoordinatorContext:

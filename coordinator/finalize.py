@@ -1,29 +1,26 @@
-"""Finalizing a round, as functions: is everything in, which replica of each span, assemble, gate on eval.
+"""Finalizing a round, as functions: is everything in, which replica of each span, assemble.
 
-The rules (the driver in :mod:`coordinator.publish` applies them to a store snapshot):
+The rules (the driver in :mod:`coordinator.publish` applies them to a store snapshot; the eval gate
+that follows is in :mod:`coordinator.eval_gate`). Every upload comes from the member the coordinator
+assigned to that span, authenticated by its credential (:mod:`coordinator.handlers_data`).
 
-1. **Epochs.** A span's expected epoch is the highest epoch its members reported in heartbeats; its
-   target epoch is the larger of that and the highest epoch uploaded for it. Only uploads at the
-   target epoch count; older ones come from lagging replicas and are ignored.
-2. **Evals.** Reports on the round's own adapter (``adapter_version == ""``), the latest per peer:
-   *before* = epoch 0, reported before training stopped (the loss of the round's starting point);
-   *after* = epoch >= 1, reported once the round was finalizing (the loss of the final state).
-3. **Ready.** Go as soon as every span has an upload at its target epoch, every live member has
-   uploaded for its span, every live peer that reported *before* has reported *after*, and there is
-   at least one *after*. When ``finalize_timeout_s`` has passed since training stopped, go with what
-   is there if every span has an upload at its target epoch and one *after* exists; else fail
-   (``missing_span`` or ``no_eval``).
-4. **Replicas.** Uploads of a span at its target epoch agree when they hold the same keys and shapes
+1. **Epochs.** A span's expected epoch is the lower median of the epochs its members reported in
+   heartbeats (live members; all members if none is live): one member claiming a huge epoch does not
+   move it. Each uploaded epoch gets one vote per distinct member that uploaded at it; the target epoch
+   is the one with the most votes, ties going to the epoch nearest the expected one, then the lower.
+   Only uploads at the target epoch count; the others are lagging (or lying) replicas.
+2. **Ready.** Go as soon as every span has an upload at its target epoch and every live member has
+   uploaded for its span. When ``finalize_timeout_s`` has passed since training stopped, go with what
+   is there if every span has an upload at its target epoch; else fail (``missing_span``).
+3. **Replicas.** Uploads of a span at its target epoch agree when they hold the same keys and shapes
    and differ by at most ``atol`` everywhere. Uploads with NaN/Inf are set aside (``nonfinite`` if
-   none is left). The largest group of agreeing uploads wins (ties: more samples, then the earliest);
-   any outvoted replica is named in a warning stored with the round.
-5. **Eval gate.** before / after = ``eval_tokens``-weighted means; fail (``no_eval``) without a
-   before or an after report, (``worse_than_parent``) unless after < before.
+   none is left). The largest group of agreeing uploads wins, one vote per member (ties: the group
+   uploaded first; self-reported sample counts never decide); any outvoted replica is named in a
+   warning stored with the round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -31,7 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from coordinator.state import EvalReport, MemberRecord, RoundRecord, SpanStateUpload
+from coordinator.lifecycle import lower_median
+from coordinator.state import MemberRecord, RoundRecord, SpanStateUpload
 from swarm.adapter_tensors import merge_span_states, validate_lora_tensors
 
 
@@ -63,57 +61,51 @@ class Collected:
 
     targets: dict[int, int]  # span index -> target epoch
     uploads: dict[int, list[SpanStateUpload]]  # span index -> uploads at the target epoch
-    before: list[EvalReport]
-    after: list[EvalReport]
     missing_spans: list[str]  # spans without an upload at the target epoch
     waiting_for: list[str] = field(default_factory=list)  # what a complete finalization still lacks
 
     @property
     def minimal(self) -> bool:
-        return not self.missing_spans and bool(self.after)
+        return not self.missing_spans
 
     @property
     def complete(self) -> bool:
         return self.minimal and not self.waiting_for
 
 
-def _latest_per_peer(reports: Iterable[EvalReport]) -> list[EvalReport]:
-    latest: dict[str, EvalReport] = {}
-    for r in reports:
-        latest.pop(r.peer_id, None)
-        latest[r.peer_id] = r
-    return list(latest.values())
+def expected_epoch(members: list[MemberRecord], span_index: int) -> int:
+    """Lower median of the span's members' heartbeat epochs (live ones; every one if none is live)."""
+    mine = [m for m in members if m.span_index == span_index]
+    live = [m for m in mine if m.live]
+    return lower_median(m.epoch for m in (live or mine))
 
 
-def collect(
-    record: RoundRecord, members: list[MemberRecord], uploads: list[SpanStateUpload], reports: list[EvalReport]
-) -> Collected:
-    """Sort a finalizing round's uploads and eval reports (rules 1-3)."""
+def target_epoch(uploads: list[SpanStateUpload], expected: int) -> int:
+    """The uploaded epoch with most distinct uploaders (rule 1); ``expected`` when nothing was uploaded."""
+    votes: dict[int, set[str]] = {}
+    for u in uploads:
+        votes.setdefault(u.epoch, set()).add(u.peer_id)
+    if not votes:
+        return expected
+    return max(votes, key=lambda e: (len(votes[e]), -abs(e - expected), -e))
+
+
+def collect(record: RoundRecord, members: list[MemberRecord], uploads: list[SpanStateUpload]) -> Collected:
+    """Sort a finalizing round's uploads (rules 1-2)."""
     spans = record.spec.spans
-    ended = record.ended_at if record.ended_at is not None else float("inf")
     targets: dict[int, int] = {}
     chosen: dict[int, list[SpanStateUpload]] = {}
     missing = []
     for i, span in enumerate(spans):
-        expected = max((m.epoch for m in members if m.span_index == i), default=0)
         mine = [u for u in uploads if u.span_index == i]
-        targets[i] = max([expected, *(u.epoch for u in mine)])
+        targets[i] = target_epoch(mine, expected_epoch(members, i))
         chosen[i] = [u for u in mine if u.epoch == targets[i]]
         if not chosen[i]:
             missing.append(f"span {span.name} (epoch {targets[i]})")
-    own = [r for r in reports if not r.adapter_version]
-    before = _latest_per_peer(r for r in own if r.epoch == 0 and r.reported_at < ended)
-    after = _latest_per_peer(r for r in own if r.epoch >= 1 and r.reported_at >= ended)
     waiting = list(missing)
-    live = [m for m in members if m.live]
     uploaded = {(u.peer_id, u.span_index) for u in uploads}
-    waiting += [f"upload from {m.peer_id}" for m in live if (m.peer_id, m.span_index) not in uploaded]
-    reported = {r.peer_id for r in after}
-    live_ids = {m.peer_id for m in live}
-    waiting += [f"final eval from {r.peer_id}" for r in before if r.peer_id in live_ids and r.peer_id not in reported]
-    if not after:
-        waiting.append("a final eval report (ReportEval with epoch >= 1)")
-    return Collected(targets, chosen, before, after, missing, waiting)
+    waiting += [f"upload from {m.peer_id}" for m in members if m.live and (m.peer_id, m.span_index) not in uploaded]
+    return Collected(targets, chosen, missing, waiting)
 
 
 def decide(collected: Collected, elapsed_s: float, timeout_s: float) -> bool:
@@ -128,31 +120,7 @@ def decide(collected: Collected, elapsed_s: float, timeout_s: float) -> bool:
             f"no upload after {timeout_s:g} s for {', '.join(collected.missing_spans)}: "
             "every span needs a peer that uploads its state",
         )
-    if not collected.after:
-        raise FinalizeError(Outcome.NO_EVAL, f"no final eval report (ReportEval epoch >= 1) after {timeout_s:g} s")
     return True
-
-
-def weighted_loss(reports: list[EvalReport]) -> float | None:
-    """``eval_tokens``-weighted mean loss (None without reports)."""
-    tokens = sum(r.eval_tokens for r in reports)
-    return sum(r.eval_loss * r.eval_tokens for r in reports) / tokens if tokens else None
-
-
-def gate(collected: Collected) -> tuple[float, float]:
-    """``(loss_before, loss_after)`` if the new state is better than its starting point (rule 5)."""
-    before, after = weighted_loss(collected.before), weighted_loss(collected.after)
-    if before is None:
-        raise FinalizeError(Outcome.NO_EVAL, "no trainer reported the starting eval loss (ReportEval epoch 0)")
-    if after is None:
-        raise FinalizeError(Outcome.NO_EVAL, "no trainer reported the final eval loss (ReportEval epoch >= 1)")
-    if not after < before:
-        raise FinalizeError(
-            Outcome.WORSE_THAN_PARENT,
-            f"eval loss after training {after:.6g} is not below the starting point's {before:.6g} "
-            f"({len(collected.after)} and {len(collected.before)} report(s)): not published",
-        )
-    return before, after
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -183,7 +151,7 @@ def choose_replica(
             groups.append([item])
         else:
             group.append(item)
-    best = max(groups, key=lambda g: (len(g), sum(u.samples for u, _ in g)))  # max keeps the first of equals
+    best = max(groups, key=lambda g: len({u.peer_id for u, _ in g}))  # max keeps the first of equals
     for g in groups:
         if g is not best:
             diff = max_abs_diff(best[0][1], g[0][1])

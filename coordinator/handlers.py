@@ -11,7 +11,9 @@ import hmac
 import grpc
 
 from coordinator.assignment import choose_span
+from coordinator.auth import check_credential, new_credential, verify_join
 from coordinator.context import CoordinatorContext
+from coordinator.evaluators import join_evaluator
 from coordinator.lifecycle import action_for
 from coordinator.membership import expire_members, rebalance_round
 from coordinator.rounds import advance, live_replicas, round_progress
@@ -27,7 +29,7 @@ from coordinator.validation import (
     span_index,
     span_message,
 )
-from swarm.proto import Action, RejectCode, RoundState
+from swarm.proto import EVALUATOR_ROLE, Action, RejectCode, RoundState
 from swarm.proto import coordinator_pb2 as pb
 
 
@@ -53,7 +55,8 @@ def refresh(ctx: CoordinatorContext, record: RoundRecord, now: float) -> RoundRe
 
 
 def _reject(ctx: CoordinatorContext, req: pb.JoinRequest, round_id: str, code: RejectCode, why: str) -> None:
-    ctx.store.add_rejection(JoinRejection(req.peer_id, round_id, code.value, why, ctx.clock()))
+    """Count a refused join and keep it in a bounded in-memory list (never in the store: refusals are free)."""
+    ctx.rejections.append(JoinRejection(req.peer_id[:128], round_id[:128], code.value, why, ctx.clock()))
     ctx.metrics.join_rejections.labels(reason=code.value).inc()
 
 
@@ -64,17 +67,29 @@ def _refuse(
     return pb.JoinResponse(accepted=False, reject_reason=why, reject_code=code.value, round_id=record.round_id)
 
 
+MAX_MULTIADDRS, MAX_MULTIADDR_CHARS = 16, 256
+
+
 def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
     check_name("peer_id", req.peer_id)
+    if len(req.multiaddrs) > MAX_MULTIADDRS:
+        raise invalid(f"multiaddrs: at most {MAX_MULTIADDRS}, got {len(req.multiaddrs)}")
     for i, addr in enumerate(req.multiaddrs):
-        if not addr.strip():
-            raise invalid(f"multiaddrs[{i}] must be a non-empty multiaddr such as /ip4/1.2.3.4/tcp/31337")
+        if not addr.strip() or len(addr) > MAX_MULTIADDR_CHARS:
+            raise invalid(f"multiaddrs[{i}] must be a multiaddr such as /ip4/1.2.3.4/tcp/31337 "
+                          f"(1-{MAX_MULTIADDR_CHARS} chars)")  # fmt: skip
     check_real("capacity.throughput", req.capacity.throughput, minimum=0.0)
+    if req.role == EVALUATOR_ROLE:
+        return join_evaluator(ctx, req)
+    if req.role:
+        raise invalid(f"role {req.role[:32]!r} is unknown: use '' (a member) or {EVALUATOR_ROLE!r}")
+    if ctx.config.join_token and not hmac.compare_digest(req.join_token.encode(), ctx.config.join_token.encode()):
+        why = "join_token is wrong or missing: ask the coordinator's operator for the round's token"
+        _reject(ctx, req, req.round_id, RejectCode.JOIN_TOKEN, why)
+        raise HandlerError(grpc.StatusCode.PERMISSION_DENIED, why)
+    verify_join(ctx.challenges, req)  # outside the lock: an RSA check takes a millisecond
+    credential, digest = new_credential()
     with ctx.lock:
-        if ctx.config.join_token and not hmac.compare_digest(req.join_token.encode(), ctx.config.join_token.encode()):
-            why = "join_token is wrong or missing: ask the coordinator's operator for the round's token"
-            _reject(ctx, req, req.round_id, RejectCode.JOIN_TOKEN, why)
-            raise HandlerError(grpc.StatusCode.PERMISSION_DENIED, why)
         if req.round_id:
             record = resolve_round(ctx, req.round_id)
         else:
@@ -110,7 +125,7 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
             index, epoch = choose_span(others, len(spec.spans)), 0
         cap = Capacity(req.capacity.memory_bytes, req.capacity.device, req.capacity.throughput)
         member = MemberRecord(record.round_id, req.peer_id, index, tuple(req.multiaddrs), cap, cap.throughput,
-                              joined_at=now, last_heartbeat=now, epoch=epoch)  # fmt: skip
+                              joined_at=now, last_heartbeat=now, epoch=epoch, credential_sha256=digest)  # fmt: skip
         ctx.store.put_member(member)
         advance(ctx.store, record, now)
     return pb.JoinResponse(
@@ -120,7 +135,31 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
         heartbeat_interval_s=ctx.config.heartbeat_interval_s,
         round_id=record.round_id,
         dht_initial_peers=list(ctx.dht_initial_peers),
+        credential=credential,
+        round_spec_signature=ctx.spec_signature(record.spec_json),
     )
+
+
+def plausible(ctx: CoordinatorContext, member: MemberRecord, beat: Heartbeat, seq_len: int, now: float) -> Heartbeat:
+    """``beat`` with its counters' increase capped by what a member can do since its last heartbeat.
+
+    At most ``max_samples_per_s`` samples per second and ``seq_len`` tokens per sample are counted; the
+    rest is counted later (counters are cumulative), so one heartbeat cannot end a round by itself.
+    """
+    elapsed = max(now - member.last_heartbeat, 0.0)
+    max_samples = member.session_samples + int(ctx.config.max_samples_per_s * elapsed)
+    samples = min(beat.samples, max(max_samples, member.session_samples))
+    max_tokens = member.session_tokens + (samples - member.session_samples) * seq_len
+    tokens = min(beat.tokens, max(max_tokens, member.session_tokens))
+    if (samples, tokens) == (beat.samples, beat.tokens):
+        return beat
+    return Heartbeat(samples, tokens, beat.epoch, beat.loss, beat.throughput)
+
+
+def candidate_for(ctx: CoordinatorContext, record: RoundRecord, peer_id: str) -> str:
+    """The candidate's sha256 when ``peer_id`` is one of its picked evaluators, else ''."""
+    candidate = ctx.candidates.get(record.round_id) if record.state is RoundState.FINALIZING else None
+    return candidate.sha256 if candidate is not None and peer_id in candidate.evaluators else ""
 
 
 def _beat(req: pb.HeartbeatRequest) -> Heartbeat:
@@ -142,6 +181,8 @@ def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.Heartbeat
         now = ctx.clock()
         record = refresh(ctx, record, now)
         member = ctx.store.get_member(record.round_id, req.peer_id)
+        if member is not None:
+            member = check_credential(member, req.peer_id, req.credential)
         if member is None or not member.live:
             why = "never joined" if member is None else member.state.value
             active = ctx.store.active_round()
@@ -161,6 +202,7 @@ def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.Heartbeat
             )  # fmt: skip
         if req.HasField("span") and span_index(spec, req.span) != member.span_index:
             beat = Heartbeat(beat.samples, beat.tokens, 0, beat.loss, beat.throughput)  # epoch of another group
+        beat = plausible(ctx, member, beat, spec.data.seq_len, now)
         try:
             member = ctx.store.record_heartbeat(record.round_id, req.peer_id, beat, now)
         except StoreConflict as e:
@@ -174,6 +216,7 @@ def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.Heartbeat
         round_state=record.state.value,
         action=action_for(record.state).value,
         heartbeat_interval_s=interval,
+        eval_candidate_sha256=candidate_for(ctx, record, req.peer_id),
     )
 
 
@@ -182,6 +225,8 @@ def leave(ctx: CoordinatorContext, req: pb.LeaveRequest) -> pb.LeaveResponse:
     with ctx.lock:
         record = resolve_round(ctx, req.round_id)
         member = ctx.store.get_member(record.round_id, req.peer_id)
+        if member is not None:
+            member = check_credential(member, req.peer_id, req.credential)
         if member is None or not member.live:
             return pb.LeaveResponse(ok=False)
         ctx.store.set_member_states(record.round_id, [req.peer_id], MemberState.LEFT)
@@ -195,6 +240,7 @@ def get_round_spec(ctx: CoordinatorContext, req: pb.GetRoundSpecRequest) -> pb.G
         record = refresh(ctx, resolve_round(ctx, req.round_id), now)
         progress = round_progress(ctx.store, record, now)
         published = next((a for a in ctx.store.list_adapters() if a.round_id == record.round_id), None)
+        candidate = ctx.candidates.get(record.round_id) if record.state is RoundState.FINALIZING else None
     return pb.GetRoundSpecResponse(
         round_id=record.round_id,
         round_spec_json=record.spec_json,
@@ -206,6 +252,9 @@ def get_round_spec(ctx: CoordinatorContext, req: pb.GetRoundSpecRequest) -> pb.G
         epoch=progress.epochs,
         reason=record.reason,
         adapter_version=published.version if published else "",
+        join_challenge=ctx.challenges.issue(),
+        candidate_sha256=candidate.sha256 if candidate is not None else "",
+        round_spec_signature=ctx.spec_signature(record.spec_json),
     )
 
 

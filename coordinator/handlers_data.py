@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
+from coordinator.auth import check_credential
 from coordinator.blobs import adapter_files, read_chunks, span_state_relpath, write_atomic
 from coordinator.context import CoordinatorContext
+from coordinator.evaluators import check_evaluator
 from coordinator.handlers import resolve_round
-from coordinator.state import AdapterRecord, EvalReport, RoundRecord, SpanStateUpload
+from coordinator.state import AdapterRecord, EvalReport, MemberRecord, RoundRecord, SpanStateUpload
 from coordinator.validation import HandlerError, check_count, check_name, check_real, check_safetensors, span_index
-from swarm.proto import RoundState
+from swarm.proto import CANDIDATE_PREFIX, RoundState
 from swarm.proto import coordinator_pb2 as pb
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _entry(a: AdapterRecord) -> pb.AdapterEntry:
@@ -34,6 +39,8 @@ def list_adapters(ctx: CoordinatorContext, req: pb.ListAdaptersRequest) -> pb.Li
 
 def download_adapter(ctx: CoordinatorContext, req: pb.DownloadAdapterRequest) -> Iterator[pb.AdapterChunk]:
     """Check the request now (errors before the first chunk), then stream every file of the directory."""
+    if req.version.startswith(CANDIDATE_PREFIX):
+        return _candidate_chunks(ctx, req.version)
     if req.version:
         adapter = ctx.store.get_adapter(req.version)
         if adapter is None:
@@ -54,15 +61,35 @@ def download_adapter(ctx: CoordinatorContext, req: pb.DownloadAdapterRequest) ->
     )
 
 
-def _member_round(ctx: CoordinatorContext, peer_id: str, round_id: str, action: str) -> RoundRecord:
-    """The round, checked to exist and to count ``peer_id`` among its members (any state)."""
+#: Uploads one member may make per round (each up to max_message_mb): bounds the disk an attacker can fill.
+MAX_UPLOADS_PER_MEMBER = 4
+
+
+def _candidate_chunks(ctx: CoordinatorContext, version: str) -> Iterator[pb.AdapterChunk]:
+    """The finalizing round's candidate, as one file ``candidate.safetensors`` (NOT_FOUND once it is gone)."""
+    sha256 = version[len(CANDIDATE_PREFIX) :]
+    candidate = next((c for c in list(ctx.candidates.values()) if c.sha256 == sha256), None)
+    if candidate is None:
+        raise HandlerError(grpc.StatusCode.NOT_FOUND, f"no candidate {sha256[:64]!r} is being evaluated")
+    return (
+        pb.AdapterChunk(file_name="candidate.safetensors", offset=c.offset, data=c.data, file_size=c.file_size,
+                        version=version)
+        for c in read_chunks([Path(candidate.path)], ctx.config.download_chunk_bytes)
+    )  # fmt: skip
+
+
+def _member_round(
+    ctx: CoordinatorContext, peer_id: str, round_id: str, credential: str, action: str
+) -> tuple[RoundRecord, MemberRecord]:
+    """The round and the caller's membership (any state), checked against the membership's credential."""
     record = resolve_round(ctx, round_id)
-    if ctx.store.get_member(record.round_id, peer_id) is None:
+    member = ctx.store.get_member(record.round_id, peer_id)
+    if member is None and not credential:
         raise HandlerError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"peer {peer_id} is not a member of round {record.round_id!r}: Join before you {action}",
         )
-    return record
+    return record, check_credential(member, peer_id, credential)
 
 
 def upload_span_state(ctx: CoordinatorContext, req: pb.UploadSpanStateRequest) -> pb.UploadSpanStateResponse:
@@ -72,7 +99,7 @@ def upload_span_state(ctx: CoordinatorContext, req: pb.UploadSpanStateRequest) -
     if not req.HasField("span"):
         raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "span must be set to the span the state belongs to")
     with ctx.lock:
-        record = _member_round(ctx, req.peer_id, req.round_id, "upload a span state")
+        record, member = _member_round(ctx, req.peer_id, req.round_id, req.credential, "upload a span state")
         if record.state not in (RoundState.TRAINING, RoundState.FINALIZING):
             raise HandlerError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -81,6 +108,21 @@ def upload_span_state(ctx: CoordinatorContext, req: pb.UploadSpanStateRequest) -
             )
         spec = record.spec
         index = span_index(spec, req.span)
+        if index != member.span_index:
+            raise HandlerError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"peer {req.peer_id} is assigned span {spec.spans[member.span_index].name}, not "
+                f"{spec.spans[index].name}: a member uploads only the span it serves",
+            )
+        if req.epoch > member.epoch + 1:
+            raise HandlerError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"epoch {req.epoch} is ahead of the epoch {member.epoch} your heartbeats reported: heartbeat first",
+            )
+        mine = [u for u in ctx.store.list_span_states(record.round_id) if u.peer_id == req.peer_id]
+        if len({u.epoch for u in mine} | {req.epoch}) > MAX_UPLOADS_PER_MEMBER:
+            raise HandlerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"at most {MAX_UPLOADS_PER_MEMBER} uploads (epochs) per member and round")  # fmt: skip
     check_safetensors(req.safetensors)
     relpath = span_state_relpath(record.round_id, spec.spans[index], req.peer_id, req.epoch)
     sha256 = write_atomic(ctx.config.blob_dir / relpath, req.safetensors)  # outside the lock: may be large
@@ -99,9 +141,19 @@ def report_eval(ctx: CoordinatorContext, req: pb.ReportEvalRequest) -> pb.Report
     check_count("epoch", req.epoch)
     check_real("eval_loss", req.eval_loss, minimum=0.0)
     check_count("eval_tokens", req.eval_tokens, minimum=1)
+    if req.candidate_sha256 and not _SHA256.match(req.candidate_sha256):
+        raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT, "candidate_sha256 must be 64 lowercase hex digits")
     with ctx.lock:
-        record = _member_round(ctx, req.peer_id, req.round_id, "report an eval")
+        if req.peer_id in ctx.config.evaluator_ids:
+            check_evaluator(ctx, req.peer_id, req.credential)
+            record = resolve_round(ctx, req.round_id)
+        else:
+            record, _ = _member_round(ctx, req.peer_id, req.round_id, req.credential, "report an eval")
+        mine = sum(r.peer_id == req.peer_id for r in ctx.store.list_eval_reports(record.round_id))
+        if mine >= ctx.config.max_eval_reports:
+            raise HandlerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"at most {ctx.config.max_eval_reports} eval reports per member and round")  # fmt: skip
         report = EvalReport(record.round_id, req.peer_id, req.adapter_version, req.epoch, req.eval_loss,
-                            req.eval_tokens, ctx.clock())  # fmt: skip
+                            req.eval_tokens, ctx.clock(), req.candidate_sha256)  # fmt: skip
         ctx.store.add_eval_report(report)
     return pb.ReportEvalResponse(ok=True)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -69,6 +70,18 @@ def end_reason(end: EndCondition, progress: RoundProgress) -> str | None:
     if end.deadline_s and progress.elapsed_s >= end.deadline_s:
         return f"deadline_s {end.deadline_s:g} reached ({progress.elapsed_s:.0f} s of training)"
     return None
+
+
+def lower_median(values: Iterable[int]) -> int:
+    """The lower median (0 for none): with two values, the smaller; one member cannot raise it alone."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2] if ordered else 0
+
+
+def trusted_samples(claimed: int, epochs: int, target_batch_size: int) -> int:
+    """Samples the coordinator counts: what members claim, but no more than the epochs it trusts allow
+    (each epoch is ``target_batch_size`` samples swarm-wide, plus one epoch in progress)."""
+    return min(claimed, (epochs + 1) * target_batch_size)
 
 
 def round_epochs(epoch_by_span: dict[int, int], num_spans: int) -> int:

@@ -19,12 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.torch import load_file, save
 
+from coordinator import eval_gate
+from coordinator.blobs import write_atomic
 from coordinator.context import CoordinatorContext
-from coordinator.finalize import Collected, FinalizeError, Outcome, assemble, collect, decide, gate
+from coordinator.finalize import Collected, FinalizeError, Outcome, assemble, collect, decide
 from coordinator.lifecycle import RoundEvent
+from coordinator.retention import prune
 from coordinator.rounds import RoundConflict, apply_event, open_round
-from coordinator.state import AdapterRecord, RoundRecord
+from coordinator.state import AdapterRecord, Candidate, RoundRecord
 from swarm.adapter import (
     AdapterInfo,
     AdapterVerificationError,
@@ -112,6 +116,7 @@ def _fail(ctx: CoordinatorContext, record: RoundRecord, error: FinalizeError, no
     apply_event(ctx.store, record, RoundEvent.FAIL, now, str(error))
     ctx.metrics.finalize.labels(outcome=error.outcome.value).inc()
     log.warning("round %s failed to finalize: %s", record.round_id, error)
+    prune(ctx)
     continue_series(ctx, now)
     return error.outcome
 
@@ -132,20 +137,31 @@ def _mark_published(
     apply_event(ctx.store, record, RoundEvent.PUBLISH, now, "; ".join([f"published {version}", *notes]))
     for note in notes:
         log.warning("round %s: %s", record.round_id, note)
+    prune(ctx)
     continue_series(ctx, now)
     return Outcome.PUBLISHED
 
 
 @dataclass(frozen=True)
-class _Job:
+class _Assemble:
+    """Every span is in: assemble the candidate (outside the lock) and pick its evaluators."""
+
     record: RoundRecord
-    info: AdapterInfo
-    target: Path
     collected: Collected
 
 
-def _prepare(ctx: CoordinatorContext, key: Ed25519PrivateKey) -> _Job | Outcome | None:
-    """Under the lock: decide, and either finish now (fail, resume) or describe the adapter to write."""
+@dataclass(frozen=True)
+class _Job:
+    """The evaluators passed the candidate: write, sign and register it."""
+
+    record: RoundRecord
+    info: AdapterInfo
+    target: Path
+    candidate: Candidate
+
+
+def _prepare(ctx: CoordinatorContext, key: Ed25519PrivateKey) -> _Assemble | _Job | Outcome | None:
+    """Under the lock: decide, and either finish now (fail, resume) or describe the next piece of work."""
     store, now = ctx.store, ctx.clock()
     record = store.active_round()
     if record is None or record.state is not RoundState.FINALIZING:
@@ -156,16 +172,24 @@ def _prepare(ctx: CoordinatorContext, key: Ed25519PrivateKey) -> _Job | Outcome 
     orphan = _orphan(ctx, record, key)
     if orphan is not None:
         return _publish(ctx, record, *orphan, ["resumed after a restart"], now)
-    spec = record.spec
-    collected = collect(record, store.list_members(record.round_id), store.list_span_states(record.round_id),
-                        store.list_eval_reports(record.round_id))  # fmt: skip
+    spec, members = record.spec, store.list_members(record.round_id)
+    elapsed, timeout = now - (record.ended_at or now), ctx.config.finalize_timeout_s
+    candidate = ctx.candidates.get(record.round_id)
     try:
-        if not decide(collected, now - (record.ended_at or now), ctx.config.finalize_timeout_s):
-            log.debug("round %s finalizing, waiting for: %s", record.round_id, "; ".join(collected.waiting_for))
-            return None
-        before, after = gate(collected)
         if not spec.base.fingerprint:
             raise FinalizeError(Outcome.INVALID_SPEC, "the round spec has no base.fingerprint to put in the manifest")
+        if candidate is None:
+            collected = collect(record, members, store.list_span_states(record.round_id))
+            if not decide(collected, elapsed, timeout):
+                log.debug("round %s finalizing, waiting for: %s", record.round_id, "; ".join(collected.waiting_for))
+                return None
+            return _Assemble(record, collected)
+        tally = eval_gate.tally(record, members, store.list_eval_reports(record.round_id), candidate.sha256,
+                                candidate.evaluators, operator=bool(ctx.config.evaluator_ids))  # fmt: skip
+        if not eval_gate.decide(tally, elapsed, timeout):
+            log.debug("round %s finalizing, waiting for: %s", record.round_id, "; ".join(tally.waiting_for))
+            return None
+        before, after = eval_gate.gate(tally)
     except FinalizeError as e:
         return _fail(ctx, record, e, now)
     version = next_version(ctx)
@@ -174,7 +198,7 @@ def _prepare(ctx: CoordinatorContext, key: Ed25519PrivateKey) -> _Job | Outcome 
     info = AdapterInfo(version=version, parent_version=record.parent_adapter or None, round_id=record.round_id,
                        base_model=spec.base.path, base_fingerprint=spec.base.fingerprint, contributors=contributors,
                        eval_loss_before=before, eval_loss_after=after, method="round")  # fmt: skip
-    return _Job(record, info, ctx.config.adapters_dir / version, collected)
+    return _Job(record, info, ctx.config.adapters_dir / version, candidate)
 
 
 def _still_finalizing(ctx: CoordinatorContext, round_id: str) -> RoundRecord | None:
@@ -182,32 +206,62 @@ def _still_finalizing(ctx: CoordinatorContext, round_id: str) -> RoundRecord | N
     return current if current is not None and current.state is RoundState.FINALIZING else None
 
 
+def _failed(ctx: CoordinatorContext, record: RoundRecord, e: Exception) -> Outcome | None:
+    """A FinalizeError fails the round; another error (e.g. a full disk) is retried until the timeout."""
+    now = ctx.clock()
+    if not isinstance(e, FinalizeError):
+        if now - (record.ended_at or now) < ctx.config.finalize_timeout_s:
+            log.exception("finalizing round %s failed; retrying", record.round_id)
+            return None
+        e = FinalizeError(Outcome.ERROR, f"{type(e).__name__}: {e}")
+    with ctx.lock:
+        current = _still_finalizing(ctx, record.round_id)
+        return _fail(ctx, current, e, now) if current else None
+
+
+def _build_candidate(ctx: CoordinatorContext, job: _Assemble) -> None:
+    """Assemble the candidate, keep its bytes, name it by sha256 and pick its evaluators (rule 4)."""
+    record = job.record
+    tensors, notes = assemble(record, job.collected, ctx.config.blob_dir, ctx.config.replica_atol)
+    data = save(tensors)
+    relpath = f"{record.round_id}/candidate.safetensors"
+    sha256 = write_atomic(ctx.config.blob_dir / relpath, data)
+    with ctx.lock:
+        current = _still_finalizing(ctx, record.round_id)
+        if current is None:
+            return
+        reports = ctx.store.list_eval_reports(record.round_id)
+        evaluators = ctx.config.evaluator_ids or eval_gate.pick_evaluators(current, reports, ctx.config.eval_quorum)
+        ctx.candidates[record.round_id] = Candidate(record.round_id, sha256, str(ctx.config.blob_dir / relpath),
+                                                    evaluators, tuple(notes))  # fmt: skip
+    log.info("round %s: candidate %s assembled; evaluators %s", record.round_id, sha256[:12],
+             ", ".join(evaluators) or "(none)")  # fmt: skip
+
+
 def finalize_step(ctx: CoordinatorContext, key: Ed25519PrivateKey) -> Outcome | None:
     """One finalization pass over the active round; the outcome when it ended the round, else None."""
     with ctx.lock:
         job = _prepare(ctx, key)
+    if isinstance(job, _Assemble):
+        try:
+            _build_candidate(ctx, job)
+        except Exception as e:
+            return _failed(ctx, job.record, e)
+        return None
     if not isinstance(job, _Job):
         return job
     record = job.record
     try:
-        tensors, notes = assemble(record, job.collected, ctx.config.blob_dir, ctx.config.replica_atol)
+        tensors = load_file(job.candidate.path)
         manifest = write_adapter(job.target, tensors, record.spec.lora, job.info, key)
-    except Exception as e:  # FinalizeError: the round fails; others (e.g. a full disk): retry until the timeout
-        now = ctx.clock()
-        if not isinstance(e, FinalizeError):
-            if now - (record.ended_at or now) < ctx.config.finalize_timeout_s:
-                log.exception("finalizing round %s failed; retrying", record.round_id)
-                return None
-            e = FinalizeError(Outcome.ERROR, f"{type(e).__name__}: {e}")
-        with ctx.lock:
-            current = _still_finalizing(ctx, record.round_id)
-            return _fail(ctx, current, e, now) if current else None
+    except Exception as e:
+        return _failed(ctx, record, e)
     with ctx.lock:
         current = _still_finalizing(ctx, record.round_id)
         if current is None:
             shutil.rmtree(job.target, ignore_errors=True)  # the round ended meanwhile: nobody refers to it
             return None
-        outcome = _publish(ctx, current, job.target, manifest, notes, ctx.clock())
+        outcome = _publish(ctx, current, job.target, manifest, list(job.candidate.warnings), ctx.clock())
     log.info("round %s published adapter %s (eval loss %.4f -> %.4f)", record.round_id, manifest.version,
              manifest.eval_loss_before, manifest.eval_loss_after)  # fmt: skip
     return outcome

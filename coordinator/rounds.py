@@ -9,8 +9,16 @@ from __future__ import annotations
 import logging
 
 from coordinator.assignment import Replica, span_loads
-from coordinator.lifecycle import RoundEvent, RoundProgress, end_reason, round_epochs, transition
-from coordinator.state import AlreadyExists, CoordinatorStore, MemberState, RoundRecord
+from coordinator.lifecycle import (
+    RoundEvent,
+    RoundProgress,
+    end_reason,
+    lower_median,
+    round_epochs,
+    transition,
+    trusted_samples,
+)
+from coordinator.state import AlreadyExists, CoordinatorStore, MemberRecord, MemberState, RoundRecord
 from swarm.config import RoundSpec
 from swarm.proto import RoundState
 
@@ -51,13 +59,24 @@ def live_replicas(store: CoordinatorStore, round_id: str) -> list[Replica]:
     return [Replica(m.peer_id, m.span_index, m.throughput) for m in store.list_members(round_id, MemberState.LIVE)]
 
 
+def span_epochs(members: list[MemberRecord], num_spans: int) -> dict[int, int]:
+    """Each span's epoch by its members' heartbeats: the lower median over live members (every member if none
+    is live), so one member claiming a huge epoch does not move a span it shares with honest replicas."""
+    out = {}
+    for i in range(num_spans):
+        mine = [m for m in members if m.span_index == i]
+        live = [m for m in mine if m.live]
+        out[i] = lower_median(m.epoch for m in (live or mine))
+    return out
+
+
 def round_progress(store: CoordinatorStore, record: RoundRecord, now: float) -> RoundProgress:
-    """Samples from contributions; epochs of the slowest span group; seconds since training began."""
-    samples = sum(c.samples for c in store.list_contributions(record.round_id))
-    epoch_by_span: dict[int, int] = {}
-    for m in store.list_members(record.round_id):
-        epoch_by_span[m.span_index] = max(epoch_by_span.get(m.span_index, 0), m.epoch)
-    epochs = round_epochs(epoch_by_span, len(record.spec.spans))
+    """Trusted progress: epochs of the slowest span group (:func:`span_epochs`); samples from contributions,
+    capped by those epochs (:func:`~coordinator.lifecycle.trusted_samples`); seconds since training began."""
+    spec = record.spec
+    epochs = round_epochs(span_epochs(store.list_members(record.round_id), len(spec.spans)), len(spec.spans))
+    claimed = sum(c.samples for c in store.list_contributions(record.round_id))
+    samples = trusted_samples(claimed, epochs, spec.optimizer.target_batch_size)
     elapsed = now - record.started_at if record.started_at is not None else 0.0
     return RoundProgress(samples, epochs, max(elapsed, 0.0))
 

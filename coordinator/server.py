@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -24,7 +25,7 @@ from coordinator.status_http import StatusHttpServer
 from coordinator.status_page import status_routes
 from swarm.keys import load_or_create_signing_key, write_public_key
 from swarm.proto import SERVICE_NAME
-from swarm.proto import coordinator_pb2_grpc as pb_grpc
+from swarm.tls import ensure_certificate, server_credentials
 
 if TYPE_CHECKING:
     import hivemind
@@ -57,8 +58,13 @@ class CoordinatorServer:
 
     @property
     def address(self) -> str:
-        """``host:port`` of the gRPC service (for ``grpc.insecure_channel``)."""
+        """``host:port`` of the gRPC service (see :attr:`tls_cert_path` for the certificate to pin)."""
         return _hostport(self.config.host, self.port)
+
+    @property
+    def tls_cert_path(self) -> Path | None:
+        """The certificate peers pin (``swarm.tls.channel``); None when serving plaintext (``insecure``)."""
+        return None if self.config.insecure else self.config.tls_cert_path
 
     @property
     def metrics_url(self) -> str | None:
@@ -88,6 +94,12 @@ class CoordinatorServer:
         """Signing key, DHT node (a process: started before gRPC spawns threads), finalizer and roster threads."""
         cfg = self.config
         key = load_or_create_signing_key(cfg.signing_key_path)
+        self.ctx.signing_key = key
+        if cfg.public_dir is not None:  # what peers need, apart from the state dir that holds the private keys
+            cfg.public_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg.insecure:
+                shutil.copyfile(cfg.tls_cert_path, cfg.public_dir / "tls_cert.pem")
+            write_public_key(key, cfg.public_dir / "public_key.pem")
         write_public_key(key, cfg.public_key_path)
         if cfg.dht:
             from coordinator.dht_node import start_dht, visible_maddrs
@@ -112,6 +124,8 @@ class CoordinatorServer:
 
     def _start(self) -> None:
         cfg = self.config
+        if not cfg.insecure:  # before the public key appears: whoever waits for that finds the certificate too
+            ensure_certificate(cfg.tls_cert_path, cfg.tls_key_path, (cfg.host, *cfg.tls_hostnames))
         self._open_configured_round()
         self._start_background()
         limit = cfg.max_message_bytes
@@ -121,13 +135,21 @@ class CoordinatorServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),  # a second coordinator on the same port must fail, not share it
+                ("grpc.max_connection_idle_ms", 300_000),
+                ("grpc.http2.max_pings_without_data", 0),
             ],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
-        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.ctx), server)
+        server.add_generic_rpc_handlers((CoordinatorServicer(self.ctx).generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self._grpc = server
         try:
-            self.port = server.add_insecure_port(_hostport(cfg.host, cfg.port))
+            if cfg.insecure:
+                log.warning("gRPC in plaintext (--insecure): credentials and join tokens travel in clear")
+                self.port = server.add_insecure_port(_hostport(cfg.host, cfg.port))
+            else:
+                creds = server_credentials(cfg.tls_cert_path, cfg.tls_key_path)
+                self.port = server.add_secure_port(_hostport(cfg.host, cfg.port), creds)
         except RuntimeError as e:
             raise OSError(f"cannot listen for gRPC on {_hostport(cfg.host, cfg.port)}: {e}") from e
         server.start()
@@ -138,7 +160,8 @@ class CoordinatorServer:
             register_round_metrics(self.ctx)
             routes, prefix_routes = status_routes(self.ctx)  # the status page: /, /api/status, /adapters/...
             self._http = StatusHttpServer(cfg.host, cfg.metrics_port, self.ctx.metrics.registry, lambda: self._serving,
-                                          routes=routes, prefix_routes=prefix_routes)  # fmt: skip
+                                          routes=routes, prefix_routes=prefix_routes, threads=cfg.http_threads,
+                                          timeout_s=cfg.http_timeout_s)  # fmt: skip
             self.metrics_port = self._http.start().port
         self._sweeper.start()
         for thread in self._threads:

@@ -1,65 +1,127 @@
-"""Thin gRPC servicer: time the call, run the plain handler, turn its errors into a status."""
+"""Thin gRPC servicer: parse the request, apply per-method limits, time the handler, map errors to a status.
+
+Requests arrive as raw bytes (no deserializer is registered) so that the servicer, not grpc, parses
+them: a garbage body gets ``INVALID_ARGUMENT`` and one log line at most, never ``INTERNAL`` with a
+traceback per call. Each method has its own size cap (only ``UploadSpanState`` may be large) and every
+call spends a token of its caller's rate-limit buckets (its address, and the peer id it names).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from coordinator import handlers, handlers_data
 from coordinator.context import CoordinatorContext
 from coordinator.validation import HandlerError
+from swarm.proto import SERVICE_NAME
 from swarm.proto import coordinator_pb2 as pb
-from swarm.proto import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-R = TypeVar("R")
 
 
-class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+@dataclass(frozen=True)
+class Method:
+    name: str
+    request: type[Message]
+    handler: Callable[[CoordinatorContext, Any], Any]
+    large: bool = False  # may use the whole max_message_mb (UploadSpanState)
+    stream: bool = False  # server-streaming response
+
+
+METHODS = (
+    Method("Join", pb.JoinRequest, handlers.join),
+    Method("Heartbeat", pb.HeartbeatRequest, handlers.heartbeat),
+    Method("Leave", pb.LeaveRequest, handlers.leave),
+    Method("GetRoundSpec", pb.GetRoundSpecRequest, handlers.get_round_spec),
+    Method("ListAdapters", pb.ListAdaptersRequest, handlers_data.list_adapters),
+    Method("DownloadAdapter", pb.DownloadAdapterRequest, handlers_data.download_adapter, stream=True),
+    Method("UploadSpanState", pb.UploadSpanStateRequest, handlers_data.upload_span_state, large=True),
+    Method("ReportEval", pb.ReportEvalRequest, handlers_data.report_eval),
+)
+
+
+def _caller(context: Any) -> str:
+    """The caller's address without its port (``ipv4:1.2.3.4:5678`` -> ``ipv4:1.2.3.4``)."""
+    peer = str(context.peer() or "unknown")
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+class CoordinatorServicer:
+    """Serves :data:`METHODS` over one :class:`CoordinatorContext`; register with :meth:`generic_handler`."""
+
     def __init__(self, ctx: CoordinatorContext) -> None:
         self.ctx = ctx
+        self.methods = {m.name: m for m in METHODS}
 
-    def _call(self, method: str, fn: Callable[[CoordinatorContext, Any], R], request: Any, context: Any) -> R:
+    def call(self, name: str, raw: bytes, context: Any) -> Any:
+        """Serve one call of method ``name`` from its raw request bytes (what grpc hands over)."""
+        method = self.methods[name]
+        return self._streaming(method)(raw, context) if method.stream else self._call(method, raw, context)
+
+    def _parse(self, method: Method, raw: bytes, context: Any) -> Any:
+        limit = self.ctx.config.max_message_bytes if method.large else self.ctx.config.max_small_message_kb * 1024
+        if len(raw) > limit:
+            raise HandlerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{method.name} request of {len(raw)} bytes is over its limit of {limit} bytes")  # fmt: skip
+        try:
+            request = method.request.FromString(raw)
+        except (DecodeError, ValueError, RuntimeError) as e:
+            raise HandlerError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{method.name} request is not a valid {method.request.DESCRIPTOR.full_name}: "
+                               f"{type(e).__name__}") from None  # fmt: skip
+        # Every call spends from its address's bucket (a peer id in a request is a claim until checked, so
+        # it cannot buy a fresh budget); a call naming a peer id also spends from that peer's bucket.
+        peer_id = getattr(request, "peer_id", "")
+        keys = [_caller(context), *([f"peer:{peer_id}"] if peer_id else [])]
+        if not all([self.ctx.rate.allow(key) for key in keys]):
+            raise HandlerError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{method.name}: too many calls; slow down")
+        return request
+
+    def _call(self, method: Method, raw: bytes, context: Any) -> Any:
         metrics = self.ctx.metrics
         start = time.perf_counter()
         try:
-            return fn(self.ctx, request)
+            return method.handler(self.ctx, self._parse(method, raw, context))
         except HandlerError as e:
             code, message = e.code, e.message
         except Exception as e:  # a bug: say so to the caller, keep serving
-            log.exception("%s failed", method)
-            code, message = grpc.StatusCode.INTERNAL, f"{method} failed inside the coordinator: {type(e).__name__}: {e}"
+            log.exception("%s failed", method.name)
+            code, message = (
+                grpc.StatusCode.INTERNAL,
+                f"{method.name} failed inside the coordinator: {type(e).__name__}: {e}",
+            )
         finally:
-            metrics.rpc_duration.labels(method=method).observe(time.perf_counter() - start)
-        metrics.rpc_errors.labels(method=method, code=code.name).inc()
+            metrics.rpc_duration.labels(method=method.name).observe(time.perf_counter() - start)
+        metrics.rpc_errors.labels(method=method.name, code=code.name).inc()
         context.abort(code, message)
         raise AssertionError("grpc context.abort returned")  # abort always raises
 
-    def Join(self, request: pb.JoinRequest, context: Any) -> pb.JoinResponse:
-        return self._call("Join", handlers.join, request, context)
+    def _unary(self, method: Method) -> Callable[[bytes, Any], Any]:
+        return lambda raw, context: self._call(method, raw, context)
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
-        return self._call("Heartbeat", handlers.heartbeat, request, context)
+    def _streaming(self, method: Method) -> Callable[[bytes, Any], Iterator[Any]]:
+        def serve(raw: bytes, context: Any) -> Iterator[Any]:
+            # Errors found before the first chunk get their status; a read error mid-stream ends it with UNKNOWN.
+            yield from self._call(method, raw, context)
 
-    def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveResponse:
-        return self._call("Leave", handlers.leave, request, context)
+        return serve
 
-    def GetRoundSpec(self, request: pb.GetRoundSpecRequest, context: Any) -> pb.GetRoundSpecResponse:
-        return self._call("GetRoundSpec", handlers.get_round_spec, request, context)
-
-    def ListAdapters(self, request: pb.ListAdaptersRequest, context: Any) -> pb.ListAdaptersResponse:
-        return self._call("ListAdapters", handlers_data.list_adapters, request, context)
-
-    def DownloadAdapter(self, request: pb.DownloadAdapterRequest, context: Any) -> Iterator[pb.AdapterChunk]:
-        # Errors found before the first chunk get their status; a read error mid-stream ends it with UNKNOWN.
-        yield from self._call("DownloadAdapter", handlers_data.download_adapter, request, context)
-
-    def UploadSpanState(self, request: pb.UploadSpanStateRequest, context: Any) -> pb.UploadSpanStateResponse:
-        return self._call("UploadSpanState", handlers_data.upload_span_state, request, context)
-
-    def ReportEval(self, request: pb.ReportEvalRequest, context: Any) -> pb.ReportEvalResponse:
-        return self._call("ReportEval", handlers_data.report_eval, request, context)
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        table = {}
+        for m in METHODS:
+            if m.stream:
+                table[m.name] = grpc.unary_stream_rpc_method_handler(
+                    self._streaming(m), response_serializer=pb.AdapterChunk.SerializeToString
+                )
+            else:
+                table[m.name] = grpc.unary_unary_rpc_method_handler(
+                    self._unary(m), response_serializer=lambda msg: msg.SerializeToString()
+                )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, table)

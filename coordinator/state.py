@@ -88,6 +88,7 @@ class MemberRecord:
     loss: float | None = None
     session_samples: int = 0
     session_tokens: int = 0
+    credential_sha256: str = ""  # sha256 of the bearer credential its last Join issued ('' = none)
 
     @property
     def live(self) -> bool:
@@ -137,6 +138,7 @@ class EvalReport:
     eval_loss: float
     eval_tokens: int
     reported_at: float
+    candidate_sha256: str = ""  # the candidate adapter it measured ('' = the peer's own view of the swarm)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,18 @@ class AdapterRecord:
     created_at: float
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A finalizing round's assembled adapter, waiting for its evaluators (kept in memory: re-assembling
+    the same uploads gives the same bytes, so a restarted coordinator names the same sha256)."""
+
+    round_id: str
+    sha256: str  # of the candidate's safetensors bytes
+    path: str  # the candidate's safetensors file
+    evaluators: tuple[str, ...]  # peer ids picked to evaluate it
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -240,6 +254,10 @@ class CoordinatorStore(ABC):
 
     @abstractmethod
     def list_eval_reports(self, round_id: str | None = None) -> list[EvalReport]: ...
+
+    @abstractmethod
+    def delete_eval_reports(self, round_id: str) -> int:
+        """Forget a round's eval reports (retention); returns how many were deleted."""
 
     # --- adapters, rejections
     @abstractmethod

@@ -24,6 +24,8 @@ class StatusHttpServer:
         *,
         routes: Mapping[str, Route] | None = None,
         prefix_routes: Mapping[str, Route] | None = None,
+        threads: int = 4,
+        timeout_s: float = 10.0,
     ) -> None:
         def health(_: Request) -> Response:
             ok = healthy()
@@ -31,7 +33,7 @@ class StatusHttpServer:
 
         self._http = HttpServerThread(
             host, port, registry=registry, routes={"/health": health, **(routes or {})},
-            prefix_routes=prefix_routes, name="coordinator-http",
+            prefix_routes=prefix_routes, name="coordinator-http", threads=threads, timeout_s=timeout_s,
         )  # fmt: skip
         self.port: int = self._http.port
 

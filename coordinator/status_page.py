@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import mimetypes
+import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -52,17 +54,20 @@ def _adapter_entry(ctx: CoordinatorContext, a: Any, eval_loss: float | None) -> 
 
 
 def status_snapshot(ctx: CoordinatorContext) -> dict[str, Any]:
-    """Everything the page shows, as plain JSON-able data (also served at ``/api/status``)."""
+    """Everything the page shows, as plain JSON-able data (also served at ``/api/status``).
+
+    Read without the handlers' lock (each store call is atomic on its own; the page may be a heartbeat
+    behind), so a slow or flooded status page never holds up an RPC.
+    """
     now = ctx.clock()
-    with ctx.lock:
-        store = ctx.store
-        rounds = store.list_rounds()
-        current = store.current_round()
-        adapters = store.list_adapters()
-        evals = eval_losses(store)
-        members = store.list_members(current.round_id) if current else []
-        replicas = live_replicas(store, current.round_id) if current else []
-        progress = round_progress(store, current, now) if current else None
+    store = ctx.store
+    rounds = store.list_rounds()
+    current = store.current_round()
+    adapters = store.list_adapters()
+    evals = eval_losses(store)
+    members = store.list_members(current.round_id) if current else []
+    replicas = live_replicas(store, current.round_id) if current else []
+    progress = round_progress(store, current, now) if current else None
     snap: dict[str, Any] = {
         "generated_at": now,
         "software_version": ctx.config.software_version,
@@ -117,8 +122,7 @@ def adapter_file(ctx: CoordinatorContext, rest: str) -> Path | None:
     version, sep, name = unquote(rest).partition("/")
     if not sep or not version or not name or "/" in name:
         return None
-    with ctx.lock:
-        adapter = ctx.store.get_adapter(version)
+    adapter = ctx.store.get_adapter(version)
     if adapter is None:
         return None
     try:
@@ -128,14 +132,33 @@ def adapter_file(ctx: CoordinatorContext, rest: str) -> Path | None:
     return next((p for p in files if p.name == name), None)
 
 
+class SnapshotCache:
+    """The latest :func:`status_snapshot`, rebuilt at most every ``ttl_s`` (one build at a time): a flood
+    of page loads costs one store read per ``ttl_s``."""
+
+    def __init__(self, ctx: CoordinatorContext, ttl_s: float = 1.0) -> None:
+        self.ctx, self.ttl_s = ctx, ttl_s
+        self._lock = threading.Lock()
+        self._at: float = -1e18
+        self._snap: dict[str, Any] = {}
+
+    def get(self) -> dict[str, Any]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._at >= self.ttl_s:
+                self._snap, self._at = status_snapshot(self.ctx), now
+            return self._snap
+
+
 def status_routes(ctx: CoordinatorContext) -> tuple[dict[str, Route], dict[str, Route]]:
     """``(routes, prefix_routes)`` for :class:`coordinator.status_http.StatusHttpServer`."""
+    cache = SnapshotCache(ctx)
 
     def page(_: Request) -> Response:
-        return Response.html(render_page(status_snapshot(ctx)), headers=(("Cache-Control", "no-store"),))
+        return Response.html(render_page(cache.get()), headers=(("Cache-Control", "no-store"),))
 
     def api(_: Request) -> Response:
-        return Response.json(json.dumps(status_snapshot(ctx), indent=1), headers=(("Cache-Control", "no-store"),))
+        return Response.json(json.dumps(cache.get(), indent=1), headers=(("Cache-Control", "no-store"),))
 
     def download(request: Request) -> Response:
         path = adapter_file(ctx, request.path[len(ADAPTERS_PREFIX) :])

@@ -158,6 +158,12 @@ class MemoryStore(CoordinatorStore):
         with self._lock:
             return [e for e in self._evals if round_id is None or e.round_id == round_id]
 
+    def delete_eval_reports(self, round_id: str) -> int:
+        with self._lock:
+            kept = [e for e in self._evals if e.round_id != round_id]
+            deleted, self._evals = len(self._evals) - len(kept), kept
+            return deleted
+
     def add_adapter(self, record: AdapterRecord) -> None:
         with self._lock:
             if record.version in self._adapters:

@@ -63,12 +63,14 @@ MIGRATIONS: list[list[str]] = [
             round_id TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL)""",
     ],
     ["ALTER TABLE rounds ADD COLUMN reason TEXT NOT NULL DEFAULT ''"],
+    ["ALTER TABLE members ADD COLUMN credential_sha256 TEXT NOT NULL DEFAULT ''"],
+    ["ALTER TABLE eval_reports ADD COLUMN candidate_sha256 TEXT NOT NULL DEFAULT ''"],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _MEMBER_COLS = (
     "round_id, peer_id, span_index, multiaddrs, memory_bytes, device, capacity_throughput, throughput, "
-    "joined_at, last_heartbeat, state, epoch, loss, session_samples, session_tokens"
+    "joined_at, last_heartbeat, state, epoch, loss, session_samples, session_tokens, credential_sha256"
 )
 
 #: A re-join keeps the member's row (and so its place in listings); every other column is replaced.
@@ -98,6 +100,7 @@ def _member(row: Any) -> MemberRecord:
         loss=row[12],
         session_samples=row[13],
         session_tokens=row[14],
+        credential_sha256=row[15],
     )
 
 
@@ -200,11 +203,11 @@ class SqliteStore(CoordinatorStore):
             if c.execute("SELECT 1 FROM rounds WHERE round_id = ?", (m.round_id,)).fetchone() is None:
                 raise NotFound(f"round {m.round_id!r} does not exist")
             c.execute(
-                f"INSERT INTO members ({_MEMBER_COLS}) VALUES ({', '.join('?' * 15)}) "
+                f"INSERT INTO members ({_MEMBER_COLS}) VALUES ({', '.join('?' * 16)}) "
                 f"ON CONFLICT (round_id, peer_id) DO UPDATE SET {_UPSERT_SET}",
                 (m.round_id, m.peer_id, m.span_index, dump_tuple(m.multiaddrs), m.capacity.memory_bytes,
                  m.capacity.device, m.capacity.throughput, m.throughput, m.joined_at, m.last_heartbeat,
-                 m.state.value, m.epoch, m.loss, m.session_samples, m.session_tokens),
+                 m.state.value, m.epoch, m.loss, m.session_samples, m.session_tokens, m.credential_sha256),
             )  # fmt: skip
             c.execute("INSERT OR IGNORE INTO contributions VALUES (?, ?, 0, 0)", (m.round_id, m.peer_id))
 
@@ -286,8 +289,17 @@ class SqliteStore(CoordinatorStore):
         with self._tx() as c:
             c.execute(
                 "INSERT INTO eval_reports (round_id, peer_id, adapter_version, epoch, eval_loss, eval_tokens, "
-                "reported_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (e.round_id, e.peer_id, e.adapter_version, e.epoch, e.eval_loss, e.eval_tokens, e.reported_at),
+                "reported_at, candidate_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    e.round_id,
+                    e.peer_id,
+                    e.adapter_version,
+                    e.epoch,
+                    e.eval_loss,
+                    e.eval_tokens,
+                    e.reported_at,
+                    e.candidate_sha256,
+                ),  # fmt: skip
             )
 
     def list_eval_reports(self, round_id: str | None = None) -> list[EvalReport]:
@@ -296,6 +308,10 @@ class SqliteStore(CoordinatorStore):
         else:
             rows = self._query("SELECT * FROM eval_reports WHERE round_id = ? ORDER BY id", (round_id,))
         return [EvalReport(*r[1:]) for r in rows]
+
+    def delete_eval_reports(self, round_id: str) -> int:
+        with self._tx() as c:
+            return c.execute("DELETE FROM eval_reports WHERE round_id = ?", (round_id,)).rowcount
 
     # --- adapters, rejections
     def add_adapter(self, record: AdapterRecord) -> None:

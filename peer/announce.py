@@ -16,9 +16,12 @@ from swarm.dht_records import (
     ONLINE,
     RoundRecordsSchema,
     ServerAnnouncement,
+    TrainerRecord,
     dht_prefix,
     parse_announcement,
+    parse_trainer_record,
     servers_key,
+    trainers_key,
 )
 
 log = get_logger(__name__)
@@ -43,6 +46,19 @@ def fetch_servers(dht: hivemind.DHT, round_id: str) -> list[ServerAnnouncement]:
         if ann is not None:
             out.append(ann)
     return out
+
+
+def fetch_trainers(dht: hivemind.DHT, round_id: str) -> list[TrainerRecord]:
+    """All valid, unexpired trainer step records of a round (see swarm.steps); malformed ones are skipped."""
+    found = dht.get(trainers_key(round_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    return [r for r in (parse_trainer_record(item.value) for item in found.value.values()) if r is not None]
+
+
+def replica_epochs(dht: hivemind.DHT, round_id: str, span: tuple[int, int]) -> dict[str, int]:
+    """Peer id -> announced epoch of the online servers of ``span``."""
+    return {a.peer_id: int(a.epoch) for a in online_servers(dht, round_id) if a.span == span}
 
 
 def online_servers(dht: hivemind.DHT, round_id: str) -> list[ServerAnnouncement]:

@@ -1,18 +1,25 @@
-"""The peer's side of the coordinator API (gRPC): join, heartbeat, upload span state, report eval, adapters."""
+"""The peer's side of the coordinator API (gRPC): join, heartbeat, upload span state, report eval, adapters.
+
+The client proves the peer's identity at Join (a signature by its libp2p key over the coordinator's
+fresh challenge), keeps the credential the coordinator returns, and attaches it to every later call of
+that round itself. Over TLS it trusts only the coordinator's certificate file (pinned).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import grpc
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors.torch import save
 
 from swarm import __version__
 from swarm.config import RoundSpec, SpanRange
+from swarm.identity import PeerIdentity, join_payload
 from swarm.proto import coordinator_pb2 as pb
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
+from swarm.tls import channel
 
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -31,19 +38,52 @@ class JoinRejectedError(ValueError):
 
 
 class CoordinatorClient:
-    """Thin synchronous client; every call has a deadline and raises ``grpc.RpcError`` on transport errors."""
+    """Thin synchronous client; every call has a deadline and raises ``grpc.RpcError`` on transport errors.
 
-    def __init__(self, address: str, join_token: str = "", timeout: float = 15.0):
+    ``identity`` (the peer's libp2p key) is needed to Join; ``cert`` is the coordinator's TLS certificate
+    to pin (None / '' = plaintext, only against a coordinator started with ``--insecure``); with
+    ``public_key`` (the coordinator's adapter signing key) every round spec must carry its signature.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        join_token: str = "",
+        timeout: float = 15.0,
+        *,
+        identity: PeerIdentity | None = None,
+        cert: str | Path | None = None,
+        public_key: Ed25519PublicKey | None = None,
+    ):
         self.address, self.join_token, self.timeout = address, join_token, timeout
-        self.channel = grpc.insecure_channel(
+        self.identity, self.public_key = identity, public_key
+        self.credentials: dict[str, str] = {}  # round id -> the credential its Join returned
+        self.channel = channel(
             address,
+            cert,
             options=[("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)],
         )
         self.stub = pb_grpc.CoordinatorStub(self.channel)
 
+    def _credential(self, round_id: str) -> str:
+        return self.credentials.get(round_id, "")
+
+    def _spec(self, spec_json: str, signature: str) -> RoundSpec:
+        """The round spec, after checking the coordinator's signature on it (when the client has its key)."""
+        if self.public_key is not None:
+            from swarm.keys import verify_hex
+
+            try:
+                ok = verify_hex(self.public_key, spec_json.encode(), signature)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError("the round spec does not carry the coordinator's signature: refusing it")
+        return RoundSpec.from_json(spec_json)
+
     def current_spec(self) -> RoundSpec:
         resp = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=self.timeout)
-        return RoundSpec.from_json(resp.round_spec_json)
+        return self._spec(resp.round_spec_json, resp.round_spec_signature)
 
     def join(
         self,
@@ -55,6 +95,10 @@ class CoordinatorClient:
         memory_bytes: int,
         round_id: str = "",
     ) -> tuple[RoundSpec, SpanRange, pb.JoinResponse]:
+        if self.identity is None or self.identity.peer_id != peer_id:
+            raise ValueError(f"joining as {peer_id} needs that peer's identity key (CoordinatorClient(identity=...))")
+        challenge = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=self.timeout).join_challenge
+        payload = join_payload(peer_id, round_id, challenge, fingerprint, list(maddrs))
         resp = self.stub.Join(
             pb.JoinRequest(
                 peer_id=peer_id,
@@ -64,6 +108,9 @@ class CoordinatorClient:
                 join_token=self.join_token,
                 round_id=round_id,
                 capacity=pb.Capacity(memory_bytes=memory_bytes, device=device, throughput=throughput),
+                public_key=self.identity.public_key_pb,
+                challenge=challenge,
+                signature=self.identity.sign(payload),
             ),
             timeout=self.timeout,
         )
@@ -71,7 +118,12 @@ class CoordinatorClient:
             raise JoinRejectedError(
                 f"the coordinator refused to let this peer join: {resp.reject_reason}", resp.reject_code
             )
-        return RoundSpec.from_json(resp.round_spec_json), SpanRange(start=resp.span.start, end=resp.span.end), resp
+        self.credentials[resp.round_id] = resp.credential
+        return (
+            self._spec(resp.round_spec_json, resp.round_spec_signature),
+            SpanRange(start=resp.span.start, end=resp.span.end),
+            resp,
+        )
 
     def heartbeat(
         self,
@@ -91,6 +143,7 @@ class CoordinatorClient:
                 round_id=round_id,
                 span=pb.Span(start=span.start, end=span.end),
                 progress=pb.Progress(samples=samples, tokens=tokens, loss=loss, throughput=throughput, epoch=epoch),
+                credential=self._credential(round_id),
             ),
             timeout=self.timeout,
         )
@@ -106,18 +159,23 @@ class CoordinatorClient:
                 epoch=epoch,
                 safetensors=save(tensors),
                 samples=samples,
+                credential=self._credential(round_id),
             ),
             timeout=self.timeout * 4,
         )
 
-    def report_eval(self, peer_id: str, round_id: str, epoch: int, loss: float, tokens: int) -> None:
+    def report_eval(
+        self, peer_id: str, round_id: str, epoch: int, loss: float, tokens: int, candidate_sha256: str = ""
+    ) -> None:
         self.stub.ReportEval(
-            pb.ReportEvalRequest(peer_id=peer_id, round_id=round_id, epoch=epoch, eval_loss=loss, eval_tokens=tokens),
+            pb.ReportEvalRequest(peer_id=peer_id, round_id=round_id, epoch=epoch, eval_loss=loss, eval_tokens=tokens,
+                                 credential=self._credential(round_id), candidate_sha256=candidate_sha256),
             timeout=self.timeout,
-        )
+        )  # fmt: skip
 
     def leave(self, peer_id: str, round_id: str) -> None:
-        self.stub.Leave(pb.LeaveRequest(peer_id=peer_id, round_id=round_id), timeout=self.timeout)
+        request = pb.LeaveRequest(peer_id=peer_id, round_id=round_id, credential=self._credential(round_id))
+        self.stub.Leave(request, timeout=self.timeout)
 
     def pull_adapter(self, version: str, out_dir: Path, public_key: Any) -> Path:
         """Download adapter ``version`` and verify it with the coordinator's public key before keeping it."""

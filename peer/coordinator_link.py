@@ -12,7 +12,8 @@ from hivemind.utils.logging import get_logger
 
 from peer.config import PeerConfig
 from peer.coordinator_client import CoordinatorClient
-from peer.daemon import PeerDaemon
+from peer.server import SpanServer
+from peer.stats import PeerStats, RoundSignals
 from swarm.config import RoundSpec
 
 log = get_logger(__name__)
@@ -23,11 +24,13 @@ class CoordinatorLink:
 
     def __init__(self, client: CoordinatorClient, config: PeerConfig, peer_id: str, spec: RoundSpec, fingerprint: str):
         self.client, self.config, self.peer_id, self.spec, self.fingerprint = client, config, peer_id, spec, fingerprint
-        self.action = ""
-        self.daemon: PeerDaemon | None = None
+        self.server: SpanServer | None = None
+        self.stats, self.signals = PeerStats(), RoundSignals()
         self.interval = 2.0
         self._uploaded_epoch = -1
         self._uploader: threading.Thread | None = None
+        self._final_eval: tuple[float, int, int] | None = None  # (loss, epoch, tokens) of the final eval
+        self._candidate, self._named = "", ""  # candidate sha256 this peer must evaluate / has reported on
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="coordinator-heartbeat", daemon=True)
 
@@ -46,9 +49,12 @@ class CoordinatorLink:
         log.info(f"Starting from verified adapter {manifest.version} (parent {manifest.parent_version})")
         return tensors
 
-    def attach(self, daemon: PeerDaemon, interval: float) -> None:
-        self.daemon, self.interval = daemon, interval
-        daemon.on_eval.append(self._report_eval)
+    def attach(self, server: SpanServer, stats: PeerStats, signals: RoundSignals, interval: float) -> None:
+        """What the link needs of its peer: the span (state to upload, epoch), what it did, and how to stop it.
+
+        The peer calls :meth:`report_eval` after each held-out evaluation.
+        """
+        self.server, self.stats, self.signals, self.interval = server, stats, signals, interval
 
     def start(self) -> None:
         self._thread.start()
@@ -58,26 +64,38 @@ class CoordinatorLink:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
-    def _report_eval(self, phase: str, loss: float, epoch: int, tokens: int) -> None:
+    def report_eval(self, phase: str, loss: float, epoch: int, tokens: int) -> None:
         try:
             self.client.report_eval(self.peer_id, self.spec.round_id, 0 if phase == "before" else epoch, loss, tokens)
         except grpc.RpcError as exc:
             log.warning(f"could not report the {phase} eval to the coordinator: {exc.details()}")
+        if phase != "before":
+            self._final_eval = (loss, epoch, tokens)
+            self._name_candidate()
+
+    def _name_candidate(self) -> None:
+        """As a picked evaluator: report the final eval on the candidate the coordinator named.
+
+        The trainer measured the swarm's final state, which the candidate was assembled from; an evaluator
+        that loads base + candidate itself is the stronger check (SECURITY.md).
+        """
+        if not self._candidate or self._candidate == self._named or self._final_eval is None:
+            return
+        loss, epoch, tokens = self._final_eval
+        try:
+            self.client.report_eval(self.peer_id, self.spec.round_id, max(epoch, 1), loss, tokens, self._candidate)
+            self._named = self._candidate
+        except grpc.RpcError as exc:
+            log.warning(f"could not report the eval of candidate {self._candidate[:12]}: {exc.details()}")
 
     def _upload(self, epoch: int) -> None:
-        daemon = self.daemon
-        assert daemon is not None
-        state = daemon.server.lora_state()
-        self.client.upload_span_state(
-            self.peer_id,
-            self.spec.round_id,
-            daemon.span,
-            epoch,
-            state,
-            max(daemon.server.backend.samples_trained, daemon.trained_samples),
-        )
+        server = self.server
+        assert server is not None
+        state = server.lora_state()
+        samples = max(server.samples_trained, self.stats.samples)
+        self.client.upload_span_state(self.peer_id, self.spec.round_id, server.span, epoch, state, samples)
         self._uploaded_epoch = epoch
-        log.info(f"Uploaded span {daemon.span.name} at epoch {epoch}")
+        log.info(f"Uploaded span {server.span.name} at epoch {epoch}")
 
     def _upload_safely(self, epoch: int) -> None:
         try:
@@ -88,41 +106,44 @@ class CoordinatorLink:
             log.exception("span upload failed; retrying on the next heartbeat")
 
     def _beat(self) -> None:
-        daemon = self.daemon
-        assert daemon is not None
+        server, stats, signals = self.server, self.stats, self.signals
+        assert server is not None
+        span = server.span
         resp = self.client.heartbeat(
             self.peer_id,
             self.spec.round_id,
-            daemon.span,
-            samples=daemon.trained_samples,
-            tokens=daemon.trained_tokens,
-            loss=daemon.last_loss,
-            throughput=daemon.throughput,
-            epoch=daemon.server.epoch,
+            span,
+            samples=stats.samples,
+            tokens=stats.tokens,
+            loss=stats.last_loss,
+            throughput=stats.throughput,
+            epoch=server.epoch,
         )
-        self.action = resp.action
+        if resp.eval_candidate_sha256:
+            self._candidate = resp.eval_candidate_sha256
+            self._name_candidate()
         if resp.heartbeat_interval_s:
             self.interval = resp.heartbeat_interval_s
         if resp.action == "finalize":
-            daemon.finalize_event.set()
+            signals.finalize.set()
             busy = self._uploader is not None and self._uploader.is_alive()
-            if daemon.server.epoch != self._uploaded_epoch and not busy:
+            if server.epoch != self._uploaded_epoch and not busy:
                 # Off the heartbeat thread: reading the state waits for the span lock (an all-reduce may hold it)
                 # and heartbeats must keep flowing meanwhile.
                 self._uploader = threading.Thread(
-                    target=self._upload_safely, args=(daemon.server.epoch,), name="span-upload", daemon=True
+                    target=self._upload_safely, args=(server.epoch,), name="span-upload", daemon=True
                 )
                 self._uploader.start()
-        elif resp.HasField("span") and (resp.span.start, resp.span.end) != (daemon.span.start, daemon.span.end):
+        elif resp.HasField("span") and (resp.span.start, resp.span.end) != (span.start, span.end):
             # Rebalanced (a span lost its last server): leave this span and Join again to load the new one.
             log.info(f"The coordinator moved this peer to span {resp.span.start}-{resp.span.end}: reloading")
-            daemon.finalize_event.set()
-            daemon.round_over.set()
+            signals.finalize.set()
+            signals.round_over.set()
             self._stop.set()
         elif resp.action in ("rejoin", "stop") or not resp.ok:
             log.info(f"Round {self.spec.round_id} is over for this peer ({resp.action}: {resp.message})")
-            daemon.finalize_event.set()
-            daemon.round_over.set()
+            signals.finalize.set()
+            signals.round_over.set()
             self._stop.set()
 
     def _loop(self) -> None:

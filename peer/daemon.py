@@ -15,15 +15,17 @@ import torch
 from hivemind.utils.logging import get_logger
 from safetensors.torch import save_file
 
-from peer.announce import Announcer, online_servers, record_validators
+from peer.announce import Announcer, fetch_trainers, online_servers, record_validators, replica_epochs
 from peer.config import PeerConfig
 from peer.metrics import MetricsServer, PeerMetrics
 from peer.server import SpanServer
+from peer.stats import PeerStats, RoundSignals
 from swarm import __version__
 from swarm.config import RoundSpec, SpanRange
 from swarm.dht_records import ONLINE, ServerAnnouncement
 from swarm.quantize import span_block_nbytes
 from swarm.routing import least_served_span
+from swarm.steps import step_contents
 
 log = get_logger(__name__)
 
@@ -81,14 +83,15 @@ class PeerDaemon:
         stop_event: threading.Event | None = None,
     ):
         self.config, self.spec = config, spec
-        self.stop_event = stop_event or threading.Event()  # set by SIGTERM/SIGINT (see install_signal_handlers)
-        self.finalize_event = threading.Event()  # the coordinator ended training: stop stepping
-        self.round_over = threading.Event()  # the round is over for this peer: leave and maybe rejoin
+        self.signals = RoundSignals(stop=stop_event or threading.Event())  # stop: SIGTERM/SIGINT
+        self.stop_event, self.finalize_event, self.round_over = (
+            self.signals.stop,
+            self.signals.finalize,
+            self.signals.round_over,
+        )
         self.on_eval: list[Any] = []  # callbacks (phase, loss, epoch, tokens)
-        self.trained_samples = 0
-        self.trained_tokens = 0
-        self.last_loss = 0.0
-        self.events = EventLog(config.ready_file)
+        self.stats = PeerStats()
+        self.events = EventLog(config.events_file)
         self.metrics = PeerMetrics()
         self.device, self.dtype = resolve_device(config.device, config.dtype)
         if config.threads:
@@ -105,21 +108,25 @@ class PeerDaemon:
         )
         self.peer_id = str(self.dht.peer_id)
         self.span = self._choose_span()
+        self.announcer = Announcer(self.dht, spec.round_id, self._announcement, config.announce_period)
         self.server = SpanServer(
             spec,
             self.span,
             self.dht,
+            step_contents=lambda epoch: step_contents(fetch_trainers(self.dht, spec.round_id), epoch),
+            replica_epochs=lambda: replica_epochs(self.dht, spec.round_id, (self.span.start, self.span.end)),
             device=self.device,
             dtype=self.dtype,
             initial_state=initial_state,
+            announce=self._announce_now,
             on_served=self.metrics.served,
             on_averaging=self.metrics.averaged,
             on_epoch=self.snapshot,
             max_batch_size=max(spec.data.micro_batch_size * 4, 1),
+            activation_budget=config.activation_memory_mb << 20,
+            request_wait=max(config.request_timeout, 30.0),
             quantize=config.quantize,
         )
-        self.throughput = 0.0
-        self.announcer = Announcer(self.dht, spec.round_id, self._announcement, config.announce_period)
         self.metrics_server: MetricsServer | None = None
 
     def max_blocks(self) -> int | None:
@@ -159,26 +166,34 @@ class PeerDaemon:
 
     def _announcement(self) -> ServerAnnouncement:
         return self.server.announcement(
-            float(self.throughput),
+            float(self.stats.throughput),
             state=ONLINE,
             version=__version__,
             adapter_version=self.spec.parent_adapter,
             maddrs=[str(m) for m in self.dht.get_visible_maddrs()],
         )
 
+    def _announce_now(self) -> None:
+        """Re-announce at once (a new epoch), so replicas deciding over announced epochs see it."""
+        if self.announcer.is_alive():
+            try:
+                self.announcer.announce_once()
+            except Exception as exc:
+                log.warning(f"announcement failed: {exc!r}")
+
     def measure_throughput(self, repeats: int = 2) -> float:
         """Samples/s of forward+backward of one micro-batch on this span (announced for routing)."""
         batch = self.spec.data.micro_batch_size
-        x = torch.randn(batch, self.spec.data.seq_len, self.server.backend.hidden, dtype=self.dtype, device=self.device)
-        twin = self.server.backend.twin
+        x = torch.randn(batch, self.spec.data.seq_len, self.server.hidden, dtype=self.dtype, device=self.device)
+        module = self.server.module
         started = time.perf_counter()
         for _ in range(repeats):
-            out = twin(x.requires_grad_(True))
-            out.float().pow(2).mean().backward()
-        twin.zero_grad(set_to_none=True)
-        self.throughput = batch * repeats / (time.perf_counter() - started)
-        self.metrics.throughput.set(self.throughput)
-        return self.throughput
+            inp = x.detach().requires_grad_(True)
+            out = module(inp)
+            torch.autograd.grad(out.float().pow(2).mean(), [inp])
+        self.stats.throughput = batch * repeats / (time.perf_counter() - started)
+        self.metrics.throughput.set(self.stats.throughput)
+        return self.stats.throughput
 
     def health(self) -> dict[str, Any]:
         return {
@@ -205,12 +220,12 @@ class PeerDaemon:
             span=[self.span.start, self.span.end],
             maddrs=[str(m) for m in self.dht.get_visible_maddrs()],
             metrics_port=self.metrics_server.port if self.metrics_server else None,
-            throughput=self.throughput,
+            throughput=self.stats.throughput,
             epoch=self.server.epoch,
         )
         log.info(
             f"Peer {self.peer_id} serves span {self.span.name} of round {self.spec.round_id} "
-            f"({self.throughput:.1f} samples/s)"
+            f"({self.stats.throughput:.1f} samples/s)"
         )
 
     def tick(self) -> None:

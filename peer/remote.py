@@ -1,59 +1,108 @@
-"""Calling a span on another peer: hivemind.moe RPCs with a timeout, inside an autograd Function."""
+"""Calling a span on another peer over the direct span transport (:mod:`peer.transport`)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch
-from hivemind.compression import serialize_torch_tensor
-from hivemind.moe.client.expert import expert_backward, expert_forward
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
 
-from peer.backend import ValidatingConnectionHandler
+from peer.transport import SpanServicer, decode_parts, encode, wire_bytes
+from swarm.steps import MicroBatchKey
 
 
 class RemoteCallError(RuntimeError):
     """A remote span call failed or timed out (the caller may fail over to another replica)."""
 
 
-def _run(coro: Any, timeout: float, what: str) -> list[torch.Tensor]:
-    future = RemoteExpertWorker.run_coroutine(coro, return_future=True)
-    try:
-        return list(future.result(timeout=timeout))
-    except TimeoutError as exc:
-        future.cancel()
-        raise RemoteCallError(f"{what} timed out after {timeout:.0f} s") from exc
-    except Exception as exc:
-        raise RemoteCallError(f"{what} failed: {exc}") from exc
+class RemoteStaleStepError(RemoteCallError):
+    """The replica is past the request's step (``epoch`` says where it is)."""
+
+    def __init__(self, message: str, epoch: int):
+        super().__init__(message)
+        self.epoch = epoch
+
+
+class RemoteMissingActivationsError(RemoteCallError):
+    """The replica does not hold the forward's activations: resend the backward with the inputs."""
+
+
+class RemoteBadOutputError(RemoteCallError):
+    """The replica answered with something that is not a valid output (wrong shape, dtype or non-finite)."""
+
+
+async def _messages(meta: dict[str, Any], parts: list[runtime_pb2.Tensor]) -> AsyncIterator[Any]:
+    raw = MSGPackSerializer.dumps(meta)
+    for i, part in enumerate(parts):
+        yield runtime_pb2.ExpertRequest(metadata=raw if i == 0 else b"", tensors=[part])
 
 
 class RemoteSpan:
     """Handle to one replica of a span served by another peer."""
 
-    def __init__(self, p2p: P2P, peer_id: str, uid: str, timeout: float):
-        self.peer_id, self.uid, self.timeout = peer_id, uid, timeout
-        # Our servers register their handlers under ValidatingConnectionHandler's name.
-        self.stub = ValidatingConnectionHandler.get_stub(p2p, PeerID.from_base58(peer_id))
+    def __init__(self, p2p: P2P, peer_id: str, uid: str, timeout: float, compression: str = "none"):
+        self.peer_id, self.uid, self.timeout, self.compression = peer_id, uid, timeout, compression
+        self.stub = SpanServicer.get_stub(p2p, PeerID.from_base58(peer_id), namespace=uid)
+        self.on_wire: Callable[[int, int], None] = lambda sent, received: None  # wire bytes of each call
 
-    def _ser(self, tensors: tuple[torch.Tensor, ...]) -> list[runtime_pb2.Tensor]:
-        return [serialize_torch_tensor(t) for t in tensors]
+    async def _call(self, method: str, meta: dict[str, Any], parts: list[runtime_pb2.Tensor]) -> list[Any]:
+        stream = await getattr(self.stub, method)(_messages(meta, parts))
+        parts, error = [], None
+        async for response in stream:
+            if response.metadata:
+                error = MSGPackSerializer.loads(response.metadata)
+            parts.extend(response.tensors)
+        if error is not None:
+            kind, message = str(error.get("error", "")), str(error.get("message", ""))
+            if kind == "StaleStepError":
+                raise RemoteStaleStepError(f"{method} on {self.peer_id}: {message}", int(error.get("epoch", 0)))
+            if kind == "MissingActivationsError":
+                raise RemoteMissingActivationsError(message)
+            raise RemoteCallError(f"{method} on {self.peer_id} refused: {kind}: {message}")
+        return parts
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        inputs = (hidden.detach().cpu().contiguous(),)
-        out = _run(
-            expert_forward(self.uid, inputs, self._ser(inputs), self.stub),
-            self.timeout,
-            f"forward of {self.uid} on {self.peer_id}",
-        )
-        return out[0]
+    def _run(
+        self, method: str, step: int, key: MicroBatchKey, tensors: list[torch.Tensor], like: torch.Tensor
+    ) -> torch.Tensor:
+        meta = {"step": step, "trainer": key[0], "mb": key[1], "compression": self.compression}
+        parts = [p for t in tensors for p in encode(t, self.compression)]
+        sent = wire_bytes(parts)
+        future = RemoteExpertWorker.run_coroutine(self._call(method, meta, parts), return_future=True)
+        what = f"{method} of {self.uid} on {self.peer_id}"
+        try:
+            answer = future.result(timeout=self.timeout)
+        except TimeoutError as exc:
+            future.cancel()
+            raise RemoteCallError(f"{what} timed out after {self.timeout:.0f} s") from exc
+        except RemoteCallError:
+            raise
+        except Exception as exc:
+            raise RemoteCallError(f"{what} failed: {exc}") from exc
+        self.on_wire(sent, wire_bytes(answer))
+        try:
+            out = decode_parts(answer, like.dtype)
+        except Exception as exc:
+            raise RemoteBadOutputError(f"{what}: undecodable output ({exc})") from exc
+        if len(out) != 1 or out[0].shape != like.shape or not torch.isfinite(out[0]).all():
+            shapes = [list(t.shape) for t in out]
+            raise RemoteBadOutputError(
+                f"{what}: bad output (shapes {shapes}, expected {list(like.shape)}, or non-finite)"
+            )
+        return out[0].to(like.device)
 
-    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-        tensors = (hidden.detach().cpu().contiguous(), grad_output.detach().cpu().contiguous())
-        out = _run(
-            expert_backward(self.uid, tensors, self._ser(tensors), self.stub),
-            self.timeout,
-            f"backward of {self.uid} on {self.peer_id}",
-        )
-        return out[0]
+    def forward(self, step: int, key: MicroBatchKey, hidden: torch.Tensor) -> torch.Tensor:
+        return self._run("rpc_forward", step, key, [hidden], hidden)
+
+    def backward(self, step: int, key: MicroBatchKey, grad: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Backward using the replica's kept activations; resent with the inputs if it does not hold them."""
+        try:
+            return self._run("rpc_backward", step, key, [grad], grad)
+        except RemoteMissingActivationsError:
+            return self._run("rpc_backward", step, key, [grad, hidden], grad)
+
+    def evaluate(self, step: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self._run("rpc_evaluate", step, ("", 0), [hidden], hidden)

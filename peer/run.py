@@ -17,6 +17,8 @@ from peer.config import PeerConfig
 from peer.coordinator_client import CoordinatorClient, JoinRejectedError
 from peer.daemon import PeerDaemon, install_signal_handlers
 from swarm.config import RoundSpec, SpanRange
+from swarm.identity import load_identity
+from swarm.keys import load_public_key
 
 log = get_logger(__name__)
 
@@ -68,7 +70,9 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event) -> None:
     if not config.coordinator_public_key:
         raise ValueError("--coordinator needs --coordinator-public-key FILE to verify the adapters it publishes")
     identity, peer_id = _identity(config)
-    client = CoordinatorClient(config.coordinator, config.join_token)
+    client = CoordinatorClient(config.coordinator, config.join_token, identity=load_identity(identity),
+                               cert=config.coordinator_cert_path,
+                               public_key=load_public_key(config.coordinator_public_key))  # fmt: skip
     try:
         while not stop.is_set():
             joined = _join_when_open(client, config, peer_id, stop)
@@ -86,7 +90,8 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event) -> None:
                 }
             )
             daemon = PeerDaemon(peer_config, spec, initial_state=initial, stop_event=stop)
-            link.attach(daemon, resp.heartbeat_interval_s or 2.0)
+            link.attach(daemon.server, daemon.stats, daemon.signals, resp.heartbeat_interval_s or 2.0)
+            daemon.on_eval.append(link.report_eval)
             _run_round(daemon, on_start=link.start)
             link.stop()
             if stop.is_set():  # a signal, not a round change

@@ -85,6 +85,18 @@ def _coordinator_key(config: PeerConfig) -> str:
     return f"Ed25519 key {public_key_fingerprint(pub)[:16]}…"
 
 
+def _coordinator_tls(config: PeerConfig) -> str:
+    if config.coordinator_insecure:
+        return "plaintext (--coordinator-insecure: only for a coordinator run with --insecure)"
+    try:
+        cert = config.coordinator_cert_path
+    except ValueError as exc:
+        raise _Failed(str(exc)) from None
+    if not Path(cert).is_file():
+        raise _Failed(f"--coordinator-cert {cert} does not exist", "pass the coordinator's tls_cert.pem")
+    return f"TLS, pinned certificate {cert}"
+
+
 def _round_spec(config: PeerConfig, found: dict[str, RoundSpec]) -> str:
     if not Path(config.round_spec).is_file():
         raise _Failed(f"--round-spec {config.round_spec} does not exist", "pass the round's JSON spec file")
@@ -141,6 +153,8 @@ def local_checks(config: PeerConfig) -> tuple[list[CheckResult], RoundSpec | Non
     results = [_run("round", lambda: _round_source(config))]
     if config.coordinator and config.coordinator_public_key:
         results.append(_run("coordinator-key", lambda: _coordinator_key(config)))
+        if results[-1].status == "ok":  # the certificate's default place is beside the key: one line at a time
+            results.append(_run("coordinator-tls", lambda: _coordinator_tls(config)))
     if not config.coordinator and config.round_spec:
         results.append(_run("round-spec", lambda: _round_spec(config, found)))
     if config.data_path:
@@ -272,8 +286,15 @@ def _coordinator(config: PeerConfig, timeout: float, found: dict[str, RoundSpec]
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from peer.coordinator_client import CoordinatorClient
+    from swarm.keys import load_public_key
 
-    client = CoordinatorClient(config.coordinator, config.join_token, timeout=timeout)
+    client = CoordinatorClient(
+        config.coordinator,
+        config.join_token,
+        timeout=timeout,
+        cert=config.coordinator_cert_path,
+        public_key=load_public_key(config.coordinator_public_key),  # the round spec's signature is checked too
+    )
     try:
         try:
             grpc.channel_ready_future(client.channel).result(timeout=timeout)
@@ -287,6 +308,8 @@ def _coordinator(config: PeerConfig, timeout: float, found: dict[str, RoundSpec]
             raise _Failed(f"coordinator {config.coordinator} answers but is not serving (shutting down?)")
         try:
             found["spec"] = spec = client.current_spec()
+        except ValueError as exc:  # a spec whose signature does not verify with --coordinator-public-key
+            raise _Failed(str(exc), "check that --coordinator-public-key is this coordinator's key") from None
         except grpc.RpcError as exc:
             raise _Failed(
                 f"coordinator {config.coordinator} is up but has no open round ({exc.code().name})",

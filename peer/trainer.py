@@ -1,12 +1,15 @@
-"""The trainer: drives micro-batches through the chain of spans and backpropagates through the same peers.
+"""The trainer: drives micro-batches of one swarm-wide step through the chain of spans, step after step.
 
-Its own spans run locally (twin module, no recomputation); other spans are called on a replica chosen by
-measured throughput, with failover to another replica when a call fails or times out. A span with no live
-server makes the trainer wait and say so.
+Each micro-batch of step ``s`` (key: this trainer's peer id and an index) goes forward through every span and
+back through the same replicas (a replica keeps the forward's activations for the backward; after a failover
+the backward is sent with the inputs and recomputed). Spans this peer hosts run in-process. Other spans are
+called on a replica chosen by measured throughput, with failover. A step ends for this trainer when its share of
+the step's slots completed; the next step's forwards wait at every span for epoch ``s+1`` (the flush).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -22,17 +25,27 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils.logging import get_logger
 
 from peer.announce import online_servers
-from peer.remote import RemoteCallError, RemoteSpan
-from peer.server import SpanServer, expert_uid
+from peer.remote import RemoteCallError, RemoteSpan, RemoteStaleStepError
+from peer.server import SpanServer, StaleStepError, expert_uid
 from swarm.config import RoundSpec, SpanRange
 from swarm.routing import NoReplicaError, Replica, choose_replica
 from swarm.span import TrainerHead
+from swarm.steps import MicroBatchKey
 
 log = get_logger(__name__)
 
 
 class SpanUnavailableError(RuntimeError):
     """No server answered for a span within the wait limit."""
+
+
+class StepOverError(RuntimeError):
+    """The swarm is past the step this trainer works on (``epoch``: where the span that said so is)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"the swarm is at epoch {epoch}")
+        self.epoch = epoch
+        self.completed: list[MicroBatch] = []  # what this trainer completed of its step before it noticed
 
 
 @dataclass
@@ -47,6 +60,7 @@ class Router:
     ban_seconds: float = 15.0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     stop: threading.Event = field(default_factory=threading.Event)  # set on shutdown: stop waiting
+    on_wire: Callable[[int, int], None] = lambda sent, received: None
     _replicas: dict[tuple[int, int], list[Replica]] = field(default_factory=dict)
     _banned: dict[str, float] = field(default_factory=dict)
     _refreshed: float = 0.0
@@ -60,7 +74,10 @@ class Router:
                 return
             replicas: dict[tuple[int, int], list[Replica]] = {}
             for ann in online_servers(self.dht, self.spec.round_id):
-                replicas.setdefault(ann.span, []).append(Replica(ann.peer_id, float(ann.throughput)))
+                throughput = float(ann.throughput)
+                if not math.isfinite(throughput):
+                    continue
+                replicas.setdefault(ann.span, []).append(Replica(ann.peer_id, throughput))
             self._replicas, self._refreshed = replicas, time.monotonic()
 
     def peers_seen(self) -> dict[str, int]:
@@ -83,7 +100,7 @@ class Router:
                     candidates = [r for r in self._replicas.get((span.start, span.end), []) if r.peer_id != mine]
                     choice = choose_replica(candidates, exclude=banned, rng=self.rng)
                     return self._handle(choice.peer_id, span)
-            except NoReplicaError:
+            except (NoReplicaError, ValueError):
                 if self.stop.is_set():
                     raise SpanUnavailableError(f"stopped while waiting for a server of span {span.name}") from None
                 if now >= deadline:
@@ -99,16 +116,22 @@ class Router:
         if (peer_id, uid) not in self._handles:
             if self._p2p is None:
                 self._p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
-            self._handles[peer_id, uid] = RemoteSpan(self._p2p, peer_id, uid, self.timeout)  # type: ignore[arg-type]
+            handle = RemoteSpan(self._p2p, peer_id, uid, self.timeout, self.spec.wire.compression)  # type: ignore[arg-type]
+            handle.on_wire = self.on_wire
+            self._handles[peer_id, uid] = handle
         return self._handles[peer_id, uid]
 
 
-def _forward(handle: RemoteSpan, x: torch.Tensor) -> torch.Tensor:
-    return handle.forward(x)
+def _forward(h: RemoteSpan, step: int, key: MicroBatchKey, x: torch.Tensor) -> torch.Tensor:
+    return h.forward(step, key, x)
 
 
-def _backward(handle: RemoteSpan, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return handle.backward(x, g)
+def _backward(h: RemoteSpan, step: int, key: MicroBatchKey, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return h.backward(step, key, g, x)
+
+
+def _evaluate(h: RemoteSpan, step: int, x: torch.Tensor) -> torch.Tensor:
+    return h.evaluate(step, x)
 
 
 @dataclass
@@ -119,8 +142,17 @@ class StepResult:
     seconds: float
 
 
+@dataclass
+class MicroBatch:
+    """One micro-batch of a step: its index in the step and its position in the trainer's data stream."""
+
+    index: int
+    batch_no: int
+    input_ids: torch.Tensor
+
+
 class ChainTrainer:
-    """One forward/backward of a micro-batch through every span of the round."""
+    """Forward/backward of micro-batches through every span of the round, tagged with the step."""
 
     def __init__(
         self,
@@ -131,115 +163,177 @@ class ChainTrainer:
         max_attempts: int = 4,
         span_wait: float = 120.0,
         say: Callable[[str], None] = log.info,
-        on_wire: Callable[[int, int], None] | None = None,
         on_failover: Callable[[], None] | None = None,
     ):
         self.spec, self.head, self.router = spec, head, router
+        self.me = str(router.dht.peer_id)
         self.max_attempts, self.span_wait, self.say = max_attempts, span_wait, say
-        self.on_wire = on_wire or (lambda sent, received: None)
         self.on_failover = on_failover or (lambda: None)
 
-    def _remote(self, span: SpanRange, call: Callable[[RemoteSpan], torch.Tensor]) -> torch.Tensor:
+    def _remote(
+        self, span: SpanRange, call: Callable[[RemoteSpan], torch.Tensor], first: RemoteSpan | None = None
+    ) -> tuple[torch.Tensor, RemoteSpan]:
         last: Exception | None = None
+        handle = first
         for _ in range(self.max_attempts):
-            handle = self.router.pick(span, self.span_wait, self.say)
+            if handle is None:
+                handle = self.router.pick(span, self.span_wait, self.say)
             try:
-                return call(handle)
+                return call(handle), handle
+            except RemoteStaleStepError as exc:
+                raise StepOverError(exc.epoch) from exc
             except RemoteCallError as exc:
                 last = exc
                 self.on_failover()
                 self.say(f"span {span.name}: {exc}; failing over to another replica")
                 self.router.ban(handle.peer_id)
                 self.router.refresh(force=True)
+                handle = None
         raise SpanUnavailableError(f"span {span.name}: {self.max_attempts} attempts failed, last: {last}")
 
-    def step(self, input_ids: torch.Tensor) -> StepResult:
+    def microbatch(self, step: int, mb: MicroBatch) -> StepResult:
+        """One micro-batch of ``step`` through the chain and back; its LoRA gradients stay at the spans."""
         started = time.perf_counter()
-        batch = int(input_ids.shape[0])
+        key, ids = (self.me, mb.index), mb.input_ids
         with torch.no_grad():
-            hidden = self.head.embed(input_ids)
-        saved: list[tuple[SpanRange, torch.Tensor, torch.Tensor | None]] = []
-        for span in self.spec.spans:
-            server = self.router.local.get(span)
-            if server is not None:
-                inp = hidden.detach().requires_grad_(True)
-                out = server.backend.local_forward(inp)
-                saved.append((span, inp, out))
-                hidden = out.detach()
-            else:
+            hidden = self.head.embed(ids)
+        saved: list[tuple[SpanRange, torch.Tensor, RemoteSpan | None]] = []
+        try:
+            for span in self.spec.spans:
+                local = self.router.local.get(span)
                 inp = hidden.detach()
-                saved.append((span, inp, None))
-                hidden = self._remote(span, partial(_forward, x=inp))
-                self.on_wire(inp.nbytes, hidden.nbytes)
-        last = hidden.detach().requires_grad_(True)
-        loss = self.head.loss(last, input_ids)
-        loss.backward()
-        grad = last.grad
-        assert grad is not None
-        for span, inp, local_out in reversed(saved):
-            if local_out is not None:
-                local_out.backward(grad)
-                upstream = inp.grad
-                assert upstream is not None
-                grad = upstream
-                self.router.local[span].backend.local_apply_grads(batch)
-            else:
-                grad = self._remote(span, partial(_backward, x=inp, g=grad))
-                self.on_wire(2 * inp.nbytes, grad.nbytes)
-        return StepResult(float(loss), batch, batch * int(input_ids.shape[1]), time.perf_counter() - started)
+                if local is not None:
+                    hidden, handle = local.forward(step, key, inp), None
+                else:
+                    hidden, handle = self._remote(span, partial(_forward, step=step, key=key, x=inp))
+                saved.append((span, inp, handle))
+            last = hidden.detach().requires_grad_(True)
+            loss = self.head.loss(last, ids)
+            loss.backward()
+            grad = last.grad
+            assert grad is not None
+            for span, inp, handle in reversed(saved):
+                local = self.router.local.get(span)
+                if local is not None:
+                    grad = local.backward(step, key, grad, inp)
+                else:
+                    grad, _ = self._remote(span, partial(_backward, step=step, key=key, g=grad, x=inp), first=handle)
+        except StaleStepError as exc:
+            raise StepOverError(exc.epoch) from exc
+        batch = int(ids.shape[0])
+        return StepResult(float(loss), batch, batch * int(ids.shape[1]), time.perf_counter() - started)
+
+    def run_step(
+        self,
+        step: int,
+        quota: int,
+        batches: Iterator[tuple[int, torch.Tensor]],
+        depth: int,
+        stop: Callable[[], bool] = lambda: False,
+        on_result: Callable[[MicroBatch, StepResult], None] = lambda mb, r: None,
+    ) -> list[MicroBatch]:
+        """Run ``quota`` micro-batches of ``step`` (``depth`` in flight), retrying failed ones with the same data.
+
+        Returns the micro-batches that completed. Raises :class:`StepOverError` (with ``completed`` attached) when
+        a span is already past ``step``.
+        """
+        completed: list[MicroBatch] = []
+        retry: deque[tuple[int, torch.Tensor]] = deque()
+        counter = iter(range(1 << 30))
+        failures = 0
+
+        def source() -> Iterator[MicroBatch]:
+            while True:
+                batch_no, ids = retry.popleft() if retry else next(batches)
+                yield MicroBatch(next(counter), batch_no, ids)
+
+        overs: list[StepOverError] = []
+        stream = source()
+
+        def enough(n_in_flight: int) -> bool:
+            return bool(overs) or stop() or len(completed) + n_in_flight >= quota
+
+        while not enough(0):
+            for mb, future in in_flight(lambda mb: self.microbatch(step, mb), stream, depth, stop=enough):
+                try:
+                    result = future.result()
+                except StepOverError as exc:
+                    overs.append(exc)
+                    continue
+                except (SpanUnavailableError, RemoteCallError) as exc:
+                    failures += 1
+                    if failures > 3 * self.max_attempts:
+                        raise
+                    log.warning(f"micro-batch {mb.index} of step {step} failed ({exc}); retrying its data")
+                    retry.append((mb.batch_no, mb.input_ids))
+                    continue
+                completed.append(mb)
+                on_result(mb, result)
+        if overs:
+            overs[0].completed = completed
+            raise overs[0]
+        return completed
 
     @torch.no_grad()
-    def evaluate(self, sequences: torch.Tensor, batch_size: int) -> float:
-        """Mean held-out loss of the swarm's current LoRA (forward only, through the same chain)."""
+    def evaluate(self, step: int, sequences: torch.Tensor, batch_size: int) -> float:
+        """Mean held-out loss with the spans' parameters of epoch ``step`` (forward only, through the chain)."""
         total, count = 0.0, 0
         for i in range(0, len(sequences), batch_size):
             ids = sequences[i : i + batch_size]
             hidden = self.head.embed(ids)
             for span in self.spec.spans:
-                server = self.router.local.get(span)
-                if server is not None:
-                    with server.lock:
-                        hidden = server.module(hidden)
+                local = self.router.local.get(span)
+                if local is not None:
+                    hidden = local.evaluate(step, hidden)
                 else:
-                    hidden = self._remote(span, partial(_forward, x=hidden))
+                    hidden, _ = self._remote(span, partial(_evaluate, step=step, x=hidden))
             total += float(self.head.loss(hidden, ids)) * len(ids)
             count += len(ids)
         return total / max(count, 1)
 
 
 def in_flight(
-    step: Callable[[torch.Tensor], StepResult],
-    batches: Iterable[torch.Tensor],
+    step: Callable[[MicroBatch], StepResult],
+    batches: Iterable[MicroBatch],
     depth: int,
     stop: Callable[[int], bool] = lambda _: False,
-) -> Iterator[Future[StepResult]]:
-    """Run ``step`` on ``batches`` with up to ``depth`` micro-batches in flight; yield their futures in order.
+) -> Iterator[tuple[MicroBatch, Future[StepResult]]]:
+    """Run ``step`` on ``batches`` with up to ``depth`` micro-batches in flight; yield them with their futures in order.
 
     ``stop(n_in_flight)`` is asked before each new micro-batch starts; once true, the ones in flight are drained.
     With several in flight, one micro-batch's remote calls overlap another's local compute and the other peers'
-    compute. Each micro-batch runs whole in one worker thread (own twin of the local span, see SpanBackend).
-    ``depth`` 1 runs in the calling thread: on CPU, torch ops issued from a second Python thread compete with the
-    first thread's OpenMP workers (measured 2.3x slower per op with 2 intra-op threads on 2 cores), so CPU peers
-    should pipeline only with ``--threads 1``.
+    compute. ``depth`` 1 runs in the calling thread: on CPU, torch ops issued from a second Python thread compete
+    with the first thread's OpenMP workers, so CPU peers should pipeline only with ``--threads 1``.
     """
     if depth <= 1:
-        for batch in batches:
-            if stop(0):
-                return
+        for batch in _until(batches, lambda: stop(0)):
             done: Future[StepResult] = Future()
             try:
                 done.set_result(step(batch))
             except Exception as exc:  # delivered through the future, like the pipelined path
                 done.set_exception(exc)
-            yield done
+            yield batch, done
         return
-    pending: deque[Future[StepResult]] = deque()
+    pending: deque[tuple[MicroBatch, Future[StepResult]]] = deque()
     with ThreadPoolExecutor(depth, thread_name_prefix="micro-batch") as pool:
-        for batch in batches:
+        iterator = iter(batches)
+        while True:
             while len(pending) >= depth:
                 yield pending.popleft()
             if stop(len(pending)):
                 break
-            pending.append(pool.submit(step, batch))
+            found = next(iterator, None)
+            if found is None:
+                break
+            pending.append((found, pool.submit(step, found)))
         while pending:
             yield pending.popleft()
+
+
+def _until(items: Iterable[MicroBatch], stop: Callable[[], bool]) -> Iterator[MicroBatch]:
+    iterator = iter(items)
+    while not stop():
+        item = next(iterator, None)
+        if item is None:
+            return
+        yield item

@@ -5,22 +5,24 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 
 import torch
 from hivemind.utils.logging import get_logger
 
+from peer.announce import fetch_trainers
 from peer.daemon import PeerDaemon
-from peer.trainer import ChainTrainer, Router, SpanUnavailableError, StepResult, in_flight
+from peer.step_records import StepRecorder
+from peer.trainer import ChainTrainer, MicroBatch, Router, SpanUnavailableError, StepOverError, StepResult
 from swarm.checkpoint import resolve_checkpoint
 from swarm.data import batches, load_round_data
 from swarm.span import load_trainer_head
+from swarm.steps import current_step, participants, share, slots_per_step
 
 log = get_logger(__name__)
 
 
 class TrainingLoop:
-    """Drives this peer's data shard through the swarm and reports progress to metrics and the event log."""
+    """Drives this peer's data shard through the swarm, one swarm-wide step at a time (see swarm.steps)."""
 
     def __init__(self, daemon: PeerDaemon):
         from transformers import AutoTokenizer
@@ -32,6 +34,11 @@ class TrainingLoop:
         if not settings.train_path:
             raise ValueError("the trainer needs data: pass --data FILE or set data.train_path in the round spec")
         self.train, held_out = load_round_data(settings, tokenizer, cfg.shard_index, cfg.num_shards)
+        if len(self.train) < spec.data.micro_batch_size:
+            raise ValueError(
+                f"this trainer's shard has {len(self.train)} sequences, fewer than one micro-batch "
+                f"({spec.data.micro_batch_size})"
+            )
         self.eval_set = held_out[: cfg.eval_batches * settings.micro_batch_size]
         head = load_trainer_head(spec.base.path, dtype=daemon.dtype, device=daemon.device)
         self.router = Router(
@@ -41,104 +48,155 @@ class TrainingLoop:
             timeout=cfg.request_timeout,
             rng=random.Random(cfg.seed),
             stop=daemon.stop_event,
+            on_wire=daemon.metrics.wire,
         )
-        self.trainer = ChainTrainer(
-            spec, head, self.router, say=log.info, on_wire=daemon.metrics.wire, on_failover=daemon.metrics.failovers.inc
-        )
+        self.trainer = ChainTrainer(spec, head, self.router, say=log.info, on_failover=daemon.metrics.failovers.inc)
+        self.recorder = StepRecorder(daemon.dht, spec.round_id)
+        self.slots = slots_per_step(spec.optimizer.target_batch_size, spec.data.micro_batch_size)
         self.started = time.monotonic()
-        self.steps = 0
+        self.microbatches = 0
+        self.step = 0
 
     def evaluate(self, phase: str) -> float | None:
-        """Held-out loss through the chain; waits (and says so) while a span has no server. None if stopped."""
+        """Held-out loss through the chain at the current step; waits (and says so) while a span has no server."""
         while True:
             try:
                 loss = self.trainer.evaluate(
-                    self.eval_set.to(self.daemon.device), self.daemon.spec.data.micro_batch_size
+                    self.step, self.eval_set.to(self.daemon.device), self.daemon.spec.data.micro_batch_size
                 )
                 break
-            except SpanUnavailableError as exc:
-                if self.daemon.stop_event.is_set():
+            except (SpanUnavailableError, StepOverError) as exc:
+                if self.daemon.signals.stop.is_set():
                     return None
+                if isinstance(exc, StepOverError):
+                    self.step = exc.epoch
                 log.warning(f"{exc}; retrying the {phase} evaluation")
         self.daemon.metrics.eval_loss.set(loss)
         self.daemon.events.write(
             "eval",
             phase=phase,
             loss=loss,
-            epoch=self.daemon.server.epoch,
+            epoch=self.step,
             tokens=int(self.eval_set.numel()),
-            samples=self.steps * self.daemon.spec.data.micro_batch_size,
+            samples=self.microbatches * self.daemon.spec.data.micro_batch_size,
         )
         for callback in self.daemon.on_eval:
-            callback(phase, loss, self.daemon.server.epoch, int(self.eval_set.numel()))
-        log.info(f"Held-out loss ({phase}, epoch {self.daemon.server.epoch}): {loss:.4f}")
+            callback(phase, loss, self.step, int(self.eval_set.numel()))
+        log.info(f"Held-out loss ({phase}, epoch {self.step}): {loss:.4f}")
         return loss
 
-    def done(self, submitted: int | None = None) -> bool:
-        """The round's end condition (or a stop) is reached; ``submitted`` counts micro-batches already started."""
-        spec, cfg, server = self.daemon.spec, self.daemon.config, self.daemon.server
-        steps = self.steps if submitted is None else submitted
-        if cfg.coordinator:  # the coordinator decides when the round ends (heartbeat action "finalize")
-            return bool(
-                self.daemon.stop_event.is_set()
-                or self.daemon.finalize_event.is_set()
-                or (cfg.max_steps and steps >= cfg.max_steps)
-            )
-        end = spec.end
-        target_epochs = end.target_epochs or (
-            -(-end.target_samples // spec.optimizer.target_batch_size) if end.target_samples else 0
-        )
+    def stopped(self) -> bool:
+        """A stop from outside: signal, the coordinator's finalize, or --max-steps micro-batches."""
+        cfg = self.daemon.config
         return bool(
-            self.daemon.stop_event.is_set()
-            or self.daemon.finalize_event.is_set()
-            or (cfg.max_steps and steps >= cfg.max_steps)
-            or (target_epochs and server.epoch >= target_epochs)
-            or (end.deadline_s and time.monotonic() - self.started >= end.deadline_s)
+            self.daemon.signals.stop.is_set()
+            or self.daemon.signals.finalize.is_set()
+            or (cfg.max_steps and self.microbatches >= cfg.max_steps)
+        )
+
+    def done(self) -> bool:
+        """The round's end condition, counted in swarm-wide steps (or a stop) is reached."""
+        spec = self.daemon.spec
+        target, deadline = spec.target_epochs, spec.end.deadline_s
+        return bool(
+            self.stopped()
+            or (target and self.step >= target)
+            or (deadline and time.monotonic() - self.started >= deadline)
         )
 
     def record(self, result: StepResult) -> None:
         m = self.daemon.metrics
-        self.daemon.trained_samples += result.samples
-        self.daemon.trained_tokens += result.tokens
-        self.daemon.last_loss = result.loss
+        self.microbatches += 1
+        self.daemon.stats.trained(result.samples, result.tokens, result.loss)
         m.samples.inc(result.samples)
         m.tokens.inc(result.tokens)
         m.loss.set(result.loss)
         m.step_seconds.observe(result.seconds)
         m.set_peers_seen(self.router.peers_seen())
 
-    def wait_for_replicas(self) -> None:
-        """Wait (saying so) until every span has ``--min-replicas`` announced servers, e.g. for a fixed-size job."""
-        want, said = self.daemon.config.min_replicas, False
-        while want > 1 and not self.daemon.stop_event.is_set():
+    def wait_for_peers(self) -> None:
+        """Wait (saying so) for ``--min-replicas`` servers of every span and ``--min-trainers`` trainers."""
+        cfg, daemon, said = self.daemon.config, self.daemon, False
+        while not daemon.stop_event.is_set():
             self.router.refresh(force=True)
             seen = self.router.peers_seen()
-            short = [s.name for s in self.daemon.spec.spans if seen.get(s.name, 0) < want]
-            if not short:
-                return  # every announced replica joins its group's all-reduces (see peer.server)
+            # with --min-replicas 1 a missing span is waited for (and said) by the first call that needs it
+            short = [
+                s.name for s in daemon.spec.spans if cfg.min_replicas > 1 and seen.get(s.name, 0) < cfg.min_replicas
+            ]
+            trainers = len(fetch_trainers(daemon.dht, daemon.spec.round_id))
+            if not short and trainers >= cfg.min_trainers:
+                return
             if not said:
-                log.info(f"waiting for {want} servers of every span before training (short: {', '.join(short)})")
+                log.info(
+                    f"waiting for {cfg.min_replicas} servers of every span (short: {', '.join(short) or 'none'}) "
+                    f"and {cfg.min_trainers} trainers (seen {trainers})"
+                )
                 said = True
-            self.daemon.stop_event.wait(1.0)
+            daemon.stop_event.wait(0.5)
 
     def run(self) -> None:
-        self.wait_for_replicas()
-        self.evaluate("before")
-        self.train_until_done()
-        if not self.daemon.stop_event.is_set():
-            with torch.no_grad():
+        records = fetch_trainers(self.daemon.dht, self.daemon.spec.round_id)
+        self.step = current_step(records, floor=self.daemon.server.epoch)
+        self.recorder.open(self.step)  # visible before the wait, so the others count this trainer in
+        try:
+            self.wait_for_peers()
+            self.evaluate("before")
+            self.train_until_done()
+            self.recorder.finish()
+            if self.daemon.config.coordinator:
+                # the coordinator counts the final eval once it has ended the round (heartbeat action "finalize")
+                while not (self.daemon.signals.finalize.wait(0.5) or self.daemon.signals.stop.is_set()):
+                    pass
+            if not self.daemon.signals.stop.is_set():
                 self.evaluate("after")
+        finally:
+            self.recorder.finish()
 
     def train_until_done(self) -> None:
-        """Micro-batches through the chain, ``--pipeline-depth`` of them in flight, until the round's end."""
-        device = self.daemon.device
-        for future in in_flight(
-            self.trainer.step,
-            (batch.to(device) for batch in self._batches()),
-            self.pipeline_depth(),
-            stop=lambda n: self.done(submitted=self.steps + n),
-        ):
-            self._collect(future)
+        """Swarm-wide steps until the round's end: this trainer's share of each step, then the next step."""
+        spec, me = self.daemon.spec, str(self.daemon.dht.peer_id)
+        stream = self._batches()
+        while not self.done():
+            self.recorder.open(self.step)
+            others = participants(fetch_trainers(self.daemon.dht, spec.round_id), self.step)
+            quota = share(self.slots, others, me)
+            started, losses = time.monotonic(), list[float]()
+
+            def on_result(mb: MicroBatch, result: StepResult, losses: list[float] = losses) -> None:
+                losses.append(result.loss)
+                self.record(result)
+
+            try:
+                done = self.trainer.run_step(
+                    self.step,
+                    quota,
+                    stream,
+                    self.pipeline_depth(),
+                    stop=self.stopped,
+                    on_result=on_result,
+                )
+                next_step = self.step + 1
+            except StepOverError as exc:
+                log.info(f"step {self.step} is over at the spans ({exc}); moving on")
+                done, next_step = exc.completed, max(exc.epoch, self.step + 1)
+            samples = sum(int(mb.input_ids.shape[0]) for mb in done)
+            self.recorder.close(self.step, [mb.index for mb in done], samples)
+            self.daemon.events.write(
+                "step",
+                step=self.step,
+                microbatches=[{"index": mb.index, "batch_no": mb.batch_no} for mb in done],
+                samples=samples,
+                quota=quota,
+            )
+            seconds = time.monotonic() - started
+            mean = sum(losses) / len(losses) if losses else float("nan")
+            log.info(
+                f"step {self.step}: {len(done)}/{quota} micro-batches ({samples} samples) in {seconds:.1f} s, "
+                f"{samples / max(seconds, 1e-9):.1f} samples/s, loss {mean:.4f}"
+            )
+            self.step = next_step
+            self.daemon.tick()
 
     def pipeline_depth(self) -> int:
         """``--pipeline-depth``, or auto: 2 where micro-batches do not compete for CPU cores' OpenMP workers."""
@@ -147,17 +205,16 @@ class TrainingLoop:
             return depth
         return 2 if self.daemon.device == "cuda" or torch.get_num_threads() == 1 else 1
 
-    def _batches(self) -> Iterator[torch.Tensor]:
-        data_epoch = 0
-        while not self.done():
-            yield from batches(self.train, self.daemon.spec.data.micro_batch_size, self.daemon.config.seed, data_epoch)
-            data_epoch += 1
+    def _batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(position in this trainer's data stream, micro-batch): deterministic given the shard and the seed."""
+        device, mbs, seed = self.daemon.device, self.daemon.spec.data.micro_batch_size, self.daemon.config.seed
+        for number, batch in enumerate(data_stream(self.train, mbs, seed)):
+            yield number, batch.to(device)
 
-    def _collect(self, future: Future[StepResult]) -> None:
-        try:
-            self.record(future.result())
-        except SpanUnavailableError as exc:
-            log.warning(f"{exc}; going on with the next micro-batch")
-            return
-        self.steps += 1
-        self.daemon.tick()
+
+def data_stream(train: torch.Tensor, micro_batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """A trainer's micro-batches, data epoch after data epoch (full micro-batches only)."""
+    data_epoch = 0
+    while True:
+        yield from batches(train, micro_batch_size, seed, data_epoch, drop_last=True)
+        data_epoch += 1

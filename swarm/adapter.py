@@ -51,6 +51,7 @@ from swarm.adapter_tensors import (
     validate_lora_tensors,
 )
 from swarm.config import LoraSettings
+from swarm.files import sha256_file
 from swarm.keys import public_key_fingerprint, sign_hex, verify_hex
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "split_by_span",
     "verify_adapter",
     "write_adapter",
+    "write_peft_dir",
 ]
 
 
@@ -78,14 +80,6 @@ class AdapterVerificationError(ValueError):
 
 class BaseModelMismatchError(ValueError):
     """An adapter was trained on a different base model than the one it is being applied to."""
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -114,6 +108,16 @@ def _write_peft_config(directory: Path, lora: LoraSettings, base_model: str) -> 
     config = json.loads(path.read_text())
     config["target_modules"] = sorted(config["target_modules"])  # PEFT stores a set: fix the order
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_peft_dir(directory: Path, tensors: Mapping[str, torch.Tensor], lora: LoraSettings, base_model: str) -> None:
+    """A plain, unsigned PEFT adapter directory (``adapter_config.json`` + weights) of ``tensors``, checked
+    by :func:`~swarm.adapter_tensors.validate_lora_tensors` (an evaluator loads a candidate this way)."""
+    validate_lora_tensors(tensors, lora)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: t.detach().to("cpu").contiguous() for k, t in sorted(tensors.items())}
+    save_file(weights, str(directory / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    _write_peft_config(directory, lora, base_model)
 
 
 def _check_target(directory: Path) -> None:
@@ -152,8 +156,8 @@ def write_adapter(
         manifest = Manifest(
             **{name: getattr(info, name) for name in AdapterInfo.model_fields},
             lora=ManifestLora.from_settings(lora),
-            weights_sha256=_sha256_file(tmp / ADAPTER_WEIGHTS_FILE),
-            config_sha256=_sha256_file(tmp / ADAPTER_CONFIG_FILE),
+            weights_sha256=sha256_file(tmp / ADAPTER_WEIGHTS_FILE),
+            config_sha256=sha256_file(tmp / ADAPTER_CONFIG_FILE),
         )
         data = manifest_bytes(manifest)
         (tmp / MANIFEST_FILE).write_bytes(data)
@@ -225,8 +229,8 @@ def verify_adapter(directory: str | Path, public_key: Ed25519PublicKey) -> Manif
     """
     d = Path(directory)
     manifest = _verify_signed_manifest(d, public_key)
-    _check_hash("weights", ADAPTER_WEIGHTS_FILE, manifest.weights_sha256, _sha256_file(d / ADAPTER_WEIGHTS_FILE))
-    _check_hash("config", ADAPTER_CONFIG_FILE, manifest.config_sha256, _sha256_file(d / ADAPTER_CONFIG_FILE))
+    _check_hash("weights", ADAPTER_WEIGHTS_FILE, manifest.weights_sha256, sha256_file(d / ADAPTER_WEIGHTS_FILE))
+    _check_hash("config", ADAPTER_CONFIG_FILE, manifest.config_sha256, sha256_file(d / ADAPTER_CONFIG_FILE))
     return manifest
 
 
@@ -241,7 +245,7 @@ def load_adapter_tensors(
     """
     d = Path(directory)
     manifest = _verify_signed_manifest(d, public_key)
-    _check_hash("config", ADAPTER_CONFIG_FILE, manifest.config_sha256, _sha256_file(d / ADAPTER_CONFIG_FILE))
+    _check_hash("config", ADAPTER_CONFIG_FILE, manifest.config_sha256, sha256_file(d / ADAPTER_CONFIG_FILE))
     raw = (d / ADAPTER_WEIGHTS_FILE).read_bytes()
     _check_hash("weights", ADAPTER_WEIGHTS_FILE, manifest.weights_sha256, hashlib.sha256(raw).hexdigest())
     try:

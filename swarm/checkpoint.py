@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from safetensors import safe_open
 
 from swarm.arch import check_architecture
+from swarm.files import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -88,14 +89,6 @@ def load_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @lru_cache(maxsize=32)
 def _fingerprint_cached(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
     root = Path(path)
@@ -106,7 +99,7 @@ def _fingerprint_cached(path: str, stamp: tuple[tuple[str, int, int], ...]) -> s
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, _, _ in stamp:
         h.update(name.encode())
-        h.update(_sha256_file(root / name).encode())
+        h.update(sha256_file(root / name).encode())
     return "sha256:" + h.hexdigest()
 
 

@@ -12,7 +12,14 @@ import typer
 
 from swarm import __version__
 
-_COMPONENTS = ("swarm.cli_base", "swarm.cli_adapters", "peer.cli", "coordinator.cli", "swarm.cli_demo")
+_COMPONENTS = (
+    "swarm.cli_base",
+    "swarm.cli_adapters",
+    "peer.cli",
+    "coordinator.cli",
+    "evaluator.cli",
+    "swarm.cli_demo",
+)
 
 
 def _version(value: bool) -> None:

@@ -120,8 +120,18 @@ def keygen_command(
     typer.echo(f"fingerprint: {public_key_fingerprint(pub)}")
 
 
-def _channel(coordinator: str) -> grpc.Channel:
-    return grpc.insecure_channel(coordinator, options=[("grpc.max_receive_message_length", 256 << 20)])
+def _channel(coordinator: str, cert: Path | None) -> grpc.Channel:
+    """TLS pinned to ``cert`` (the coordinator's tls_cert.pem); plaintext only without one (an --insecure coordinator)."""
+    from swarm.tls import channel
+
+    return channel(coordinator, cert, options=[("grpc.max_receive_message_length", 256 << 20)])
+
+
+CertOption = Annotated[
+    Path | None,
+    typer.Option("--coordinator-cert", help="The coordinator's TLS certificate (PEM) to pin; omit only for a "
+                 "coordinator run with --insecure.", envvar="SWARM_COORDINATOR_CERT"),
+]  # fmt: skip
 
 
 def _loss(value: float | None) -> str:
@@ -134,12 +144,13 @@ def list_command(
         str, typer.Option("--coordinator", "-c", help="Coordinator gRPC address HOST:PORT.", envvar="SWARM_COORDINATOR")
     ],
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the coordinator.")] = 30.0,
+    coordinator_cert: CertOption = None,
 ) -> None:
     """Print the coordinator's adapter registry as a table, oldest first."""
     from datetime import datetime, timezone
 
     try:
-        with _channel(coordinator) as channel:
+        with _channel(coordinator, coordinator_cert) as channel:
             entries = list_adapters(channel, timeout)
     except grpc.RpcError as e:
         fail("list failed", f"{coordinator}: {e.code().name}: {e.details()}")
@@ -167,6 +178,7 @@ def pull_command(
         typer.Option("--public-key", "-k", help="PEM Ed25519 public key of the coordinator; checked before keeping."),
     ],
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds the whole download may take.")] = 300.0,
+    coordinator_cert: CertOption = None,
 ) -> None:
     """Download an adapter, verify its signature and hashes, and keep it only if they verify."""
     from swarm.adapter import AdapterVerificationError
@@ -176,7 +188,7 @@ def pull_command(
     except (OSError, ValueError) as e:
         fail("pull failed", f"cannot load public key: {e}")
     try:
-        with _channel(coordinator) as channel:
+        with _channel(coordinator, coordinator_cert) as channel:
             manifest = pull_adapter(channel, "" if version == "latest" else version, out, key, timeout)
     except grpc.RpcError as e:
         fail("pull failed", f"{coordinator}: {e.code().name}: {e.details()}")

@@ -102,13 +102,14 @@ def _wait(predicate: Any, timeout: float, what: str, procs: list[_Proc]) -> None
         time.sleep(0.2)
 
 
-def _round_state(port: int) -> tuple[str, str]:
+def _round_state(port: int, cert: Path) -> tuple[str, str]:
     import grpc
 
     from swarm.proto import coordinator_pb2 as pb
     from swarm.proto import coordinator_pb2_grpc as pb_grpc
+    from swarm.tls import channel as tls_channel
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with tls_channel(f"127.0.0.1:{port}", cert, []) as channel:
         try:
             resp = pb_grpc.CoordinatorStub(channel).GetRoundSpec(pb.GetRoundSpecRequest(), timeout=5)
         except grpc.RpcError:
@@ -166,9 +167,16 @@ def demo_command(
     spec.save(spec_path)
     version = _next_version(workdir / "adapters")
 
+    from swarm.identity import load_or_create_identity
+
+    evaluator_key = workdir / "evaluator" / "identity.key"
+    evaluator_id = load_or_create_identity(evaluator_key).peer_id
     port = _free_port()
-    typer.echo(f"[2/5] coordinator on 127.0.0.1:{port} (state in {workdir / 'coordinator'})")
+    typer.echo(
+        f"[2/5] coordinator on 127.0.0.1:{port} (state in {workdir / 'coordinator'}), its evaluator {evaluator_id}"
+    )
     procs: list[_Proc] = []
+    evaluator: _Proc | None = None
     started = time.monotonic()
     try:
         procs.append(
@@ -192,12 +200,16 @@ def demo_command(
                     "60",
                     "--dht-host-maddrs",
                     "/ip4/127.0.0.1/tcp/0",
+                    "--evaluator-id",
+                    evaluator_id,
                 ],
             )
         )
-        public = workdir / "coordinator" / "public_key.pem"
-        _wait(lambda: public.exists(), 120, "the coordinator to start", procs)
+        public, cert = workdir / "coordinator" / "public_key.pem", workdir / "coordinator" / "tls_cert.pem"
+        _wait(lambda: public.exists() and cert.exists(), 120, "the coordinator to start", procs)
         common = ["--coordinator", f"127.0.0.1:{port}", "--coordinator-public-key", str(public)]
+        evaluator = _Proc(workdir / "evaluator", ["evaluator", *common, "--coordinator-cert", str(cert),
+                                                  "--identity-path", str(evaluator_key)])  # fmt: skip
         typer.echo("[3/5] 3 peers join through the coordinator: a server, then a trainer on each span")
         procs.append(_Proc.peer(workdir, "peer0", [*common, "--no-trainer"]))
         _wait(lambda: procs[1].events("ready"), 180, "the first peer", procs)
@@ -214,13 +226,14 @@ def demo_command(
             while not adapter_dir.is_dir():
                 if time.monotonic() - started > timeout:
                     raise TimeoutError(f"no adapter was published within {timeout:.0f} s")
-                dead = [p.dir.name for p in procs if p.proc.poll() is not None]
+                dead = [p.dir.name for p in [*procs, evaluator] if p.proc.poll() is not None]
                 if dead:
                     raise RuntimeError(f"{', '.join(dead)} exited; see the logs under {workdir}")
-                state, reason = _round_state(port)
+                state, reason = _round_state(port, cert)
                 if state == "failed":
                     raise RuntimeError(f"the round failed: {reason}")
-                done = min((max((e["epoch"] for e in p.events("epoch")), default=0) for p in procs[2:]), default=0)
+                trainers = procs[2:]
+                done = min((max((e["epoch"] for e in p.events("epoch")), default=0) for p in trainers), default=0)
                 bar.update(max(0, min(done, epochs) - bar.n))
                 time.sleep(0.5)
             bar.update(epochs - bar.n)
@@ -228,6 +241,8 @@ def demo_command(
         typer.echo("interrupted: stopping the coordinator and the peers")
         raise typer.Exit(130) from None
     finally:
+        if evaluator is not None:
+            evaluator.stop()
         for p in reversed(procs):
             p.stop()
 
@@ -255,7 +270,7 @@ def demo_command(
         f"by {len(manifest.contributors)} peers"
     )
     typer.echo(
-        f"held-out loss reported by the swarm: {manifest.eval_loss_before:.4f} -> {manifest.eval_loss_after:.4f}"
+        f"held-out loss measured by the evaluator: {manifest.eval_loss_before:.4f} -> {manifest.eval_loss_after:.4f}"
     )
     typer.echo(
         f"held-out loss: base {base_loss:.4f} -> community adapter {adapter_loss:.4f} "

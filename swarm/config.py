@@ -155,6 +155,11 @@ class OptimizerSettings(_Strict):
     target_batch_size: int = Field(32, description="Samples (sequences) summed over the swarm per epoch.")
     matchmaking_time: float = Field(3.0, description="Seconds hivemind waits to form an averaging group.")
     averaging_timeout: float = Field(30.0, description="Seconds before an all-reduce is abandoned.")
+    max_microbatch_grad_norm: float = Field(
+        0.0,
+        description="Span servers clip each micro-batch's LoRA gradient to this L2 norm before it counts (bounds "
+        "what one contributor can push; 0 = off, the exact default: a clipped step is no longer centralized PEFT's).",
+    )
     average_state_every: int = Field(
         0,
         description="Epochs between averaging LoRA weights + optimizer state across replicas (0 = never). Not "
@@ -175,6 +180,16 @@ class OptimizerSettings(_Strict):
         if v <= 0:
             raise ValueError(f"optimizer.target_batch_size must be > 0, got {v}")
         return v
+
+
+class WireSettings(_Strict):
+    """How activations and their gradients travel between spans (hivemind.compression)."""
+
+    compression: Literal["none", "float16", "bfloat16", "uint8"] = Field(
+        "none",
+        description="none = exact fp32 (default; exactness tests), float16 / bfloat16 = half the bytes, "
+        "uint8 = hivemind's uniform 8-bit quantization (a quarter).",
+    )
 
 
 class EndCondition(_Strict):
@@ -202,6 +217,7 @@ class RoundSpec(_Strict):
     spans: tuple[SpanRange, ...] = Field(..., description="Contiguous spans covering [0, base.num_layers).")
     data: DataSettings = DataSettings()
     optimizer: OptimizerSettings = OptimizerSettings()
+    wire: WireSettings = WireSettings()
     end: EndCondition = EndCondition(target_epochs=10)
     parent_adapter: str = Field("", description="Version of the adapter this round starts from ('' = fresh LoRA).")
 
@@ -223,7 +239,21 @@ class RoundSpec(_Strict):
             expected = span.end
         if expected != self.base.num_layers:
             raise ValueError(f"spans end at block {expected} but the base model has {self.base.num_layers} blocks")
+        if self.optimizer.target_batch_size % self.data.micro_batch_size:
+            raise ValueError(
+                f"optimizer.target_batch_size ({self.optimizer.target_batch_size}) must be a multiple of "
+                f"data.micro_batch_size ({self.data.micro_batch_size}): a step is a whole number of micro-batches"
+            )
         return self
+
+    @property
+    def target_epochs(self) -> int:
+        """Swarm-wide steps the round trains (0 = only a deadline ends it)."""
+        end = self.end
+        if end.target_samples:
+            by_samples = -(-end.target_samples // self.optimizer.target_batch_size)
+            return min(by_samples, end.target_epochs) if end.target_epochs else by_samples
+        return end.target_epochs
 
     def span_index(self, span: SpanRange) -> int:
         """Position of ``span`` in :attr:`spans`; ``ValueError`` if the round has no such span."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic.v1 import BaseModel, Extra, StrictInt, StrictStr, ValidationError, confloat, conint
+from pydantic.v1 import BaseModel, Extra, StrictBool, StrictInt, StrictStr, ValidationError, confloat, conint
 
-ONLINE, JOINING, OFFLINE = "online", "joining", "offline"
+ONLINE = "online"  # the only state announced today; readers skip others
 
 
 def dht_prefix(round_id: str) -> str:
@@ -21,6 +21,10 @@ def dht_prefix(round_id: str) -> str:
 
 def servers_key(round_id: str) -> str:
     return f"{dht_prefix(round_id)}_servers"
+
+
+def trainers_key(round_id: str) -> str:
+    return f"{dht_prefix(round_id)}_trainers"
 
 
 class ServerAnnouncement(BaseModel):
@@ -45,13 +49,50 @@ class ServerAnnouncement(BaseModel):
         return (int(self.span_start), int(self.span_end))
 
 
+class StepContribution(BaseModel):
+    """The micro-batches one trainer completed (backward through every span) in one swarm-wide step."""
+
+    step: conint(strict=True, ge=0)  # type: ignore[valid-type]
+    microbatches: list[conint(strict=True, ge=0, le=1_000_000)] = []  # type: ignore[valid-type]
+    samples: conint(strict=True, ge=0, le=1_000_000_000) = 0  # type: ignore[valid-type]
+
+    class Config:
+        extra = Extra.ignore
+
+
+class TrainerRecord(BaseModel):
+    """A trainer's position in the swarm-wide step protocol (see swarm.steps), re-published every second.
+
+    ``step`` is the step it works on (``closed``: its micro-batches for it are all done); ``closed_steps`` keeps
+    its last few closed steps, so a span replica that reads late still learns what each step contained.
+    """
+
+    peer_id: StrictStr
+    step: conint(strict=True, ge=0)  # type: ignore[valid-type]
+    closed: StrictBool = False
+    done: StrictBool = False
+    closed_steps: list[StepContribution] = []
+
+    class Config:
+        extra = Extra.ignore
+
+
 class RoundRecordsSchema(BaseModel):
     """Schema of the DHT keys under :func:`dht_prefix`; subkeys carry the owner's public key."""
 
     servers: dict[bytes, ServerAnnouncement] | None = None
+    trainers: dict[bytes, TrainerRecord] | None = None
     # <prefix>_roster (swarm.roster) is deliberately not a field: its value is a plain dict, which hivemind's
     # SchemaValidator refuses as a regular (subkey-less) value; it is allowed as an extra key and is protected
     # end to end by the coordinator's Ed25519 signature inside it (swarm.roster.verify_roster).
+
+
+def parse_trainer_record(value: Any) -> TrainerRecord | None:
+    """Read one trainer record; a malformed one is skipped (None)."""
+    try:
+        return TrainerRecord.parse_obj(value)
+    except (ValidationError, TypeError):
+        return None
 
 
 def parse_announcement(value: Any) -> ServerAnnouncement | None:
@@ -63,12 +104,14 @@ def parse_announcement(value: Any) -> ServerAnnouncement | None:
 
 
 __all__ = [
-    "JOINING",
-    "OFFLINE",
     "ONLINE",
     "RoundRecordsSchema",
     "ServerAnnouncement",
+    "StepContribution",
+    "TrainerRecord",
     "dht_prefix",
     "parse_announcement",
+    "parse_trainer_record",
     "servers_key",
+    "trainers_key",
 ]

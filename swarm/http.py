@@ -3,21 +3,22 @@
 The coordinator (``coordinator.status_http``) and the peer (``peer.metrics.MetricsServer``) both use
 :class:`HttpServerThread`. Routes are plain functions from a :class:`Request` to a :class:`Response`;
 ``/metrics`` is prometheus-client's own WSGI app (content negotiation, gzip). Only GET and HEAD are
-served. Requests run on daemon threads, so a slow client never blocks a scrape.
+served. The server is waitress: HTTP parsing (a malformed request gets a 400), a bounded pool of
+worker threads, a bounded number of connections, and a timeout after which idle or slow connections
+are closed, so a slow client never blocks a scrape and a flood cannot exhaust threads or memory.
 """
 
 from __future__ import annotations
 
-import socket
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from socketserver import ThreadingMixIn
 from typing import Any
 from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from waitress.server import create_server
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -60,20 +61,6 @@ class Response:
 Route = Callable[[Request], Response]
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _ThreadingServer6(_ThreadingServer):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        pass
-
-
 class HttpServerThread:
     """Bind ``host:port`` now (port 0 = ephemeral, see :attr:`port`); serve from a daemon thread after :meth:`start`.
 
@@ -92,21 +79,35 @@ class HttpServerThread:
         prefix_routes: Mapping[str, Route] | None = None,
         fallback: Route | None = None,
         name: str = "http",
+        threads: int = 4,
+        timeout_s: float = 10.0,
+        max_connections: int = 64,
     ) -> None:
         self._metrics_app: WsgiApp | None = make_wsgi_app(registry) if registry is not None else None
         self._routes = dict(routes or {})
         self._prefixes = sorted((prefix_routes or {}).items(), key=lambda kv: -len(kv[0]))
         self._fallback = fallback or self._not_found
-        server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
+        listen = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         try:
-            self._httpd = make_server(host, port, self._app, server_class=server_class, handler_class=_QuietHandler)
+            self._httpd: Any = create_server(
+                self._app, listen=listen, threads=threads, channel_timeout=timeout_s,
+                cleanup_interval=max(1, int(timeout_s / 2)), connection_limit=max_connections,
+                max_request_header_size=16 * 1024, max_request_body_size=64 * 1024, ident="loraswarm",
+                asyncore_loop_timeout=0.1, clear_untrusted_proxy_headers=True,
+            )  # fmt: skip
         except OSError as e:
             raise OSError(f"cannot listen for HTTP on {host}:{port}: {e.strerror or e}") from e
         self.host = host
-        self.port: int = int(self._httpd.server_port)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True
-        )
+        self.port: int = int(self._httpd.effective_port)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._httpd.run()
+        except Exception:  # the loop ends with an error when stop() closes its sockets under it
+            if not self._stopped:
+                logging.getLogger(__name__).exception("HTTP server loop failed")
 
     @property
     def paths(self) -> list[str]:
@@ -119,11 +120,15 @@ class HttpServerThread:
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket (idempotent)."""
+        """Stop serving, close every connection and the listening socket (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for channel in list(self._httpd._map.values()):  # close every socket of waitress' loop; it then ends
+            channel.close()
+        self._httpd.task_dispatcher.shutdown()
         if self._thread.is_alive():
-            self._httpd.shutdown()
             self._thread.join(5.0)
-        self._httpd.server_close()
 
     def _not_found(self, request: Request) -> Response:
         return Response.text(f"not found: {request.path[:200]}; this server answers {', '.join(self.paths)}\n", 404)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,10 @@ class Replica:
 
     peer_id: str
     throughput: float
-    local: bool = False
+
+
+#: Announced throughput is self-declared: weights are capped so that no server draws all the traffic by claiming more.
+MAX_THROUGHPUT = 1e4
 
 
 class NoReplicaError(RuntimeError):
@@ -36,9 +40,8 @@ def choose_replica(
     replicas: Sequence[Replica],
     exclude: Iterable[str] = (),
     rng: random.Random | None = None,
-    prefer_local: bool = True,
 ) -> Replica:
-    """Pick a replica: the local one if allowed, else at random with probability proportional to throughput.
+    """Pick a replica at random with probability proportional to throughput (the trainer runs its own spans).
 
     ``exclude`` names peers that just failed. Zero-throughput replicas are picked only if nothing else is left.
     """
@@ -46,11 +49,9 @@ def choose_replica(
     live = [r for r in replicas if r.peer_id not in excluded]
     if not live:
         raise NoReplicaError("no live replica left for this span")
-    if prefer_local:
-        for r in live:
-            if r.local:
-                return r
-    weights = [max(r.throughput, 0.0) for r in live]
+    weights = [
+        min(r.throughput, MAX_THROUGHPUT) if math.isfinite(r.throughput) and r.throughput > 0 else 0.0 for r in live
+    ]
     if sum(weights) <= 0:
         weights = [1.0] * len(live)
     return (rng or random).choices(live, weights=weights, k=1)[0]

@@ -13,6 +13,14 @@ from enum import Enum
 SERVICE_NAME = "loraswarm.v1.Coordinator"
 
 
+#: ``ReportEvalRequest.adapter_version`` of an evaluator's report on the round's starting point.
+ROUND_START = "round-start"
+#: ``JoinRequest.role`` of an evaluator the operator runs.
+EVALUATOR_ROLE = "evaluator"
+#: ``DownloadAdapterRequest.version`` prefix of a finalizing round's candidate.
+CANDIDATE_PREFIX = "candidate-"
+
+
 class RoundState(str, Enum):
     """Lifecycle of a round: open -> training -> finalizing -> published | failed."""
 
@@ -51,4 +59,4 @@ class RejectCode(str, Enum):
     JOIN_TOKEN = "join_token"  # answered with PERMISSION_DENIED, counted all the same
 
 
-__all__ = ["SERVICE_NAME", "Action", "RejectCode", "RoundState"]
+__all__ = ["CANDIDATE_PREFIX", "EVALUATOR_ROLE", "ROUND_START", "SERVICE_NAME", "Action", "RejectCode", "RoundState"]

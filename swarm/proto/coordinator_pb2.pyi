@@ -29,7 +29,19 @@ class Capacity(_message.Message):
     ) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("peer_id", "multiaddrs", "capacity", "base_fingerprint", "software_version", "join_token", "round_id")
+    __slots__ = (
+        "peer_id",
+        "multiaddrs",
+        "capacity",
+        "base_fingerprint",
+        "software_version",
+        "join_token",
+        "round_id",
+        "public_key",
+        "challenge",
+        "signature",
+        "role",
+    )
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MULTIADDRS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +49,10 @@ class JoinRequest(_message.Message):
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     multiaddrs: _containers.RepeatedScalarFieldContainer[str]
     capacity: Capacity
@@ -44,6 +60,10 @@ class JoinRequest(_message.Message):
     software_version: str
     join_token: str
     round_id: str
+    public_key: bytes
+    challenge: str
+    signature: bytes
+    role: str
     def __init__(
         self,
         peer_id: str | None = ...,
@@ -53,6 +73,10 @@ class JoinRequest(_message.Message):
         software_version: str | None = ...,
         join_token: str | None = ...,
         round_id: str | None = ...,
+        public_key: bytes | None = ...,
+        challenge: str | None = ...,
+        signature: bytes | None = ...,
+        role: str | None = ...,
     ) -> None: ...
 
 class JoinResponse(_message.Message):
@@ -65,6 +89,8 @@ class JoinResponse(_message.Message):
         "round_id",
         "reject_code",
         "dht_initial_peers",
+        "credential",
+        "round_spec_signature",
     )
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +100,8 @@ class JoinResponse(_message.Message):
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     REJECT_CODE_FIELD_NUMBER: _ClassVar[int]
     DHT_INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    ROUND_SPEC_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     span: Span
     round_spec_json: str
@@ -82,6 +110,8 @@ class JoinResponse(_message.Message):
     round_id: str
     reject_code: str
     dht_initial_peers: _containers.RepeatedScalarFieldContainer[str]
+    credential: str
+    round_spec_signature: str
     def __init__(
         self,
         accepted: bool | None = ...,
@@ -92,6 +122,8 @@ class JoinResponse(_message.Message):
         round_id: str | None = ...,
         reject_code: str | None = ...,
         dht_initial_peers: _Iterable[str] | None = ...,
+        credential: str | None = ...,
+        round_spec_signature: str | None = ...,
     ) -> None: ...
 
 class Progress(_message.Message):
@@ -116,25 +148,37 @@ class Progress(_message.Message):
     ) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("peer_id", "round_id", "progress", "span")
+    __slots__ = ("peer_id", "round_id", "progress", "span", "credential")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     round_id: str
     progress: Progress
     span: Span
+    credential: str
     def __init__(
         self,
         peer_id: str | None = ...,
         round_id: str | None = ...,
         progress: Progress | _Mapping | None = ...,
         span: Span | _Mapping | None = ...,
+        credential: str | None = ...,
     ) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("ok", "span", "round_state", "action", "heartbeat_interval_s", "message", "next_round_id")
+    __slots__ = (
+        "ok",
+        "span",
+        "round_state",
+        "action",
+        "heartbeat_interval_s",
+        "message",
+        "next_round_id",
+        "eval_candidate_sha256",
+    )
     OK_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     ROUND_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +186,7 @@ class HeartbeatResponse(_message.Message):
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    EVAL_CANDIDATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     span: Span
     round_state: str
@@ -149,6 +194,7 @@ class HeartbeatResponse(_message.Message):
     heartbeat_interval_s: float
     message: str
     next_round_id: str
+    eval_candidate_sha256: str
     def __init__(
         self,
         ok: bool | None = ...,
@@ -158,15 +204,18 @@ class HeartbeatResponse(_message.Message):
         heartbeat_interval_s: float | None = ...,
         message: str | None = ...,
         next_round_id: str | None = ...,
+        eval_candidate_sha256: str | None = ...,
     ) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("peer_id", "round_id")
+    __slots__ = ("peer_id", "round_id", "credential")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     round_id: str
-    def __init__(self, peer_id: str | None = ..., round_id: str | None = ...) -> None: ...
+    credential: str
+    def __init__(self, peer_id: str | None = ..., round_id: str | None = ..., credential: str | None = ...) -> None: ...
 
 class LeaveResponse(_message.Message):
     __slots__ = ("ok",)
@@ -192,6 +241,9 @@ class GetRoundSpecResponse(_message.Message):
         "epoch",
         "reason",
         "adapter_version",
+        "join_challenge",
+        "candidate_sha256",
+        "round_spec_signature",
     )
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +255,9 @@ class GetRoundSpecResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JOIN_CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ROUND_SPEC_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     round_spec_json: str
     state: str
@@ -213,6 +268,9 @@ class GetRoundSpecResponse(_message.Message):
     epoch: int
     reason: str
     adapter_version: str
+    join_challenge: str
+    candidate_sha256: str
+    round_spec_signature: str
     def __init__(
         self,
         round_id: str | None = ...,
@@ -225,6 +283,9 @@ class GetRoundSpecResponse(_message.Message):
         epoch: int | None = ...,
         reason: str | None = ...,
         adapter_version: str | None = ...,
+        join_challenge: str | None = ...,
+        candidate_sha256: str | None = ...,
+        round_spec_signature: str | None = ...,
     ) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
@@ -292,19 +353,21 @@ class AdapterChunk(_message.Message):
     ) -> None: ...
 
 class UploadSpanStateRequest(_message.Message):
-    __slots__ = ("peer_id", "round_id", "span", "epoch", "safetensors", "samples")
+    __slots__ = ("peer_id", "round_id", "span", "epoch", "safetensors", "samples", "credential")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     round_id: str
     span: Span
     epoch: int
     safetensors: bytes
     samples: int
+    credential: str
     def __init__(
         self,
         peer_id: str | None = ...,
@@ -313,6 +376,7 @@ class UploadSpanStateRequest(_message.Message):
         epoch: int | None = ...,
         safetensors: bytes | None = ...,
         samples: int | None = ...,
+        credential: str | None = ...,
     ) -> None: ...
 
 class UploadSpanStateResponse(_message.Message):
@@ -326,19 +390,32 @@ class UploadSpanStateResponse(_message.Message):
     def __init__(self, ok: bool | None = ..., sha256: str | None = ..., size_bytes: int | None = ...) -> None: ...
 
 class ReportEvalRequest(_message.Message):
-    __slots__ = ("peer_id", "round_id", "adapter_version", "epoch", "eval_loss", "eval_tokens")
+    __slots__ = (
+        "peer_id",
+        "round_id",
+        "adapter_version",
+        "epoch",
+        "eval_loss",
+        "eval_tokens",
+        "credential",
+        "candidate_sha256",
+    )
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     EVAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     round_id: str
     adapter_version: str
     epoch: int
     eval_loss: float
     eval_tokens: int
+    credential: str
+    candidate_sha256: str
     def __init__(
         self,
         peer_id: str | None = ...,
@@ -347,6 +424,8 @@ class ReportEvalRequest(_message.Message):
         epoch: int | None = ...,
         eval_loss: float | None = ...,
         eval_tokens: int | None = ...,
+        credential: str | None = ...,
+        candidate_sha256: str | None = ...,
     ) -> None: ...
 
 class ReportEvalResponse(_message.Message):

@@ -17,6 +17,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
+from peer.inprocess import in_process_server  # noqa: F401 (re-exported for the tests)
 from swarm.config import BaseModelRef, DataSettings, EndCondition, OptimizerSettings, RoundSpec, SpanRange
 
 LOCAL = "/ip4/127.0.0.1/tcp/0"
@@ -85,7 +86,7 @@ def one_span_spec(checkpoint: Path, round_id: str, layers: int) -> RoundSpec:
         round_id=round_id,
         base=BaseModelRef(path=str(checkpoint), num_layers=layers),
         spans=(SpanRange(start=0, end=layers),),
-        data=DataSettings(seq_len=16),
+        data=DataSettings(seq_len=16, micro_batch_size=2),
         optimizer=OptimizerSettings(target_batch_size=4, matchmaking_time=1.0),
     )
 

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 import pytest
 from safetensors.torch import save
 from typer.testing import CliRunner
@@ -25,6 +24,7 @@ from swarm.config import BaseModelRef, EndCondition, RoundSpec, split_even
 from swarm.keys import load_public_key
 from swarm.proto import coordinator_pb2 as pb
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
+from tests.identities import GrpcPeers, coordinator_channel, pid
 from tests.unit.finalize_helpers import LORA, span_state
 
 T = TypeVar("T")
@@ -50,33 +50,43 @@ def poll(condition: Callable[[], T], deadline_s: float, what: str) -> T:
     return value
 
 
-def join(stub: pb_grpc.CoordinatorStub, spec: RoundSpec, peer: str) -> pb.JoinResponse:
-    reply = stub.Join(pb.JoinRequest(peer_id=peer, multiaddrs=["/ip4/127.0.0.1/tcp/4000"], software_version="0.1.0",
-                                     base_fingerprint=spec.base.fingerprint), timeout=RPC)  # fmt: skip
+def join(peers: GrpcPeers, spec: RoundSpec, peer: str) -> pb.JoinResponse:
+    reply = peers.join(peer, multiaddrs=["/ip4/127.0.0.1/tcp/4000"], software_version="0.1.0",
+                       base_fingerprint=spec.base.fingerprint)  # fmt: skip
     assert reply.accepted, reply.reject_reason
     return reply
 
 
-def drive_round(stub: pb_grpc.CoordinatorStub, spec: RoundSpec) -> None:
-    """What two peers do: join, report the starting eval, train until told to finalize, upload, report."""
-    spans = {p: join(stub, spec, p).span for p in PEERS}
+def drive_round(stub: pb_grpc.CoordinatorStub, spec: RoundSpec) -> GrpcPeers:
+    """What two peers do: join, report the starting eval, train until told to finalize, upload, and evaluate
+    the candidate the coordinator names (each is one of its picked evaluators)."""
+    peers = GrpcPeers(stub, RPC)
+    spans = {p: join(peers, spec, p).span for p in PEERS}
+
+    def report(p: str, epoch: int, loss: float, candidate: str = "") -> None:
+        stub.ReportEval(pb.ReportEvalRequest(peer_id=pid(p), round_id="r1", epoch=epoch, eval_loss=loss,
+                                             eval_tokens=640, credential=peers.credential(p),
+                                             candidate_sha256=candidate), timeout=RPC)  # fmt: skip
+
     for p in PEERS:
-        stub.ReportEval(pb.ReportEvalRequest(peer_id=p, round_id="r1", epoch=0, eval_loss=3.0, eval_tokens=640),
-                        timeout=RPC)  # fmt: skip
+        report(p, 0, 3.0)
+    time.sleep(0.01)  # counters grow at most max_samples_per_s since the Join
 
     def told_to_finalize() -> bool:
-        progress = pb.Progress(samples=5, tokens=320, epoch=2, loss=2.5, throughput=4.0)
-        actions = [stub.Heartbeat(pb.HeartbeatRequest(peer_id=p, round_id="r1", progress=progress), timeout=RPC).action
-                   for p in PEERS]  # fmt: skip
-        return all(a == "finalize" for a in actions)
+        progress = dict(samples=5, tokens=320, epoch=2, loss=2.5, throughput=4.0)
+        return all([peers.heartbeat(p, **progress).action == "finalize" for p in PEERS])
 
     poll(told_to_finalize, 20, "the heartbeat to answer finalize")
     for p, span in spans.items():
         blob = save(span_state(span.start))
-        stub.UploadSpanState(pb.UploadSpanStateRequest(peer_id=p, round_id="r1", span=span, epoch=2, safetensors=blob,
-                                                       samples=5), timeout=RPC)  # fmt: skip
-        stub.ReportEval(pb.ReportEvalRequest(peer_id=p, round_id="r1", epoch=2, eval_loss=2.0, eval_tokens=640),
-                        timeout=RPC)  # fmt: skip
+        stub.UploadSpanState(pb.UploadSpanStateRequest(peer_id=pid(p), round_id="r1", span=span, epoch=2,
+                                                       safetensors=blob, samples=5, credential=peers.credential(p)),
+                             timeout=RPC)  # fmt: skip
+    candidates = {p: poll(lambda p=p: peers.heartbeat(p, samples=5, tokens=320, epoch=2).eval_candidate_sha256, 20,  # type: ignore[misc]
+                          "the candidate to evaluate") for p in PEERS}  # fmt: skip
+    for p, sha in candidates.items():
+        report(p, 2, 2.0, sha)
+    return peers
 
 
 @pytest.fixture
@@ -95,15 +105,15 @@ def test_round_is_published_pulled_verified_and_continued(
 
     public_key = load_public_key(server.public_key_path)
     assert server.config.signing_key_path.stat().st_mode & 0o777 == 0o600
-    with grpc.insecure_channel(server.address) as channel:
+    with coordinator_channel(server.address, server.tls_cert_path) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        drive_round(stub, spec)
+        peers = drive_round(stub, spec)
         [entry] = poll(lambda: list_adapters(channel), 20, "adapter v1 in the registry")
         assert (entry.version, list(entry.parents), entry.round_id) == ("v1", [], "r1")
         assert (entry.eval_loss_before, entry.eval_loss_after) == (3.0, 2.0)
         manifest = pull_adapter(channel, "v1", tmp_path / "pulled", public_key)
         assert manifest.base_fingerprint == spec.base.fingerprint and manifest.weights_sha256 == entry.sha256
-        assert {(c.peer_id, c.samples) for c in manifest.contributors} == {(p, 5) for p in PEERS}
+        assert {(c.peer_id, c.samples) for c in manifest.contributors} == {(pid(p), 5) for p in PEERS}
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spec.base.path), tmp_path / "pulled")
         config: Any = model.peft_config["default"]
         assert config.r == LORA.rank
@@ -113,22 +123,23 @@ def test_round_is_published_pulled_verified_and_continued(
         assert RoundSpec.from_json(nxt.round_spec_json).parent_adapter == "v1"
         done = stub.GetRoundSpec(pb.GetRoundSpecRequest(round_id="r1"), timeout=RPC)
         assert (done.state, done.adapter_version, done.reason) == ("published", "v1", "published v1")
-        beat = stub.Heartbeat(pb.HeartbeatRequest(peer_id="peerA", round_id="r1"), timeout=RPC)
+        beat = peers.heartbeat("peerA", samples=5, tokens=320)
         assert (beat.ok, beat.action, beat.next_round_id) == (False, "rejoin", "r1-r2")
-        assert join(stub, spec, "peerA").round_id == "r1-r2"
+        assert join(peers, spec, "peerA").round_id == "r1-r2"
 
     from swarm.cli import build_app
 
     runner = CliRunner()
-    listed = runner.invoke(build_app(), ["adapters", "list", "--coordinator", server.address])
+    cert = ["--coordinator-cert", str(server.tls_cert_path)]
+    listed = runner.invoke(build_app(), ["adapters", "list", "--coordinator", server.address, *cert])
     assert listed.exit_code == 0 and "v1" in listed.output and "3.0000" in listed.output, listed.output
     out = tmp_path / "cli-pull"
     pulled = runner.invoke(build_app(), ["adapters", "pull", "latest", "-c", server.address, "--out", str(out),
-                                         "--public-key", str(server.public_key_path)])  # fmt: skip
+                                         "--public-key", str(server.public_key_path), *cert])  # fmt: skip
     assert pulled.exit_code == 0 and (out / "manifest.sig").is_file(), pulled.output
     runner.invoke(build_app(), ["adapters", "keygen", str(tmp_path / "other")])
     refused = runner.invoke(build_app(), ["adapters", "pull", "v1", "-c", server.address, "--out", str(tmp_path / "x"),
-                                          "--public-key", str(tmp_path / "other.pub")])  # fmt: skip
+                                          "--public-key", str(tmp_path / "other.pub"), *cert])  # fmt: skip
     assert refused.exit_code == 1 and "signature invalid" in refused.output
     assert not (tmp_path / "x").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".x.")]
     sample = server.ctx.metrics.registry.get_sample_value
@@ -145,8 +156,8 @@ def test_roster_is_signed_in_the_dht(tmp_path: Path, spec: RoundSpec) -> None:
                                      roster_interval_s=0.2))  # fmt: skip
     client = None
     try:
-        with grpc.insecure_channel(server.address) as channel:
-            reply = join(pb_grpc.CoordinatorStub(channel), spec, "peerA")
+        with coordinator_channel(server.address, server.tls_cert_path) as channel:
+            reply = join(GrpcPeers(pb_grpc.CoordinatorStub(channel)), spec, "peerA")
         assert reply.dht_initial_peers and all("/p2p/" in m for m in reply.dht_initial_peers)
         client = hivemind.DHT(
             start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=list(reply.dht_initial_peers)
@@ -161,7 +172,7 @@ def test_roster_is_signed_in_the_dht(tmp_path: Path, spec: RoundSpec) -> None:
             return roster if roster["peers"] else None
 
         roster = poll(roster_with_peer, 20, "the roster in the DHT")
-        assert roster is not None and [(p["peer_id"], p["span"]) for p in roster["peers"]] == [("peerA", [0, 1])]
+        assert roster is not None and [(p["peer_id"], p["span"]) for p in roster["peers"]] == [(pid("peerA"), [0, 1])]
         published = server.ctx.metrics.registry.get_sample_value(
             "swarm_coordinator_roster_publishes_total", {"result": "ok"}
         )
@@ -200,14 +211,15 @@ def test_sigkill_and_restart_keep_the_adapter_and_contributions(tmp_path: Path, 
     orphans = descendants(proc.pid)
     try:
         assert orphans, "the coordinator should run its DHT node in child processes"
-        with grpc.insecure_channel(address) as channel:
+        cert = tmp_path / "coordinator" / "tls_cert.pem"
+        with coordinator_channel(address, cert) as channel:
             drive_round(pb_grpc.CoordinatorStub(channel), spec)
             [before] = poll(lambda: list_adapters(channel), 20, "adapter v1")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         poll(lambda: not any(Path(f"/proc/{p}").exists() for p in orphans), 10, "the DHT processes to exit")
         proc, address = _start(tmp_path, spec_file, "--no-dht")
-        with grpc.insecure_channel(address) as channel:
+        with coordinator_channel(address, cert) as channel:
             assert list_adapters(channel) == [before]
             stub = pb_grpc.CoordinatorStub(channel)
             assert stub.GetRoundSpec(pb.GetRoundSpecRequest(round_id="r1"), timeout=RPC).state == "published"
@@ -219,9 +231,11 @@ def test_sigkill_and_restart_keep_the_adapter_and_contributions(tmp_path: Path, 
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        for pid in orphans:  # only if the test failed: never leave our DHT processes behind
+        for orphan in orphans:  # only if the test failed: never leave our DHT processes behind
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(orphan, signal.SIGKILL)
     store = SqliteStore(tmp_path / "coordinator" / "state.sqlite3")
-    assert {(c.peer_id, c.samples, c.tokens) for c in store.list_contributions("r1")} == {(p, 5, 320) for p in PEERS}
+    assert {(c.peer_id, c.samples, c.tokens) for c in store.list_contributions("r1")} == {
+        (pid(p), 5, 320) for p in PEERS
+    }
     store.close()

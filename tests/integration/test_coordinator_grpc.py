@@ -23,6 +23,7 @@ from swarm.config import BaseModelRef, EndCondition, RoundSpec, split_even
 from swarm.proto import SERVICE_NAME
 from swarm.proto import coordinator_pb2 as pb
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
+from tests.identities import GrpcPeers, coordinator_channel, pid
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -51,15 +52,33 @@ def server(tmp_path: Path) -> Iterator[CoordinatorServer]:
 
 @pytest.fixture
 def stub(server: CoordinatorServer) -> Iterator[pb_grpc.CoordinatorStub]:
-    with grpc.insecure_channel(server.address) as channel:
+    with coordinator_channel(server.address, server.tls_cert_path) as channel:  # TLS, pinned
         yield pb_grpc.CoordinatorStub(channel)
 
 
+PEERS: dict[int, GrpcPeers] = {}  # id(stub) -> its peers
+
+
+def peers(stub: pb_grpc.CoordinatorStub) -> GrpcPeers:
+    return PEERS.setdefault(
+        id(stub),
+        GrpcPeers(
+            stub,
+            RPC_TIMEOUT,
+            multiaddrs=["/ip4/127.0.0.1/tcp/4000"],
+            base_fingerprint="fp1",
+            software_version="0.1.0",
+            join_token="tok",
+        ),
+    )
+
+
 def join(stub: pb_grpc.CoordinatorStub, peer: str, **kw: object) -> pb.JoinResponse:
-    fields: dict = dict(peer_id=peer, multiaddrs=["/ip4/127.0.0.1/tcp/4000"], base_fingerprint="fp1",
-                        software_version="0.1.0", join_token="tok")  # fmt: skip
-    fields.update(kw)
-    return stub.Join(pb.JoinRequest(**fields), timeout=RPC_TIMEOUT)
+    return peers(stub).join(peer, **kw)
+
+
+def cred(stub: pb_grpc.CoordinatorStub, peer: str) -> str:
+    return peers(stub).credential(peer)
 
 
 def status_of(call: Callable[[], object]) -> grpc.RpcError:
@@ -72,11 +91,11 @@ def poll(condition: Callable[[], bool], deadline_s: float, what: str) -> None:
     deadline = time.monotonic() + deadline_s
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {deadline_s} s waiting for {what}"
-        time.sleep(0.02)
+        time.sleep(0.1)  # a poll sends heartbeats: stay under the per-address rate limit
 
 
 def test_round_trip_and_health(server: CoordinatorServer, stub: pb_grpc.CoordinatorStub) -> None:
-    with grpc.insecure_channel(server.address) as channel:
+    with coordinator_channel(server.address, server.tls_cert_path) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", SERVICE_NAME):
             reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=RPC_TIMEOUT)
@@ -84,12 +103,14 @@ def test_round_trip_and_health(server: CoordinatorServer, stub: pb_grpc.Coordina
     a, b = join(stub, "peerA"), join(stub, "peerB")
     assert a.accepted and b.accepted and [(r.span.start, r.span.end) for r in (a, b)] == [(0, 2), (2, 4)]
     assert RoundSpec.from_json(a.round_spec_json) == SPEC
-    hb = stub.Heartbeat(pb.HeartbeatRequest(peer_id="peerA", round_id="r1", progress=pb.Progress(samples=5, loss=2.0)))
+    time.sleep(0.01)  # counters may grow by max_samples_per_s (2000/s) since the Join
+    hb = peers(stub).heartbeat("peerA", samples=5, loss=2.0)
     assert (hb.ok, hb.round_state, hb.action) == (True, "training", "continue")
     spec = stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=RPC_TIMEOUT)
     assert (spec.round_id, spec.state, spec.samples) == ("r1", "training", 5)
     assert list(stub.ListAdapters(pb.ListAdaptersRequest(), timeout=RPC_TIMEOUT).adapters) == []
-    assert stub.Leave(pb.LeaveRequest(peer_id="peerB", round_id="r1"), timeout=RPC_TIMEOUT).ok
+    leave = pb.LeaveRequest(peer_id=pid("peerB"), round_id="r1", credential=cred(stub, "peerB"))
+    assert stub.Leave(leave, timeout=RPC_TIMEOUT).ok
     assert server.metrics_url is not None
     metrics = urllib.request.urlopen(server.metrics_url, timeout=RPC_TIMEOUT).read().decode()
     assert 'swarm_coordinator_members{span="2-4",state="left"} 1.0' in metrics
@@ -102,13 +123,12 @@ def test_bad_requests_get_status_codes_and_server_keeps_serving(
     server: CoordinatorServer, stub: pb_grpc.CoordinatorStub
 ) -> None:
     assert join(stub, "good").accepted
-    e = status_of(lambda: join(stub, ""))
+    e = status_of(lambda: join(stub, "x", peer_id=""))
     assert e.code() is grpc.StatusCode.INVALID_ARGUMENT and "peer_id" in (e.details() or "")
-    e = status_of(lambda: stub.Heartbeat(pb.HeartbeatRequest(
-        peer_id="good", round_id="r1", progress=pb.Progress(samples=-1)), timeout=RPC_TIMEOUT))  # fmt: skip
+    e = status_of(lambda: peers(stub).heartbeat("good", samples=-1))
     assert e.code() is grpc.StatusCode.INVALID_ARGUMENT and "progress.samples" in (e.details() or "")
-    big = pb.UploadSpanStateRequest(peer_id="good", round_id="r1", span=pb.Span(start=0, end=2),
-                                    safetensors=b"\0" * (2 << 20))  # fmt: skip
+    big = pb.UploadSpanStateRequest(peer_id=pid("good"), round_id="r1", span=pb.Span(start=0, end=2),
+                                    safetensors=b"\0" * (2 << 20), credential=cred(stub, "good"))  # fmt: skip
     e = status_of(lambda: stub.UploadSpanState(big, timeout=RPC_TIMEOUT))
     assert e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     e = status_of(lambda: join(stub, "x", round_id="r404"))
@@ -119,7 +139,7 @@ def test_bad_requests_get_status_codes_and_server_keeps_serving(
     assert not wrong.accepted and "load the base model /models/tiny" in wrong.reject_reason
     # still serving, nothing lost
     assert stub.GetRoundSpec(pb.GetRoundSpecRequest(round_id="r1"), timeout=RPC_TIMEOUT).round_id == "r1"
-    assert [m.peer_id for m in server.ctx.store.list_members("r1")] == ["good"]
+    assert [m.peer_id for m in server.ctx.store.list_members("r1")] == [pid("good")]
     sample = server.ctx.metrics.registry.get_sample_value
     assert sample("swarm_coordinator_join_rejections_total", {"reason": "fingerprint"}) == 1
     assert sample("swarm_coordinator_rpc_errors_total", {"method": "Join", "code": "NOT_FOUND"}) == 1
@@ -133,21 +153,21 @@ def test_port_in_use_is_a_clear_error(server: CoordinatorServer, tmp_path: Path)
 def test_heartbeat_timeout_drops_member_and_rebalances(tmp_path: Path) -> None:
     server = start(tmp_path, heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0)
     try:
-        with grpc.insecure_channel(server.address) as channel:
+        with coordinator_channel(server.address, server.tls_cert_path) as channel:
             stub = pb_grpc.CoordinatorStub(channel)
             spans = {p: join(stub, p).span.start for p in ("a", "b", "c")}
             assert spans == {"a": 0, "b": 2, "c": 0}
 
             def b_is_dead() -> bool:  # a and c keep heartbeating, b is silent
                 for p in ("a", "c"):
-                    stub.Heartbeat(pb.HeartbeatRequest(peer_id=p, round_id="r1"), timeout=RPC_TIMEOUT)
-                member = server.ctx.store.get_member("r1", "b")
+                    peers(stub).heartbeat(p)
+                member = server.ctx.store.get_member("r1", pid("b"))
                 return member is not None and member.state is MemberState.DEAD
 
             poll(b_is_dead, 15.0, "silent peer b to be marked dead")
-            moved = stub.Heartbeat(pb.HeartbeatRequest(peer_id="a", round_id="r1"), timeout=RPC_TIMEOUT)
+            moved = peers(stub).heartbeat("c")  # a and c tie on throughput; c's peer id sorts first and moves
             assert moved.ok and (moved.span.start, moved.span.end) == (2, 4)
-            gone = stub.Heartbeat(pb.HeartbeatRequest(peer_id="b", round_id="r1"), timeout=RPC_TIMEOUT)
+            gone = peers(stub).heartbeat("b")
             assert not gone.ok and gone.action == "rejoin"
     finally:
         server.stop(grace=0)
@@ -156,11 +176,11 @@ def test_heartbeat_timeout_drops_member_and_rebalances(tmp_path: Path) -> None:
 def test_sweep_thread_expires_members_without_any_request(tmp_path: Path) -> None:
     server = start(tmp_path, heartbeat_interval_s=0.05, heartbeat_timeout_s=0.3)
     try:
-        with grpc.insecure_channel(server.address) as channel:
+        with coordinator_channel(server.address, server.tls_cert_path) as channel:
             join(pb_grpc.CoordinatorStub(channel), "a")
 
         def a_is_dead() -> bool:  # reads the store directly: no RPC triggers the lazy expiry
-            member = server.ctx.store.get_member("r1", "a")
+            member = server.ctx.store.get_member("r1", pid("a"))
             return member is not None and member.state is MemberState.DEAD
 
         poll(a_is_dead, 10.0, "the sweep thread to mark peer a dead")
@@ -171,10 +191,12 @@ def test_sweep_thread_expires_members_without_any_request(tmp_path: Path) -> Non
 def test_upload_and_download(server: CoordinatorServer, stub: pb_grpc.CoordinatorStub, tmp_path: Path) -> None:
     join(stub, "a")
     join(stub, "b")
+    time.sleep(0.01)
+    peers(stub).heartbeat("a", epoch=1)
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
     blob = struct.pack("<Q", len(header)) + header + b"\1" * 16
-    up = pb.UploadSpanStateRequest(peer_id="a", round_id="r1", span=pb.Span(start=0, end=2), epoch=1,
-                                   safetensors=blob, samples=8)  # fmt: skip
+    up = pb.UploadSpanStateRequest(peer_id=pid("a"), round_id="r1", span=pb.Span(start=0, end=2), epoch=1,
+                                   safetensors=blob, samples=8, credential=cred(stub, "a"))  # fmt: skip
     assert stub.UploadSpanState(up, timeout=RPC_TIMEOUT).size_bytes == len(blob)
     adapter = tmp_path / "adapter-v1"
     adapter.mkdir()
@@ -206,7 +228,7 @@ def test_cli_prints_addresses_and_stops_on_sigterm(tmp_path: Path) -> None:
             lines.append(proc.stdout.readline())  # log lines come first; readline is bounded by the test timeout
             assert lines[-1] and len(lines) < 50, "".join(lines)
         address = lines[-1].split()[-1]
-        with grpc.insecure_channel(address) as channel:
+        with coordinator_channel(address, tmp_path / "coordinator" / "tls_cert.pem") as channel:
             reply = pb_grpc.CoordinatorStub(channel).GetRoundSpec(pb.GetRoundSpecRequest(), timeout=RPC_TIMEOUT)
             assert reply.round_id == "r1"
         proc.send_signal(signal.SIGTERM)

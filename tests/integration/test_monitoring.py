@@ -37,6 +37,7 @@ from swarm import __version__
 from swarm.config import BaseModelRef, DataSettings, EndCondition, OptimizerSettings, RoundSpec, split_even
 from swarm.proto import coordinator_pb2 as pb
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
+from tests.identities import coordinator_channel
 
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 pytestmark = [
@@ -223,7 +224,10 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     prometheus: subprocess.Popen[bytes] | None = None
     try:
         # a refused join, so the rejections panel has data
-        with grpc.insecure_channel(coordinator.address) as channel, pytest.raises(grpc.RpcError):
+        with (
+            coordinator_channel(coordinator.address, coordinator.tls_cert_path) as channel,
+            pytest.raises(grpc.RpcError),
+        ):
             request = pb.JoinRequest(peer_id="intruder", software_version=__version__, join_token="wrong")
             pb_grpc.CoordinatorStub(channel).Join(request, timeout=10)
         for i, peer in enumerate(peers):

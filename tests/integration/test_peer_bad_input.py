@@ -1,4 +1,4 @@
-"""A remote call with a wrong shape, dtype or NaN/Inf gets a clear error and leaves the LoRA weights unchanged."""
+"""Remote calls with a wrong shape, dtype, NaN/Inf or bad metadata get a clear error and change nothing."""
 
 from __future__ import annotations
 
@@ -8,37 +8,32 @@ from pathlib import Path
 import hivemind
 import pytest
 import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.announce import Announcer, record_validators
-from peer.remote import RemoteCallError, RemoteSpan
-from peer.server import SpanServer
+from peer.announce import record_validators
+from peer.remote import RemoteCallError, RemoteSpan, RemoteStaleStepError
 from swarm.lora import export_lora_state
-from tests.integration.harness import one_span_spec
+from tests.integration.harness import in_process_server, one_span_spec
 
 pytestmark = pytest.mark.integration
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 
 
 @pytest.mark.timeout(120)
-def test_malformed_tensors_are_refused(tiny_checkpoint: Callable[..., Path]) -> None:
+def test_malformed_requests_are_refused(tiny_checkpoint: Callable[..., Path]) -> None:
     ckpt = tiny_checkpoint("llama", layers=4)
     spec = one_span_spec(ckpt, "bad", layers=4)
-    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators("bad"))
-    client = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
-    server = SpanServer(spec, spec.spans[0], dht)
+    key = RSAPrivateKey()
+    dht = hivemind.DHT(start=True, host_maddrs=LOCAL, record_validators=record_validators("bad", key))
+    client = hivemind.DHT(start=True, host_maddrs=LOCAL, initial_peers=dht.get_visible_maddrs())
+    server, announcer = in_process_server(spec, spec.spans[0], dht, key, request_wait=1.0)
     server.start(catch_up=False)
-    announcer = Announcer(
-        dht,
-        "bad",
-        lambda: server.announcement(1.0),
-        1.0,
-    )
     try:
-        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-
         p2p = RemoteExpertWorker.run_coroutine(client.replicate_p2p())
         remote = RemoteSpan(p2p, str(dht.peer_id), server.uid, timeout=20)
         before = export_lora_state(server.module)
-        good = torch.randn(2, 16, 32)
+        good, mb = torch.randn(2, 16, 32), ("trainer", 0)
         cases = {
             "shape [2, 15, 32]": torch.randn(2, 15, 32),
             "dtype float64": torch.randn(2, 16, 32, dtype=torch.float64),
@@ -46,19 +41,31 @@ def test_malformed_tensors_are_refused(tiny_checkpoint: Callable[..., Path]) -> 
         }
         for expected, tensor in cases.items():
             with pytest.raises(RemoteCallError, match=expected.replace("[", r"\[").replace("]", r"\]")):
-                remote.forward(tensor)
+                remote.forward(0, mb, tensor)
             with pytest.raises(RemoteCallError, match="hidden_states|grad_outputs"):
-                remote.backward(tensor, torch.randn(2, 16, 32))
+                remote.backward(0, mb, tensor, torch.randn(2, 16, 32))
         with pytest.raises(RemoteCallError, match="grad_outputs contains NaN or Inf"):
-            remote.backward(good, torch.full((2, 16, 32), float("inf")))
-        after = export_lora_state(server.module)
-        assert all(torch.equal(before[k], after[k]) for k in before)
-        assert server.backend.samples_trained == 0
-        out = remote.forward(good)  # the server still answers good requests
+            remote.backward(0, mb, torch.full((2, 16, 32), float("inf")), good)
+        with pytest.raises(RemoteCallError, match="TimeoutError: span 0-4 is still at epoch 0"):
+            remote.forward(7, mb, good)  # a step the replica has not reached (waits request_wait, then says so)
+        with pytest.raises(RemoteCallError, match="metadata step must be an int"):
+            remote._run("rpc_forward", -1, mb, [good], good)
+        assert export_lora_state(server.module).keys() == before.keys()
+        assert all(torch.equal(before[k], v) for k, v in export_lora_state(server.module).items())
+        assert server.samples_trained == 0
+        out = remote.forward(0, mb, good)  # the server still answers good requests
         assert out.shape == good.shape and torch.isfinite(out).all()
-        remote.backward(good, torch.randn(2, 16, 32))
-        assert server.backend.samples_trained == 2
+        grad_in = remote.backward(0, mb, torch.randn(2, 16, 32), good)
+        assert grad_in.shape == good.shape and server.samples_trained == 2
+        # a backward whose forward ran elsewhere is recomputed from the inputs the client resends
+        remote.backward(0, ("trainer", 1), torch.randn(2, 16, 32), good)
+        assert server.samples_trained == 4
+        with server.group.lock:
+            server.group._advance(1)
+        with pytest.raises(RemoteStaleStepError):
+            remote.forward(0, mb, good)  # step 0 is over
     finally:
         announcer.stop(leave=False)
         server.shutdown()
         client.shutdown()
+        dht.shutdown()

@@ -1,14 +1,13 @@
-"""After a failed all-reduce, live replicas of a span copy one replica's state (real hivemind, in one process).
+"""ReplicaGroup repair and catch-up over announced epochs (real hivemind, two replicas in one process).
 
-A failed all-reduce is rare once every replica joins every epoch; these tests put two replicas in the state it
-leaves behind (same epoch, different LoRA weights) and run the repair on both at once.
+After a failed all-reduce, the replica with the smallest peer id among those at the epoch steps on its local
+gradients and the other copies its state (no settle window); a replica behind downloads the state first.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 
 import hivemind
@@ -16,10 +15,9 @@ import pytest
 import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.announce import Announcer, record_validators
+from peer.announce import record_validators
 from peer.server import SpanServer
-from swarm.lora import lora_parameters
-from tests.integration.harness import one_span_spec, wait_for
+from tests.integration.harness import in_process_server, one_span_spec, wait_for
 
 pytestmark = pytest.mark.integration
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
@@ -29,7 +27,6 @@ LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]:
     ckpt = tiny_checkpoint("llama", layers=2)
     spec = one_span_spec(ckpt, "repair", layers=2)
-    # two peers in one process: each signs its DHT records with its own key (a real peer uses its process's key)
     keys = [RSAPrivateKey(), RSAPrivateKey()]
     first = hivemind.DHT(start=True, host_maddrs=LOCAL, record_validators=record_validators("repair", keys[0]))
     second = hivemind.DHT(
@@ -38,78 +35,58 @@ def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]
         initial_peers=first.get_visible_maddrs(),
         record_validators=record_validators("repair", keys[1]),
     )
-    servers = [SpanServer(spec, spec.spans[0], dht) for dht in (first, second)]
-    announcers = []
-    for server, key in zip(servers, keys, strict=True):
-        server.start(catch_up=False)
-        announcer = Announcer(server.dht, "repair", partial(server.announcement, 1.0), period=1.0, private_key=key)
+    built = [in_process_server(spec, spec.spans[0], dht, key) for dht, key in zip((first, second), keys, strict=True)]
+    servers = [s for s, _ in built]
+    for server, announcer in built:
+        server.group.averager.wait_until_ready()  # no epoch thread: the tests drive the group themselves
         announcer.start()
-        announcers.append(announcer)
     try:
-        wait_for(lambda: all(s.other_replicas() == 1 for s in servers), 30, "both replicas to see each other")
+        wait_for(lambda: all(len(s.group.replica_epochs()) == 2 for s in servers), 30, "both replicas announced")
         yield servers
     finally:
-        for announcer in announcers:
+        for server, announcer in built:
             announcer.stop(leave=False)
-        for server in servers:
             server.shutdown()
+        for dht in (first, second):
+            dht.shutdown()
 
 
-def _diverge(servers: list[SpanServer], epoch: int) -> None:
-    """Put both replicas at ``epoch`` with different LoRA weights, as two local-gradient updates would."""
-    for i, server in enumerate(servers):
-        with server.lock, torch.no_grad():
-            # hivemind's optimizer works on its own copy of the parameters and writes them back after each step
-            owned = [p for group in server.optimizer.state_averager.optimizer.param_groups for p in group["params"]]
-            for param, copy in zip(lora_parameters(server.module).values(), owned, strict=True):
-                param.add_(0.01 * (i + 1))
-                copy.copy_(param)
-            server.optimizer.state_averager.local_epoch = epoch
-            server.optimizer.set_sharing_priority(float(epoch))
+def _local_gradients(i: int, server: SpanServer) -> list[torch.Tensor]:
+    return [torch.full_like(p, 0.01 * (i + 1)) for p in server.params]
 
 
 def _weights(server: SpanServer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in server.lora_state().items()}
 
 
-def _run_together(*calls: Callable[[], None]) -> None:
-    threads = [threading.Thread(target=call) for call in calls]
+@pytest.mark.timeout(120)
+def test_after_a_failed_all_reduce_the_smaller_peer_id_steps_and_the_other_copies(replicas: list[SpanServer]) -> None:
+    keeper = min(range(2), key=lambda i: replicas[i].peer_id)
+    threads = [
+        threading.Thread(target=s.group.repair, args=(0, _local_gradients(i, s))) for i, s in enumerate(replicas)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
     assert not any(t.is_alive() for t in threads), "repair did not finish"
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    after = [_weights(s) for s in replicas]
+    assert [s.epoch for s in replicas] == [1, 1]
+    assert all(torch.equal(after[0][k], after[1][k]) for k in after[0]), "replicas still differ after the repair"
+    # the keeper stepped on its own gradients: lora_B moved by lr * sign(g) (Adam's first step)
+    moved = {k: v for k, v in after[keeper].items() if "lora_B" in k}
+    assert all(v.abs().max() > 0 for v in moved.values())
 
 
 @pytest.mark.timeout(120)
-def test_both_failed_the_replica_with_the_larger_peer_id_copies_the_other(replicas: list[SpanServer]) -> None:
-    _diverge(replicas, epoch=3)
-    before = [_weights(s) for s in replicas]
-    assert not _same(*before)
-
-    _run_together(*(s._reconcile for s in replicas))
-
-    after = [_weights(s) for s in replicas]
-    keeper = min(range(2), key=lambda i: replicas[i].dht.peer_id.to_bytes())
-    assert _same(after[0], after[1]), "replicas still differ after the repair"
-    assert _same(after[keeper], before[keeper]), "the replica with the smaller peer id should keep its state"
-    assert [s.epoch for s in replicas] == [3, 3]
-
-
-@pytest.mark.timeout(120)
-def test_a_replica_that_averaged_is_the_one_copied(replicas: list[SpanServer]) -> None:
-    _diverge(replicas, epoch=2)
-    before = [_weights(s) for s in replicas]
-    # The replica with the smaller peer id fell back; the other one averaged (keeps priority == epoch).
-    failed = min(range(2), key=lambda i: replicas[i].dht.peer_id.to_bytes())
-    ok = 1 - failed
-
-    _run_together(replicas[failed]._reconcile)
-
-    after = [_weights(s) for s in replicas]
-    assert _same(after[failed], before[ok]), "the failed replica should copy the one that averaged"
-    assert _same(after[ok], before[ok])
+def test_a_replica_behind_downloads_the_state_of_one_ahead(replicas: list[SpanServer]) -> None:
+    ahead, behind = replicas
+    ahead.group.apply(0, _local_gradients(0, ahead), "test step")
+    ahead.group.apply(1, _local_gradients(0, ahead), "test step")
+    wait_for(lambda: behind.group.replica_epochs().get(ahead.peer_id) == 2, 20, "the new epoch to be announced")
+    assert behind.group.catch_up()
+    assert behind.epoch == 2
+    a, b = _weights(ahead), _weights(behind)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    opt_a, opt_b = ahead.group.optimizer.state_dict()["state"], behind.group.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)

@@ -61,8 +61,9 @@ def test_check_with_round_spec_passes(demo_base: Path, demo_data: Path, tmp_path
 def test_check_unreachable_coordinator_says_so_within_its_timeout(tmp_path: Path) -> None:
     write_public_key(Ed25519PrivateKey.generate(), tmp_path / "pub.pem")
     done, seconds = swarm_peer(
-        "--check", "--coordinator", "127.0.0.1:1", "--coordinator-public-key", str(tmp_path / "pub.pem")
-    )
+        "--check", "--coordinator", "127.0.0.1:1", "--coordinator-public-key", str(tmp_path / "pub.pem"),
+        "--coordinator-insecure",
+    )  # fmt: skip
     assert done.returncode == 1
     assert seconds < 30, f"took {seconds:.1f} s"  # p2pd start + the 5 s coordinator timeout + imports
     lines = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]

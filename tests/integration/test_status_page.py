@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -32,6 +31,7 @@ from swarm.config import BaseModelRef, EndCondition, LoraSettings, RoundSpec, sp
 from swarm.keys import generate_signing_key
 from swarm.proto import coordinator_pb2 as pb
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
+from tests.identities import GrpcPeers, coordinator_channel, pid
 
 if TYPE_CHECKING:
     from selenium.webdriver import Chrome
@@ -93,22 +93,26 @@ def coordinator(tmp_path: Path) -> Iterator[CoordinatorServer]:
 
 
 def _drive_peers(server: CoordinatorServer) -> None:
-    with grpc.insecure_channel(server.address) as channel:
+    with coordinator_channel(server.address, server.tls_cert_path) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
+        peers = GrpcPeers(stub)
         for peer, throughput in PEERS.items():
-            reply = stub.Join(pb.JoinRequest(
-                peer_id=peer, multiaddrs=[f"/ip4/127.0.0.1/tcp/{4000 + len(peer)}/p2p/{peer}"],
+            reply = peers.join(
+                peer, multiaddrs=[f"/ip4/127.0.0.1/tcp/{4000 + len(peer)}/p2p/{pid(peer)}"],
                 capacity=pb.Capacity(device="cuda:0" if throughput > 20 else "cpu", throughput=throughput),
                 base_fingerprint=SPEC.base.fingerprint, software_version=__version__,
-            ), timeout=10)  # fmt: skip
+            )  # fmt: skip
             assert reply.accepted, reply.reject_reason
+        time.sleep(0.2)  # counters grow at most max_samples_per_s (2000/s) since the Join
         for i, peer in enumerate(PEERS):
-            progress = pb.Progress(samples=96 * (i + 1), tokens=6144 * (i + 1), loss=2.9 - 0.1 * i, epoch=3)
-            assert stub.Heartbeat(pb.HeartbeatRequest(peer_id=peer, round_id=SPEC.round_id, progress=progress),
-                                  timeout=10).ok  # fmt: skip
-        stub.ReportEval(pb.ReportEvalRequest(peer_id="peer-alpha", round_id=SPEC.round_id, epoch=3,
-                                             eval_loss=2.31, eval_tokens=4096), timeout=10)  # fmt: skip
-        assert stub.Leave(pb.LeaveRequest(peer_id="peer-delta", round_id=SPEC.round_id), timeout=10).ok
+            assert peers.heartbeat(peer, round_id=SPEC.round_id, samples=96 * (i + 1), tokens=6144 * (i + 1),
+                                   loss=2.9 - 0.1 * i, epoch=3).ok  # fmt: skip
+        stub.ReportEval(pb.ReportEvalRequest(peer_id=pid("peer-alpha"), round_id=SPEC.round_id, epoch=3,
+                                             eval_loss=2.31, eval_tokens=4096,
+                                             credential=peers.credential("peer-alpha")), timeout=10)  # fmt: skip
+        leave = pb.LeaveRequest(peer_id=pid("peer-delta"), round_id=SPEC.round_id,
+                                credential=peers.credential("peer-delta"))  # fmt: skip
+        assert stub.Leave(leave, timeout=10).ok
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -126,7 +130,8 @@ def test_status_json_and_safe_downloads(coordinator: CoordinatorServer) -> None:
     snap = json.loads(body)
     assert status == 200 and snap["round"]["round_id"] == SPEC.round_id and snap["round"]["state"] == "training"
     assert {p["peer_id"]: p["state"] for p in snap["peers"]} == {
-        "peer-alpha": "live", "peer-bravo": "live", "peer-charlie": "live", "peer-delta": "left"}  # fmt: skip
+        pid("peer-alpha"): "live", pid("peer-bravo"): "live", pid("peer-charlie"): "live",
+        pid("peer-delta"): "left"}  # fmt: skip
     assert [s["name"] for s in snap["spans"]] == ["0-2", "2-4"] and all(s["live_replicas"] for s in snap["spans"])
     assert [a["version"] for a in snap["adapters"]] == ["v1", "v2"] and snap["adapters"][1]["parents"] == ["v1"]
     v2 = snap["adapters"][1]
@@ -189,11 +194,11 @@ def test_status_page_in_chromium(coordinator: CoordinatorServer, tmp_path: Path)
         assert set(cards) == {"0-2", "2-4"}
         serving = {span: {r.get_attribute("data-peer") for r in card.find_elements(By.CLASS_NAME, "peer-row")}
                    for span, card in cards.items()}  # fmt: skip
-        assert set().union(*serving.values()) == {"peer-alpha", "peer-bravo", "peer-charlie"}  # delta left
+        assert set().union(*serving.values()) == {pid(p) for p in ("peer-alpha", "peer-bravo", "peer-charlie")}
         assert all(serving.values()), serving
         assert "samples/s" in cards["0-2"].text and "live" in cards["0-2"].text
         members = find(By.ID, "peers").text
-        assert all(p in members for p in PEERS) and "left" in members
+        assert all(pid(p)[:6] in members for p in PEERS) and "left" in members  # ids are shortened
         rows = {
             r.get_attribute("data-version"): r
             for r in find(By.ID, "adapters").find_elements(By.CLASS_NAME, "adapter-row")

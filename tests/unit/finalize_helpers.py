@@ -11,10 +11,12 @@ from coordinator import handlers, handlers_data
 from coordinator.config import CoordinatorConfig
 from coordinator.context import CoordinatorContext
 from coordinator.publish import continue_series
+from coordinator.state import Candidate
 from swarm.adapter import lora_key
 from swarm.config import BaseModelRef, EndCondition, LoraSettings, RoundSpec, split_even
 from swarm.keys import load_or_create_signing_key
 from swarm.proto import coordinator_pb2 as pb
+from tests.identities import Peers, pid
 
 LORA = LoraSettings(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
 SHAPES = {"q_proj": (32, 32), "v_proj": (16, 32)}  # (out, in) of a tiny llama block: v_proj is not square
@@ -50,6 +52,7 @@ class Swarm:
         self.config = CoordinatorConfig(**fields)
         self.ctx = CoordinatorContext.from_config(self.config, self.clock)
         self.key = load_or_create_signing_key(self.config.signing_key_path)
+        self.peers = Peers(self.ctx, software_version="0.1.0", base_fingerprint="sha256:tiny")
         continue_series(self.ctx, self.clock())
 
     @property
@@ -59,25 +62,36 @@ class Swarm:
         return record.round_id
 
     def join(self, peer: str) -> int:
-        reply = handlers.join(self.ctx, pb.JoinRequest(peer_id=peer, software_version="0.1.0",
-                                                       base_fingerprint="sha256:tiny"))  # fmt: skip
+        reply = self.peers.join(peer)
         assert reply.accepted, reply.reject_reason
         return reply.span.start
 
     def beat(self, peer: str, samples: int = 0, epoch: int = 0, round_id: str = "") -> pb.HeartbeatResponse:
         progress = pb.Progress(samples=samples, tokens=samples * 64, epoch=epoch)
-        return handlers.heartbeat(self.ctx, pb.HeartbeatRequest(peer_id=peer, round_id=round_id or self.round_id,
-                                                                progress=progress))  # fmt: skip
+        return handlers.heartbeat(self.ctx, pb.HeartbeatRequest(peer_id=pid(peer), round_id=round_id or self.round_id,
+                                                                progress=progress,
+                                                                credential=self.peers.credential(peer)))  # fmt: skip
 
     def upload(self, peer: str, span: int, state: dict[str, torch.Tensor], epoch: int = 3, samples: int = 5) -> None:
-        req = pb.UploadSpanStateRequest(peer_id=peer, round_id=self.round_id, span=pb.Span(start=span, end=span + 1),
-                                        epoch=epoch, safetensors=save(state), samples=samples)  # fmt: skip
+        req = pb.UploadSpanStateRequest(peer_id=pid(peer), round_id=self.round_id,
+                                        span=pb.Span(start=span, end=span + 1), epoch=epoch, safetensors=save(state),
+                                        samples=samples, credential=self.peers.credential(peer))  # fmt: skip
         handlers_data.upload_span_state(self.ctx, req)
 
-    def report(self, peer: str, epoch: int, loss: float, tokens: int = 100) -> None:
-        req = pb.ReportEvalRequest(peer_id=peer, round_id=self.round_id, epoch=epoch, eval_loss=loss,
-                                   eval_tokens=tokens)  # fmt: skip
+    def report(self, peer: str, epoch: int, loss: float, tokens: int = 100, candidate: str = "") -> None:
+        req = pb.ReportEvalRequest(peer_id=pid(peer), round_id=self.round_id, epoch=epoch, eval_loss=loss,
+                                   eval_tokens=tokens, credential=self.peers.credential(peer),
+                                   candidate_sha256=candidate)  # fmt: skip
         handlers_data.report_eval(self.ctx, req)
+
+    @property
+    def candidate(self) -> Candidate:
+        """The candidate the coordinator assembled for the current round (after a finalize pass found every span)."""
+        return self.ctx.candidates[self.round_id]
+
+    def evaluate(self, peer: str, loss: float) -> None:
+        """``peer`` reports its held-out loss of the candidate, naming it (what a picked evaluator does)."""
+        self.report(peer, 3, loss, candidate=self.candidate.sha256)
 
     def train(self, peers: dict[str, int], before: dict[str, float], epoch: int = 3) -> None:
         """Join ``peers`` (peer -> expected span), report the starting evals, heartbeat until finalizing."""

@@ -174,3 +174,24 @@ def test_compose_file_documents_ports_and_volumes() -> None:
             assert str(mapping).strip('"') in header, f"port {mapping} of {name} is not documented in the header"
     for volume in COMPOSE["volumes"]:
         assert volume in header, f"volume {volume} is not documented in the header"
+
+
+def test_secrets_stay_with_the_coordinator_and_grafana_needs_a_password() -> None:
+    """The coordinator's WORKDIR holds its signing and TLS keys: no other container mounts it. Peers get
+    the public files through --public-dir, and pin the certificate found beside the public key."""
+    coordinator = _parse(_host_args(SERVICES["coordinator"]))
+    workdir_volume = next(v.split(":")[0] for v in SERVICES["coordinator"]["volumes"] if v.split(":")[1] == "/data")
+    assert str(coordinator["workdir"]) == "/data" and coordinator["insecure"] is False
+    for name, service in SERVICES.items():
+        if name != "coordinator":
+            assert workdir_volume not in [v.split(":")[0] for v in service.get("volumes", [])], name
+    public = str(coordinator["public_dir"])
+    public_volume = next(v.split(":")[0] for v in SERVICES["coordinator"]["volumes"] if v.split(":")[1] == public)
+    for name in OUR_IMAGE:
+        if SERVICES[name]["command"][0] == "peer":
+            key = _flag(SERVICES[name], "--coordinator-public-key")
+            mounts = {v.split(":")[1]: v.split(":")[0] for v in SERVICES[name]["volumes"]}
+            assert key is not None and mounts[str(Path(key).parent)] == public_volume, name
+    env = SERVICES["grafana"]["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and "GF_AUTH_ANONYMOUS_ORG_ROLE" not in env
+    assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?"), "no default password"

@@ -21,6 +21,7 @@ from coordinator.validation import HandlerError
 from swarm.config import BaseModelRef, EndCondition, RoundSpec, split_even
 from swarm.proto import RoundState
 from swarm.proto import coordinator_pb2 as pb
+from tests.identities import Peers, pid
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -49,59 +50,75 @@ def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CoordinatorC
     store.close()
 
 
-def join_req(peer: str, **kw: object) -> pb.JoinRequest:
-    fields: dict = dict(peer_id=peer, multiaddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{peer}"], base_fingerprint="fp-good",
-                        software_version="0.1.7", join_token="s3cret", capacity=pb.Capacity(throughput=1.0))  # fmt: skip
-    fields.update(kw)
-    return pb.JoinRequest(**fields)
+PEERS: dict[int, Peers] = {}  # id(ctx) -> its test peers
+
+
+def peers(ctx: CoordinatorContext) -> Peers:
+    return PEERS.setdefault(id(ctx), Peers(ctx, base_fingerprint="fp-good", software_version="0.1.7",
+                                           join_token="s3cret", capacity=pb.Capacity(throughput=1.0)))  # fmt: skip
+
+
+def join(ctx: CoordinatorContext, peer: str, **kw: object) -> pb.JoinResponse:
+    kw.setdefault("multiaddrs", [f"/ip4/127.0.0.1/tcp/1/p2p/{pid(peer)}"])
+    return peers(ctx).join(peer, **kw)
 
 
 def beat(ctx: CoordinatorContext, peer: str, samples: int = 0, **kw: object) -> pb.HeartbeatResponse:
     progress = pb.Progress(samples=samples, tokens=samples * 10, **kw)  # type: ignore[arg-type]
-    return handlers.heartbeat(ctx, pb.HeartbeatRequest(peer_id=peer, round_id="r1", progress=progress))
+    req = pb.HeartbeatRequest(
+        peer_id=pid(peer), round_id="r1", progress=progress, credential=peers(ctx).credential(peer)
+    )
+    return handlers.heartbeat(ctx, req)
 
 
-def error(fn: object, *args: object) -> HandlerError:
+def leave(ctx: CoordinatorContext, peer: str) -> pb.LeaveResponse:
+    return handlers.leave(
+        ctx, pb.LeaveRequest(peer_id=pid(peer), round_id="r1", credential=peers(ctx).credential(peer))
+    )
+
+
+def error(fn: object, *args: object, **kw: object) -> HandlerError:
     with pytest.raises(HandlerError) as info:
-        fn(*args)  # type: ignore[operator]
+        fn(*args, **kw)  # type: ignore[operator]
     return info.value
 
 
 def test_join_assigns_spans_and_starts_training(ctx: CoordinatorContext) -> None:
-    r1 = handlers.join(ctx, join_req("a"))
+    r1 = join(ctx, "a")
     assert r1.accepted and (r1.span.start, r1.span.end) == (0, 2) and r1.round_id == "r1"
     assert RoundSpec.from_json(r1.round_spec_json) == make_spec() and r1.heartbeat_interval_s == 1
     assert ctx.store.get_round("r1").state is RoundState.OPEN  # type: ignore[union-attr]
     assert beat(ctx, "a").action == "wait"
-    r2 = handlers.join(ctx, join_req("b"))
+    r2 = join(ctx, "b")
     assert (r2.span.start, r2.span.end) == (2, 4)
     assert ctx.store.get_round("r1").state is RoundState.TRAINING  # type: ignore[union-attr]
-    r3 = handlers.join(ctx, join_req("c", capacity=pb.Capacity(throughput=5.0)))
+    r3 = join(ctx, "c", capacity=pb.Capacity(throughput=5.0))
     assert r3.span.start == 0  # tie on throughput -> lowest index
-    assert handlers.join(ctx, join_req("c")).span.start == 0  # a live member re-joining keeps its span
+    assert join(ctx, "c").span.start == 0  # a live member re-joining keeps its span
     assert beat(ctx, "a").action == "continue"
 
 
 def test_join_rejects_wrong_fingerprint_and_version(ctx: CoordinatorContext) -> None:
-    r = handlers.join(ctx, join_req("a", base_fingerprint="fp-bad"))
+    r = join(ctx, "a", base_fingerprint="fp-bad")
     assert not r.accepted and r.reject_code == "fingerprint"
     assert "fp-bad does not match the round's fp-good: load the base model /models/tiny-llama" in r.reject_reason
-    r = handlers.join(ctx, join_req("a", software_version="0.2.0"))
+    r = join(ctx, "a", software_version="0.2.0")
     assert not r.accepted and r.reject_code == "software_version" and "install loraswarm 0.1.x" in r.reject_reason
-    assert [j.reason for j in ctx.store.list_rejections()] == ["fingerprint", "software_version"]
+    assert [j.reason for j in ctx.rejections] == ["fingerprint", "software_version"]
+    assert ctx.store.list_rejections() == []  # refusals cost the caller nothing: they never grow the database
     assert ctx.store.list_members("r1") == []
     sample = ctx.metrics.registry.get_sample_value
     assert sample("swarm_coordinator_join_rejections_total", {"reason": "fingerprint"}) == 1
 
 
 def test_join_wrong_token_is_permission_denied(ctx: CoordinatorContext) -> None:
-    e = error(handlers.join, ctx, join_req("a", join_token="guess"))
+    e = error(join, ctx, "a", join_token="guess")
     assert e.code is grpc.StatusCode.PERMISSION_DENIED and "join_token" in e.message
-    assert [j.reason for j in ctx.store.list_rejections()] == ["join_token"]
+    assert [j.reason for j in ctx.rejections] == ["join_token"]
 
 
 def test_join_unknown_round_is_not_found(ctx: CoordinatorContext) -> None:
-    e = error(handlers.join, ctx, join_req("a", round_id="r404"))
+    e = error(join, ctx, "a", round_id="r404")
     assert e.code is grpc.StatusCode.NOT_FOUND and "'r404' does not exist; the current round is 'r1'" in e.message
 
 
@@ -113,15 +130,15 @@ def test_join_unknown_round_is_not_found(ctx: CoordinatorContext) -> None:
 )  # fmt: skip
 def test_join_malformed_input_names_the_field(ctx: CoordinatorContext, kw: dict, field: str) -> None:
     kw = dict(kw)  # parameters are shared between the two stores
-    e = error(handlers.join, ctx, join_req(kw.pop("peer_id", "a"), **kw))
+    e = error(join, ctx, "a", **kw)
     assert e.code is grpc.StatusCode.INVALID_ARGUMENT and e.message.startswith(field)
 
 
 def test_join_closed_round_is_refused(ctx: CoordinatorContext) -> None:
     ctx.store.set_round_state("r1", RoundState.FAILED, expected=RoundState.OPEN)
-    e = error(handlers.join, ctx, join_req("a"))
+    e = error(join, ctx, "a")
     assert e.code is grpc.StatusCode.FAILED_PRECONDITION  # no active round to join
-    r = handlers.join(ctx, join_req("a", round_id="r1"))
+    r = join(ctx, "a", round_id="r1")
     assert not r.accepted and r.reject_code == "round_closed" and "wait for the next round" in r.reject_reason
 
 
@@ -132,39 +149,41 @@ def test_join_closed_round_is_refused(ctx: CoordinatorContext) -> None:
      ({"throughput": math.nan}, "progress.throughput")],
 )  # fmt: skip
 def test_heartbeat_malformed_progress(ctx: CoordinatorContext, progress: dict, field: str) -> None:
-    handlers.join(ctx, join_req("a"))
-    req = pb.HeartbeatRequest(peer_id="a", round_id="r1", progress=pb.Progress(**progress))
+    join(ctx, "a")
+    req = pb.HeartbeatRequest(peer_id=pid("a"), round_id="r1", progress=pb.Progress(**progress),
+                              credential=peers(ctx).credential("a"))  # fmt: skip
     e = error(handlers.heartbeat, ctx, req)
     assert e.code is grpc.StatusCode.INVALID_ARGUMENT and e.message.startswith(field)
-    assert ctx.store.get_member("r1", "a").live  # type: ignore[union-attr]
+    assert ctx.store.get_member("r1", pid("a")).live  # type: ignore[union-attr]
 
 
 def test_heartbeat_progress_ends_round(ctx: CoordinatorContext) -> None:
-    handlers.join(ctx, join_req("a"))
-    handlers.join(ctx, join_req("b"))
-    assert beat(ctx, "a", 40, loss=2.5, epoch=1).round_state == "training"
+    join(ctx, "a")
+    join(ctx, "b")
+    ctx.clock.now += 1  # type: ignore[attr-defined]  # counters may grow by max_samples_per_s per second
+    assert beat(ctx, "a", 40, loss=2.5, epoch=3).round_state == "training"
     e = error(beat, ctx, "a", 30)
     assert e.code is grpc.StatusCode.INVALID_ARGUMENT and "went backwards" in e.message
-    r = beat(ctx, "b", 60)
+    r = beat(ctx, "b", 60, epoch=3)  # samples count up to (epochs + 1) * target_batch_size: 128 here
     assert (r.round_state, r.action) == ("finalizing", "finalize")
-    assert sorted((c.peer_id, c.samples, c.tokens) for c in ctx.store.list_contributions("r1")) == [
-        ("a", 40, 400), ("b", 60, 600)]  # fmt: skip
+    assert sorted((c.samples, c.tokens) for c in ctx.store.list_contributions("r1")) == [(40, 400), (60, 600)]
     spec = handlers.get_round_spec(ctx, pb.GetRoundSpecRequest())
-    assert (spec.state, spec.samples, spec.started_at, spec.ended_at) == ("finalizing", 100, 1000.0, 1000.0)
+    assert (spec.state, spec.samples, spec.started_at, spec.ended_at) == ("finalizing", 100, 1000.0, 1001.0)
 
 
 def test_heartbeat_from_unknown_peer_asks_to_rejoin(ctx: CoordinatorContext) -> None:
     r = beat(ctx, "ghost")
     assert not r.ok and r.action == "rejoin" and "never joined" in r.message
-    e = error(handlers.heartbeat, ctx, pb.HeartbeatRequest(peer_id="a", round_id="nope"))
+    e = error(handlers.heartbeat, ctx, pb.HeartbeatRequest(peer_id=pid("a"), round_id="nope"))
     assert e.code is grpc.StatusCode.NOT_FOUND and "'nope'" in e.message
 
 
 def test_heartbeat_epoch_of_another_span_is_ignored(ctx: CoordinatorContext) -> None:
-    handlers.join(ctx, join_req("a"))
+    join(ctx, "a")
     old = pb.Span(start=2, end=4)
-    req = pb.HeartbeatRequest(peer_id="a", round_id="r1", progress=pb.Progress(epoch=7), span=old)
-    assert handlers.heartbeat(ctx, req).ok and ctx.store.get_member("r1", "a").epoch == 0  # type: ignore[union-attr]
+    req = pb.HeartbeatRequest(peer_id=pid("a"), round_id="r1", progress=pb.Progress(epoch=7), span=old,
+                              credential=peers(ctx).credential("a"))  # fmt: skip
+    assert handlers.heartbeat(ctx, req).ok and ctx.store.get_member("r1", pid("a")).epoch == 0  # type: ignore[union-attr]
     req.span.CopyFrom(pb.Span(start=1, end=3))
     e = error(handlers.heartbeat, ctx, req)
     assert e.code is grpc.StatusCode.INVALID_ARGUMENT and "span [1, 3) is not one of round 'r1'" in e.message
@@ -172,15 +191,16 @@ def test_heartbeat_epoch_of_another_span_is_ignored(ctx: CoordinatorContext) -> 
 
 def test_timeout_marks_dead_and_rebalances(ctx: CoordinatorContext) -> None:
     for p in "abc":  # a -> span 0, b -> span 1, c -> span 0
-        handlers.join(ctx, join_req(p))
+        join(ctx, p)
     clock: Clock = ctx.clock  # type: ignore[assignment]
     clock.now += 6
     beat(ctx, "a")
     beat(ctx, "c")
     clock.now += 6  # b silent for 12 s > 10 s
-    assert sweep(ctx) == ["b"]
-    assert ctx.store.get_member("r1", "b").state is MemberState.DEAD  # type: ignore[union-attr]
-    moved = beat(ctx, "a")  # a and c tie on throughput; a sorts first and moves to the uncovered span
+    assert sweep(ctx) == [pid("b")]
+    assert ctx.store.get_member("r1", pid("b")).state is MemberState.DEAD  # type: ignore[union-attr]
+    assert pid("c") < pid("a")
+    moved = beat(ctx, "c")  # a and c tie on throughput; c's peer id sorts first: it moves to the uncovered span
     assert moved.ok and (moved.span.start, moved.span.end) == (2, 4)
     r = beat(ctx, "b")
     assert not r.ok and r.action == "rejoin" and "(dead)" in r.message
@@ -188,27 +208,27 @@ def test_timeout_marks_dead_and_rebalances(ctx: CoordinatorContext) -> None:
 
 
 def test_lazy_expiry_on_requests(ctx: CoordinatorContext) -> None:
-    handlers.join(ctx, join_req("a"))
+    join(ctx, "a")
     ctx.clock.now += 11  # type: ignore[attr-defined]
     handlers.get_round_spec(ctx, pb.GetRoundSpecRequest(round_id="r1"))  # no sweep thread: the request expires it
-    assert ctx.store.get_member("r1", "a").state is MemberState.DEAD  # type: ignore[union-attr]
-    assert handlers.join(ctx, join_req("a")).accepted  # and it may come back
-    assert ctx.store.get_member("r1", "a").live  # type: ignore[union-attr]
+    assert ctx.store.get_member("r1", pid("a")).state is MemberState.DEAD  # type: ignore[union-attr]
+    assert join(ctx, "a").accepted  # and it may come back
+    assert ctx.store.get_member("r1", pid("a")).live  # type: ignore[union-attr]
 
 
 def test_leave_rebalances(ctx: CoordinatorContext) -> None:
     for p in "abc":
-        handlers.join(ctx, join_req(p))
-    assert handlers.leave(ctx, pb.LeaveRequest(peer_id="b", round_id="r1")).ok
-    assert ctx.store.get_member("r1", "b").state is MemberState.LEFT  # type: ignore[union-attr]
-    assert ctx.store.get_member("r1", "a").span_index == 1  # type: ignore[union-attr]
-    assert not handlers.leave(ctx, pb.LeaveRequest(peer_id="b", round_id="r1")).ok
+        join(ctx, p)
+    assert leave(ctx, "b").ok
+    assert ctx.store.get_member("r1", pid("b")).state is MemberState.LEFT  # type: ignore[union-attr]
+    assert ctx.store.get_member("r1", pid("c")).span_index == 1  # type: ignore[union-attr]  # c's id sorts first
+    assert not leave(ctx, "b").ok
 
 
 def test_deadline_ends_round_on_sweep(ctx: CoordinatorContext) -> None:
     ctx.store.set_round_state("r1", RoundState.FAILED, expected=RoundState.OPEN)
     open_round(ctx.store, make_spec("r2", num_spans=1, end=EndCondition(deadline_s=30)), ctx.clock())
-    handlers.join(ctx, join_req("a"))
+    join(ctx, "a")
     assert ctx.store.get_round("r2").state is RoundState.TRAINING  # type: ignore[union-attr]
     ctx.clock.now += 31  # type: ignore[attr-defined]
     sweep(ctx)

@@ -20,6 +20,7 @@ from coordinator.state import AdapterRecord
 from coordinator.validation import HandlerError, check_safetensors
 from swarm.config import BaseModelRef, EndCondition, RoundSpec, split_even
 from swarm.proto import coordinator_pb2 as pb
+from tests.identities import Peers, pid
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -40,20 +41,40 @@ def safetensors_bytes(tensors: dict[str, tuple[str, list[int]]], size: dict[str,
 LORA = safetensors_bytes({"layers.0.q_proj.lora_A": ("F32", [8, 16]), "layers.0.q_proj.lora_B": ("F32", [16, 8])})
 
 
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+PEERS: dict[int, Peers] = {}  # id(ctx) -> its test peers
+
+
+def beat(ctx: CoordinatorContext, peer: str, **progress: int) -> pb.HeartbeatResponse:
+    req = pb.HeartbeatRequest(peer_id=pid(peer), round_id="r1", progress=pb.Progress(**progress),
+                              credential=PEERS[id(ctx)].credential(peer))  # fmt: skip
+    return handlers.heartbeat(ctx, req)
+
+
 @pytest.fixture
 def ctx(tmp_path: Path) -> Iterator[CoordinatorContext]:
-    c = CoordinatorContext.from_config(CoordinatorConfig(workdir=tmp_path, download_chunk_bytes=1024))
+    config = CoordinatorConfig(workdir=tmp_path, download_chunk_bytes=1024)
+    c = CoordinatorContext.from_config(config, Clock())
     base = BaseModelRef(path="/m", num_layers=4)
     spec = RoundSpec(round_id="r1", base=base, spans=split_even(4, 2), end=EndCondition(target_samples=10**6))
     open_round(c.store, spec, c.clock())
-    for peer in ("a", "b"):
-        handlers.join(c, pb.JoinRequest(peer_id=peer, software_version="0.1.0"))
+    peers = PEERS[id(c)] = Peers(c, software_version="0.1.0")
+    for peer in ("a", "b"):  # a serves span 0-2, b span 2-4
+        assert peers.join(peer).accepted
+        beat(c, peer, epoch=3)
     yield c
     c.store.close()
 
 
 def upload(ctx: CoordinatorContext, **kw: object) -> pb.UploadSpanStateResponse:
-    fields: dict = dict(peer_id="a", round_id="r1", span=pb.Span(start=0, end=2), epoch=3, safetensors=LORA, samples=64)
+    fields: dict = dict(peer_id=pid("a"), round_id="r1", span=pb.Span(start=0, end=2), epoch=3, safetensors=LORA,
+                        samples=64, credential=PEERS[id(ctx)].credential("a"))  # fmt: skip
     fields.update(kw)
     return handlers_data.upload_span_state(ctx, pb.UploadSpanStateRequest(**fields))
 
@@ -68,7 +89,7 @@ def test_upload_span_state_is_stored(ctx: CoordinatorContext) -> None:
     r = upload(ctx)
     assert r.ok and r.size_bytes == len(LORA)
     (rec,) = ctx.store.list_span_states("r1")
-    assert (rec.peer_id, rec.span_index, rec.epoch, rec.samples, rec.sha256) == ("a", 0, 3, 64, r.sha256)
+    assert (rec.peer_id, rec.span_index, rec.epoch, rec.samples, rec.sha256) == (pid("a"), 0, 3, 64, r.sha256)
     assert (ctx.config.blob_dir / rec.path).read_bytes() == LORA
     assert upload(ctx).sha256 == r.sha256 and len(ctx.store.list_span_states("r1")) == 1  # a retry replaces
 
@@ -88,7 +109,7 @@ def test_upload_malformed_is_invalid_argument(ctx: CoordinatorContext, kw: dict,
 
 
 def test_upload_preconditions(ctx: CoordinatorContext) -> None:
-    e = error(upload, ctx, peer_id="stranger")
+    e = error(upload, ctx, peer_id="stranger", credential="")
     assert e.code is grpc.StatusCode.FAILED_PRECONDITION and "Join before" in e.message
     assert error(upload, ctx, round_id="r2").code is grpc.StatusCode.NOT_FOUND
     ctx.store.set_round_state("r1", ctx.store.get_round("r1").state.FAILED, expected=ctx.store.get_round("r1").state)  # type: ignore[union-attr]
@@ -109,8 +130,11 @@ def test_check_safetensors_rejects_bad_tables() -> None:
 
 def test_report_eval_and_metric(ctx: CoordinatorContext) -> None:
     def report(**kw: object) -> pb.ReportEvalResponse:
-        fields: dict = dict(peer_id="a", round_id="r1", epoch=2, eval_loss=2.0, eval_tokens=100)
+        fields: dict = dict(peer_id=pid("a"), round_id="r1", epoch=2, eval_loss=2.0, eval_tokens=100,
+                            credential=PEERS[id(ctx)].credential("a"))  # fmt: skip
         fields.update(kw)
+        if fields["peer_id"] == "b":
+            fields.update(peer_id=pid("b"), credential=PEERS[id(ctx)].credential("b"))
         return handlers_data.report_eval(ctx, pb.ReportEvalRequest(**fields))
 
     assert report().ok
@@ -167,7 +191,8 @@ def test_list_and_download_adapters(ctx: CoordinatorContext, tmp_path: Path) -> 
 
 def test_state_metrics_exposition(ctx: CoordinatorContext, tmp_path: Path) -> None:
     publish(ctx, tmp_path, "v1", {"adapter_config.json": b"{}"})
-    handlers.heartbeat(ctx, pb.HeartbeatRequest(peer_id="a", round_id="r1", progress=pb.Progress(samples=12)))
+    ctx.clock.now += 1  # type: ignore[attr-defined]
+    beat(ctx, "a", samples=12, epoch=3)
     text = generate_latest(ctx.metrics.registry).decode()
     for line in [
         'swarm_coordinator_rounds{state="training"} 1.0',

@@ -141,11 +141,20 @@ def test_span_states_replace_same_key(store: CoordinatorStore) -> None:
 
 def test_eval_reports(store: CoordinatorStore) -> None:
     e1 = EvalReport("r1", "a", "", 2, 1.5, 1000, 3.0)
-    e2 = EvalReport("r2", "b", "v1", 0, 1.25, 500, 4.0)
+    e2 = EvalReport("r2", "b", "v1", 0, 1.25, 500, 4.0, candidate_sha256="c" * 64)
     store.add_eval_report(e1)
     store.add_eval_report(e2)
     assert store.list_eval_reports() == [e1, e2]
     assert store.list_eval_reports("r2") == [e2]
+    assert store.delete_eval_reports("r1") == 1 and store.delete_eval_reports("r1") == 0  # retention
+    assert store.list_eval_reports() == [e2]
+
+
+def test_member_credential_digest_is_kept_and_replaced(store: CoordinatorStore) -> None:
+    store.put_member(member("a", 0, credential_sha256="d1"))
+    assert store.get_member("r1", "a").credential_sha256 == "d1"  # type: ignore[union-attr]
+    store.put_member(member("a", 0, credential_sha256="d2"))  # a new Join issues a new credential
+    assert [m.credential_sha256 for m in store.list_members("r1")] == ["d2"]
 
 
 def test_adapters_registry(store: CoordinatorStore) -> None:

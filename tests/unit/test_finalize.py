@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.finalize import FinalizeError, Outcome, collect, decide
+from coordinator import eval_gate
+from coordinator.finalize import FinalizeError, Outcome, collect, decide, target_epoch
 from coordinator.publish import finalize_step
 from coordinator.state import EvalReport, MemberRecord, RoundRecord, SpanStateUpload
 from swarm.adapter import load_adapter_tensors
 from swarm.proto import RoundState
+from tests.identities import pid
 from tests.unit.finalize_helpers import SPEC, Swarm, span_state
 
 pytestmark = pytest.mark.timeout(30)
@@ -28,24 +30,34 @@ def outcomes(s: Swarm) -> dict[str, float]:
     return {o.value: sample("swarm_coordinator_finalize_total", {"outcome": o.value}) or 0 for o in Outcome}
 
 
+def candidate_step(s: Swarm) -> None:
+    """One finalize pass that finds every span in and assembles the candidate."""
+    assert finalize_step(s.ctx, s.key) is None and s.round_id in s.ctx.candidates
+
+
 def test_agreeing_replicas_publish_a_signed_adapter(swarm: Swarm) -> None:
     swarm.train({"a": 0, "b": 1, "c": 0}, before={"a": 3.0, "b": 2.0})
     swarm.upload("a", 0, span_state(0))
-    assert finalize_step(swarm.ctx, swarm.key) is None  # b and c have not uploaded, no final eval yet
+    assert finalize_step(swarm.ctx, swarm.key) is None  # b and c have not uploaded
+    assert swarm.ctx.candidates == {}
     swarm.upload("c", 0, {k: v + 1e-7 for k, v in span_state(0).items()})  # within atol: agrees
     swarm.upload("b", 1, span_state(1))
-    swarm.report("a", 3, 2.5, tokens=100)
-    assert finalize_step(swarm.ctx, swarm.key) is None  # b reported a starting eval: wait for its final one
-    swarm.report("b", 3, 1.0, tokens=300)
+    candidate_step(swarm)
+    assert sorted(swarm.candidate.evaluators) == sorted([pid("a"), pid("b")])  # those with a starting eval
+    assert swarm.beat("a", 5, 3).eval_candidate_sha256 == swarm.candidate.sha256
+    assert swarm.beat("c", 5, 3).eval_candidate_sha256 == ""  # not an evaluator
+    swarm.evaluate("a", 2.5)
+    assert finalize_step(swarm.ctx, swarm.key) is None  # b is a live evaluator: wait for it
+    swarm.evaluate("b", 1.0)
     assert finalize_step(swarm.ctx, swarm.key) is Outcome.PUBLISHED
     record = swarm.ctx.store.get_round("r1")
     assert record is not None and record.state is RoundState.PUBLISHED and record.reason == "published v1"
     [adapter] = swarm.ctx.store.list_adapters()
     assert (adapter.version, adapter.parents, adapter.round_id) == ("v1", (), "r1")
     manifest, tensors = load_adapter_tensors(adapter.path, swarm.key.public_key())
-    assert manifest.eval_loss_before == pytest.approx(2.5) and manifest.eval_loss_after == pytest.approx(1.375)
+    assert manifest.eval_loss_before == pytest.approx(2.5) and manifest.eval_loss_after == pytest.approx(1.75)
     assert (manifest.method, manifest.parent_version, manifest.base_fingerprint) == ("round", None, "sha256:tiny")
-    assert {(c.peer_id, c.samples, c.tokens) for c in manifest.contributors} == {(p, 5, 320) for p in "abc"}
+    assert {(c.peer_id, c.samples, c.tokens) for c in manifest.contributors} == {(pid(p), 5, 320) for p in "abc"}
     for k, v in {**span_state(0), **span_state(1)}.items():
         assert torch.equal(tensors[k], v)
     assert Path(adapter.path) == swarm.config.adapters_dir / "v1"
@@ -58,14 +70,17 @@ def test_disagreeing_replicas_majority_wins_and_is_recorded(swarm: Swarm) -> Non
     swarm.upload("a", 0, bad, samples=50)  # alone, even with the most samples
     swarm.upload("c", 0, good)
     swarm.upload("e", 0, good)
-    swarm.upload("b", 1, span_state(1), samples=4)  # a 1-1 tie on span 1: more samples wins
-    swarm.upload("d", 1, span_state(1, seed=9), samples=6)
-    swarm.report("a", 3, 2.0)
+    swarm.upload("b", 1, span_state(1), samples=4)  # a 1-1 tie on span 1: the first upload wins, not samples
+    swarm.upload("d", 1, span_state(1, seed=9), samples=10**9)
+    candidate_step(swarm)
+    swarm.evaluate("a", 2.0)
     assert finalize_step(swarm.ctx, swarm.key) is Outcome.PUBLISHED
     record = swarm.ctx.store.get_round("r1")
-    assert record is not None and "kept c, e, outvoted a" in record.reason and "kept d, outvoted b" in record.reason
+    assert record is not None
+    assert f"kept {pid('c')}, {pid('e')}, outvoted {pid('a')}" in record.reason
+    assert f"kept {pid('b')}, outvoted {pid('d')}" in record.reason
     _, tensors = load_adapter_tensors(swarm.config.adapters_dir / "v1", swarm.key.public_key())
-    assert all(torch.equal(tensors[k], v) for k, v in {**good, **span_state(1, seed=9)}.items())
+    assert all(torch.equal(tensors[k], v) for k, v in {**good, **span_state(1)}.items())
     assert swarm.ctx.metrics.registry.get_sample_value("swarm_coordinator_replica_disagreements_total") == 2
 
 
@@ -78,15 +93,15 @@ def test_nan_replica_is_set_aside_and_an_all_nan_span_fails(tmp_path: Path) -> N
     ok.upload("c", 0, span_state(0))
     ok.upload("b", 1, nan)
     ok.upload("d", 1, span_state(1))
-    ok.report("a", 3, 2.0)
+    candidate_step(ok)
+    ok.evaluate("a", 2.0)
     assert finalize_step(ok.ctx, ok.key) is Outcome.PUBLISHED
-    assert "b's upload holds NaN/Inf, set aside" in ok.ctx.store.get_round("r1").reason  # type: ignore[union-attr]
+    assert f"{pid('b')}'s upload holds NaN/Inf, set aside" in ok.ctx.store.get_round("r1").reason  # type: ignore[union-attr]
 
     bad = Swarm(tmp_path / "bad", store="sqlite")
     bad.train(TWO, before={"a": 3.0})
     bad.upload("a", 0, span_state(0))
     bad.upload("b", 1, nan)
-    bad.report("a", 3, 2.0)
     assert finalize_step(bad.ctx, bad.key) is Outcome.NONFINITE
     record = bad.ctx.store.get_round("r1")
     assert record is not None and record.state is RoundState.FAILED
@@ -97,7 +112,6 @@ def test_nan_replica_is_set_aside_and_an_all_nan_span_fails(tmp_path: Path) -> N
 def test_missing_span_waits_then_fails_at_the_timeout(swarm: Swarm) -> None:
     swarm.train(TWO, before={"a": 3.0})
     swarm.upload("a", 0, span_state(0))
-    swarm.report("a", 3, 2.0)
     assert finalize_step(swarm.ctx, swarm.key) is None
     swarm.clock.now += 29
     assert finalize_step(swarm.ctx, swarm.key) is None
@@ -112,8 +126,9 @@ def test_worse_than_parent_is_refused(swarm: Swarm) -> None:
     swarm.train(TWO, before={"a": 2.0, "b": 2.0})
     swarm.upload("a", 0, span_state(0))
     swarm.upload("b", 1, span_state(1))
-    swarm.report("a", 3, 1.5)
-    swarm.report("b", 3, 2.6)  # token-weighted mean 2.05 >= 2.0
+    candidate_step(swarm)
+    swarm.evaluate("a", 1.5)
+    swarm.evaluate("b", 2.6)  # median 2.05 >= 2.0
     assert finalize_step(swarm.ctx, swarm.key) is Outcome.WORSE_THAN_PARENT
     record = swarm.ctx.store.get_round("r1")
     assert record is not None and record.state is RoundState.FAILED and "2.05 is not below" in record.reason
@@ -125,22 +140,36 @@ def test_without_a_starting_eval_nothing_is_published(swarm: Swarm) -> None:
     swarm.upload("a", 0, span_state(0))
     swarm.upload("b", 1, span_state(1))
     swarm.report("a", 3, 1.5)
+    candidate_step(swarm)
     assert finalize_step(swarm.ctx, swarm.key) is Outcome.NO_EVAL
-    assert "ReportEval epoch 0" in swarm.ctx.store.get_round("r1").reason  # type: ignore[union-attr]
+    assert "nobody to evaluate" in swarm.ctx.store.get_round("r1").reason  # type: ignore[union-attr]
 
 
-def test_timeout_goes_with_a_minimal_set_and_stale_epochs_are_ignored(tmp_path: Path) -> None:
+def test_timeout_goes_with_a_majority_and_stale_epochs_are_ignored(tmp_path: Path) -> None:
     s = Swarm(tmp_path)
-    s.train({"a": 0, "b": 1, "c": 0}, before={"a": 3.0, "c": 3.0})
+    s.train({"a": 0, "b": 1, "c": 0}, before={"a": 3.0, "b": 3.0, "c": 3.0})
     s.upload("a", 0, span_state(0))
     s.upload("b", 1, span_state(1))
     s.upload("c", 0, span_state(0, seed=5), epoch=2)  # a lagging replica: older epoch, ignored
-    s.report("a", 3, 2.0)
-    assert finalize_step(s.ctx, s.key) is None  # c is live and owes a final eval
+    candidate_step(s)
+    s.evaluate("a", 2.0)
+    s.evaluate("b", 2.2)
+    assert finalize_step(s.ctx, s.key) is None  # c is a live evaluator and owes its report
     s.clock.now += 31
-    assert finalize_step(s.ctx, s.key) is Outcome.PUBLISHED
+    assert finalize_step(s.ctx, s.key) is Outcome.PUBLISHED  # 2 of 3 evaluators: a majority
     _, tensors = load_adapter_tensors(s.config.adapters_dir / "v1", s.key.public_key())
     assert all(torch.equal(tensors[k], v) for k, v in span_state(0).items())
+
+
+def test_too_few_evaluators_at_the_timeout_fail(tmp_path: Path) -> None:
+    s = Swarm(tmp_path)
+    s.train(TWO, before={"a": 3.0, "b": 3.0})
+    s.upload("a", 0, span_state(0))
+    s.upload("b", 1, span_state(1))
+    candidate_step(s)
+    s.evaluate("a", 2.0)
+    s.clock.now += 31
+    assert finalize_step(s.ctx, s.key) is Outcome.NO_EVAL  # 1 of 2 is no majority
 
 
 def test_collect_and_decide_as_pure_functions() -> None:
@@ -150,11 +179,44 @@ def test_collect_and_decide_as_pure_functions() -> None:
         SpanStateUpload("r1", "a", 0, 4, "x", "h", 1, 1, 11.0),
         SpanStateUpload("r1", "b", 1, 3, "y", "h", 1, 1, 11.0),
     ]
-    reports = [EvalReport("r1", "a", "", 0, 3.0, 10, 5.0), EvalReport("r1", "a", "", 2, 2.5, 10, 6.0),
-               EvalReport("r1", "a", "", 4, 2.0, 10, 12.0), EvalReport("r1", "a", "v0", 4, 9.0, 10, 12.0)]  # fmt: skip
-    c = collect(record, members, uploads, reports)
-    assert c.targets == {0: 4, 1: 4} and c.missing_spans == ["span 1-2 (epoch 4)"]  # b's epoch 3 upload is stale
-    assert [r.epoch for r in c.before] == [0] and [r.epoch for r in c.after] == [4]  # mid-training report ignored
-    assert decide(c, elapsed_s=5, timeout_s=10) is False
+    c = collect(record, members, uploads)
+    assert c.targets == {0: 4, 1: 3} and c.missing_spans == []  # b's only upload decides span 1
+    assert decide(c, elapsed_s=5, timeout_s=10) is True
+    c = collect(record, members, uploads[:1])
+    assert c.missing_spans == ["span 1-2 (epoch 4)"] and decide(c, elapsed_s=5, timeout_s=10) is False
     with pytest.raises(FinalizeError, match="missing_span"):
         decide(c, elapsed_s=10, timeout_s=10)
+
+
+def test_target_epoch_is_voted_per_identity_not_the_highest_claim() -> None:
+    def up(peer: str, epoch: int) -> SpanStateUpload:
+        return SpanStateUpload("r1", peer, 0, epoch, "x", "h", 1, 1, 11.0)
+
+    assert target_epoch([up("h", 10**9), up("a", 5), up("b", 5)], expected=5) == 5  # 2 votes beat 1
+    assert target_epoch([up("h", 10**9), up("a", 5)], expected=5) == 5  # a tie goes nearest the expected epoch
+    assert target_epoch([up("a", 5), up("a", 6)], expected=5) == 5  # one member, one vote per epoch
+    members = [MemberRecord("r1", p, 0, epoch=e) for p, e in [("a", 5), ("b", 5), ("h", 10**9)]]
+    record = RoundRecord("r1", SPEC.to_json(), RoundState.FINALIZING, 0.0, 1.0, 10.0)
+    assert collect(record, members, [up("h", 10**9), up("a", 5), up("b", 5)]).targets[0] == 5
+
+
+def test_eval_gate_is_a_median_of_picked_evaluators_naming_the_candidate() -> None:
+    record = RoundRecord("r1", SPEC.to_json(), RoundState.FINALIZING, 0.0, 1.0, 10.0)
+    sha, other = "a" * 64, "b" * 64
+    before = [EvalReport("r1", p, "", 0, 3.0, 10, 5.0) for p in ("p1", "p2", "p3", "p4")]
+    picked = eval_gate.pick_evaluators(record, before, quorum=3)
+    assert len(picked) == 3 and picked == eval_gate.pick_evaluators(record, list(reversed(before)), 3)
+    outsider = next(p for p in ("p1", "p2", "p3", "p4") if p not in picked)
+    liar, *honest = picked
+    after = [
+        EvalReport("r1", liar, "", 3, 0.0, 10**9, 12.0, sha),  # a lie: loss 0 with a huge token count
+        EvalReport("r1", honest[0], "", 3, 3.5, 10, 12.0, sha),
+        EvalReport("r1", honest[1], "", 3, 3.6, 10, 12.0, sha),
+        EvalReport("r1", outsider, "", 3, 0.0, 10, 12.0, sha),  # not picked: does not count
+        EvalReport("r1", honest[0], "", 3, 0.0, 10, 12.0, other),  # names another candidate: does not count
+    ]
+    members = [MemberRecord("r1", p, 0) for p in ("p1", "p2", "p3", "p4")]
+    t = eval_gate.tally(record, members, before + after, sha, picked)
+    assert t.after == {liar: 0.0, honest[0]: 3.5, honest[1]: 3.6} and eval_gate.decide(t, 0, 10)
+    with pytest.raises(FinalizeError, match="worse_than_parent.*3.5 is not below.*3"):
+        eval_gate.gate(t)  # the median of three ignores one liar: the candidate is worse, not published

@@ -20,13 +20,16 @@ pytestmark = pytest.mark.timeout(30)
 TWO = {"a": 0, "b": 1}
 
 
-def ready_to_publish(tmp_path: Path) -> Swarm:
-    """Peers a and b trained, uploaded spans 0 and 1 and a reported its final eval (lower than before)."""
+def ready_to_publish(tmp_path: Path, evaluated: bool = True) -> Swarm:
+    """Peers a and b trained and uploaded spans 0 and 1; with ``evaluated``, the coordinator assembled the
+    candidate and a, its evaluator, reported a final eval of it (lower than before)."""
     s = Swarm(tmp_path)
     s.train(TWO, before={"a": 3.0})
     s.upload("a", 0, span_state(0))
     s.upload("b", 1, span_state(1))
-    s.report("a", 3, 2.0)
+    if evaluated:
+        assert finalize_step(s.ctx, s.key) is None  # assembles the candidate, picks a as its evaluator
+        s.evaluate("a", 2.0)
     return s
 
 
@@ -34,7 +37,10 @@ def run_round(s: Swarm, before: float = 3.0, after: float = 2.0, seed: int = 0) 
     s.train(TWO, before={"a": before})
     s.upload("a", 0, span_state(0, seed))
     s.upload("b", 1, span_state(1, seed))
-    s.report("a", 3, after)
+    outcome = finalize_step(s.ctx, s.key)  # the candidate (or a failure found before it)
+    if outcome is not None:
+        return outcome
+    s.evaluate("a", after)
     return finalize_step(s.ctx, s.key)
 
 
@@ -105,7 +111,7 @@ def test_round_spec_without_fingerprint_cannot_publish(tmp_path: Path) -> None:
 
 
 def test_a_round_that_ends_during_assembly_publishes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    s = ready_to_publish(tmp_path)
+    s = ready_to_publish(tmp_path, evaluated=False)
     real = publish.assemble
 
     def assemble_while_failed_elsewhere(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -117,7 +123,8 @@ def test_a_round_that_ends_during_assembly_publishes_nothing(tmp_path: Path, mon
 
     monkeypatch.setattr(publish, "assemble", assemble_while_failed_elsewhere)
     assert finalize_step(s.ctx, s.key) is None
-    assert s.ctx.store.list_adapters() == [] and list(s.config.adapters_dir.iterdir()) == []
+    assert s.ctx.store.list_adapters() == [] and not s.config.adapters_dir.exists()
+    assert s.ctx.candidates == {}  # no candidate of a failed round
 
 
 def test_unexpected_errors_are_retried_until_the_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,3 +139,15 @@ def test_unexpected_errors_are_retried_until_the_timeout(tmp_path: Path, monkeyp
     s.clock.now += 31
     assert finalize_step(s.ctx, s.key) is Outcome.ERROR
     assert "No space left on device" in s.ctx.store.get_round("r1").reason  # type: ignore[union-attr]
+
+
+def test_retention_drops_blobs_and_eval_reports_of_old_rounds(tmp_path: Path) -> None:
+    s = Swarm(tmp_path, rounds=3, keep_rounds=1)
+    assert run_round(s) is Outcome.PUBLISHED
+    assert (s.config.blob_dir / "r1").is_dir() and s.ctx.store.list_eval_reports("r1")
+    s.clock.now += 100
+    assert run_round(s, before=2.0, after=1.5, seed=1) is Outcome.PUBLISHED  # r1-r2 ends: r1 is beyond keep_rounds
+    assert not (s.config.blob_dir / "r1").exists() and s.ctx.store.list_eval_reports("r1") == []
+    assert (s.config.blob_dir / "r1-r2" / "candidate.safetensors").is_file()
+    assert s.ctx.store.list_eval_reports("r1-r2") and s.ctx.candidates == {}
+    assert [a.version for a in s.ctx.store.list_adapters()] == ["v1", "v2"]  # the registry is never pruned

@@ -1,4 +1,4 @@
-"""peer.trainer.in_flight: micro-batches in flight, results in order, bounded depth, clean stop, errors kept."""
+"""peer.trainer.in_flight: micro-batches in flight, (item, result) pairs in order, bounded depth, clean stop, errors kept."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class Recorder:
         self.threads: set[str] = set()
         self.lock = threading.Lock()
 
-    def step(self, batch: torch.Tensor) -> StepResult:
+    def step(self, batch: torch.Tensor) -> StepResult:  # any item type works
         with self.lock:
             self.running += 1
             self.most = max(self.most, self.running)
@@ -38,7 +38,7 @@ def batches(n: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("depth", [1, 2, 4])
 def test_results_come_back_in_order_with_at_most_depth_in_flight(depth: int) -> None:
     rec = Recorder()
-    losses = [f.result().loss for f in in_flight(rec.step, batches(10), depth)]
+    losses = [f.result().loss for _, f in in_flight(rec.step, batches(10), depth)]
     assert losses == [float(i) for i in range(10)]
     assert rec.most == depth
     if depth == 1:
@@ -54,7 +54,7 @@ def test_stop_ends_submission_and_drains_what_is_in_flight() -> None:
         started.append(n_in_flight)
         return len(started) > 5  # the 6th check stops: 5 micro-batches were started
 
-    done = [f.result().loss for f in in_flight(rec.step, batches(50), 3, stop=stop)]
+    done = [f.result().loss for _, f in in_flight(rec.step, batches(50), 3, stop=stop)]
     assert done == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert rec.running == 0
 
@@ -63,7 +63,7 @@ def test_stop_ends_submission_and_drains_what_is_in_flight() -> None:
 def test_an_error_is_delivered_with_its_micro_batch_and_the_others_go_on(depth: int) -> None:
     rec = Recorder(fail_on=2)
     outcomes = []
-    for future in in_flight(rec.step, batches(6), depth):
+    for _, future in in_flight(rec.step, batches(6), depth):
         try:
             outcomes.append(future.result().loss)
         except RuntimeError as exc:

@@ -75,10 +75,22 @@ def test_public_key_file_that_is_not_a_key(tmp_path: Path) -> None:
     assert "is not a PEM public key" in bad.detail
 
 
-def test_valid_public_key_passes(tmp_path: Path) -> None:
+def test_valid_public_key_and_tls_certificate(tmp_path: Path) -> None:
     write_public_key(Ed25519PrivateKey.generate(), tmp_path / "pub.pem")
-    results, _ = local_checks(PeerConfig(coordinator="127.0.0.1:1", coordinator_public_key=str(tmp_path / "pub.pem")))
-    assert [r.status for r in results] == ["ok", "ok"]
+    config = PeerConfig(coordinator="127.0.0.1:1", coordinator_public_key=str(tmp_path / "pub.pem"))
+    bad = only_failure(config)
+    assert bad.name == "coordinator-tls" and "no TLS certificate for the coordinator" in bad.detail
+    results, _ = local_checks(config.model_copy(update={"coordinator_insecure": True}))
+    assert [(r.name, r.status) for r in results] == [
+        ("round", "ok"),
+        ("coordinator-key", "ok"),
+        ("coordinator-tls", "ok"),
+    ]
+    (tmp_path / "tls_cert.pem").write_text("a certificate")  # found beside the public key
+    results, _ = local_checks(config)
+    assert results[-1].detail == f"TLS, pinned certificate {tmp_path / 'tls_cert.pem'}"
+    missing = only_failure(config.model_copy(update={"coordinator_cert": "/nonexistent/cert.pem"}))
+    assert missing.detail == "--coordinator-cert /nonexistent/cert.pem does not exist"
 
 
 def test_missing_round_spec() -> None:

@@ -1,0 +1,295 @@
+"""A span's replica group: owns the epoch protocol of one span (all-reduce, step, catch-up, repair).
+
+Composed from hivemind's public building blocks, the way ``hivemind.Optimizer`` composes its parts, without
+overriding any private method: a ``DecentralizedAverager`` over the span's LoRA gradient buffers (``step`` with
+``weight`` and ``gather``; its documented ``get_current_state`` hook serves our state to replicas that download
+it with ``load_state_from_peers``), and a plain torch optimizer. What ``hivemind.Optimizer`` gets from
+``ProgressTracker`` (when does an epoch end?) comes here from the trainers' step records (:mod:`swarm.steps`):
+an epoch ends when every live trainer has closed it, and it applies exactly the micro-batches they declared.
+
+One thread owns epoch ends (:meth:`ReplicaGroup.run`). ``lock`` covers applying gradients and parameters, never
+network I/O. The averaging group key carries the epoch (``set_group_bits``), so replicas of different epochs
+never average together; gathered metadata (epoch, digest of the step's contents, sample count) is checked before
+the average is used. Catching up and repair after a failed all-reduce are decisions over the epochs replicas
+announce: a replica that is behind, or whose all-reduce failed, copies a replica that has the next epoch; if none
+does, the one with the smallest peer id among those still at this epoch steps on its local gradients and the
+others copy it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.utils.logging import get_logger
+
+from swarm.steps import Behind, StepContents
+
+log = get_logger(__name__)
+EPOCH_BITS = 32
+
+
+class StateAverager(DecentralizedAverager):
+    """``DecentralizedAverager`` over gradient buffers whose downloadable state is the span's training state."""
+
+    def __init__(self, *args: Any, state: Callable[[], tuple[dict[str, Any], list[torch.Tensor]]], **kwargs: Any):
+        self._state = state
+        super().__init__(*args, **kwargs)
+
+    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:  # hivemind's documented hook
+        metadata, tensors = self._state()
+        return metadata, tensors, None
+
+
+@dataclass
+class GroupSettings:
+    run_id: str
+    matchmaking_time: float
+    averaging_timeout: float
+
+
+class ReplicaGroup:
+    """The epoch protocol of one span replica; see the module docstring."""
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        settings: GroupSettings,
+        params: list[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        *,
+        take_gradients: Callable[[StepContents], tuple[list[torch.Tensor], int]],
+        step_contents: Callable[[int], StepContents | None],
+        replica_epochs: Callable[[], dict[str, int]],
+        announce: Callable[[], None] = lambda: None,
+        on_epoch: Callable[[int], None] = lambda epoch: None,
+        on_averaging: Callable[[bool, float], None] = lambda ok, seconds: None,
+        epoch: int = 0,
+    ):
+        self.dht, self.settings, self.params, self.optimizer = dht, settings, params, optimizer
+        self.peer_id = str(dht.peer_id)
+        self.take_gradients, self.step_contents, self.replica_epochs = take_gradients, step_contents, replica_epochs
+        self.announce, self.on_epoch, self.on_averaging = announce, on_epoch, on_averaging
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # notified when the epoch moves
+        self.epoch = epoch
+        self.version = 0  # odd while parameters are being changed (see SpanServer.compute)
+        self.incomplete_epochs = 0
+        self._stop = threading.Event()
+        buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in params]
+        self.averager = StateAverager(
+            buffers,
+            dht,
+            state=self.state,
+            prefix=settings.run_id,
+            start=True,
+            min_matchmaking_time=settings.matchmaking_time,
+            request_timeout=max(0.2, settings.matchmaking_time / 2),
+            allreduce_timeout=settings.averaging_timeout,
+            next_chunk_timeout=settings.averaging_timeout,
+            initial_group_bits=self._bits(epoch),
+            declare_state_period=5.0,
+        )
+        self.averager.state_sharing_priority = float(epoch)
+        self._thread = threading.Thread(target=self.run, name=f"epochs-{settings.run_id}", daemon=True)
+
+    @staticmethod
+    def _bits(epoch: int) -> str:
+        return format(epoch, f"0{EPOCH_BITS}b")
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Epoch, LoRA parameters and optimizer state (what a replica that catches up downloads)."""
+        with self.lock:
+            opt = self.optimizer.state_dict()
+            keys = {str(i): sorted(k for k, v in s.items() if torch.is_tensor(v)) for i, s in opt["state"].items()}
+            tensors = [p.detach().cpu().clone() for p in self.params]
+            for i, names in sorted(keys.items(), key=lambda kv: int(kv[0])):
+                tensors += [opt["state"][int(i)][n].detach().cpu().clone() for n in names]
+            return {"epoch": self.epoch, "opt_keys": keys}, tensors
+
+    def load_state(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        params, rest = tensors[: len(self.params)], tensors[len(self.params) :]
+        if len(params) != len(self.params) or any(a.shape != b.shape for a, b in zip(params, self.params, strict=True)):
+            raise ValueError("downloaded state does not match this span's LoRA parameters")
+        opt = self.optimizer.state_dict()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for i, names in sorted(metadata["opt_keys"].items(), key=lambda kv: int(kv[0])):
+            state[int(i)] = {}
+            for n in names:
+                state[int(i)][n] = rest.pop(0)
+        opt["state"] = state
+        with self.lock:
+            self.version += 1
+            with torch.no_grad():
+                for p, t in zip(self.params, params, strict=True):
+                    p.copy_(t.to(p.device, p.dtype))
+            self.optimizer.load_state_dict(opt)
+            self._advance(int(metadata["epoch"]))
+
+    def _advance(self, epoch: int) -> None:
+        """Under ``lock``: parameters now hold ``epoch``."""
+        self.version += 1
+        self.epoch = epoch
+        self.averager.state_sharing_priority = float(epoch)
+        self.changed.notify_all()
+
+    # --- the epoch thread ----------------------------------------------------------------------------------
+    def start(self, catch_up: bool = True) -> None:
+        if catch_up:
+            self.catch_up()
+        self._thread.start()
+
+    def catch_up(self) -> bool:
+        """Download the state of a replica that is ahead of us, if any (before serving, and when behind)."""
+        ahead = {p: e for p, e in self.replica_epochs().items() if p != self.peer_id and e > self.epoch}
+        if not ahead:
+            return False
+        log.info(f"{self.settings.run_id}: epoch {self.epoch}, replicas at {max(ahead.values())}: downloading state")
+        found = self.averager.load_state_from_peers(timeout=self.settings.averaging_timeout)
+        if found is None:
+            log.warning(f"{self.settings.run_id}: no replica sent its state; will retry")
+            return False
+        metadata, tensors = found
+        if int(metadata.get("epoch", -1)) <= self.epoch:
+            return False
+        self.load_state(metadata, list(tensors))
+        log.info(f"{self.settings.run_id}: loaded state at epoch {self.epoch}")
+        self.announce()
+        return True
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                contents = self.step_contents(self.epoch)
+            except Behind as exc:
+                log.info(f"{self.settings.run_id}: {exc}")
+                if not self.catch_up():
+                    self._stop.wait(0.5)
+                continue
+            except Exception:
+                log.exception(f"{self.settings.run_id}: could not read the trainers' step records")
+                self._stop.wait(0.5)
+                continue
+            if contents is None:
+                self._stop.wait(0.05)
+                continue
+            try:
+                self.end_epoch(contents)
+            except Exception:
+                if not self._stop.is_set():
+                    log.exception(f"{self.settings.run_id}: epoch {self.epoch} failed; retrying")
+                    self._stop.wait(0.5)
+
+    def end_epoch(self, contents: StepContents) -> None:
+        """All-reduce this step's gradients with every live replica, apply them, move to the next epoch."""
+        epoch = self.epoch
+        sums, samples = self.take_gradients(contents)
+        mean = [s / samples for s in sums] if samples else [torch.zeros_like(s) for s in sums]
+        others = [p for p in self.replica_epochs() if p != self.peer_id]
+        if not others:
+            if samples == 0:
+                log.warning(f"{self.settings.run_id} epoch {epoch}: no gradients held and no other replica")
+            self.apply(epoch, mean, "no other replica, local gradients")
+            return
+        started = time.perf_counter()
+        averaged = self.all_reduce(epoch, mean, samples, contents)
+        self.on_averaging(averaged is not None, time.perf_counter() - started)
+        if averaged is not None:
+            self.apply(epoch, averaged, f"averaged gradients ({time.perf_counter() - started:.1f} s)")
+        else:
+            self.repair(epoch, mean)
+
+    def all_reduce(
+        self, epoch: int, mean: list[torch.Tensor], samples: int, contents: StepContents
+    ) -> list[torch.Tensor] | None:
+        """Weighted average (weight = samples held) with the replicas at this epoch; None if it failed."""
+        self.averager.set_group_bits(self._bits(epoch))
+        with self.averager.get_tensors() as buffers:
+            for b, m in zip(buffers, mean, strict=True):
+                b.copy_(m)
+        mine = {"epoch": epoch, "digest": contents.digest(), "samples": samples}
+        try:
+            gathered = self.averager.step(
+                weight=float(samples), gather=mine, timeout=self.settings.averaging_timeout, allow_retries=True
+            )
+        except Exception as exc:
+            log.warning(f"{self.settings.run_id} epoch {epoch}: all-reduce failed ({exc!r})")
+            return None
+        if not gathered:
+            return None
+        infos = [v for v in gathered.values() if isinstance(v, dict)]
+        if len(infos) != len(gathered) or any(
+            i.get("epoch") != epoch or i.get("digest") != mine["digest"] for i in infos
+        ):
+            log.warning(f"{self.settings.run_id} epoch {epoch}: group disagreed on the step: {infos}")
+            return None
+        total = sum(int(i.get("samples", 0)) for i in infos)
+        if total == 0:
+            log.warning(f"{self.settings.run_id} epoch {epoch}: nobody in the group held gradients")
+            return None
+        if total != contents.samples:
+            self.incomplete_epochs += 1
+            log.warning(
+                f"{self.settings.run_id} epoch {epoch}: the group held {total} of the step's {contents.samples} "
+                "samples (a replica that served some died or missed the group)"
+            )
+        with self.averager.get_tensors() as buffers:
+            averaged = [b.detach().clone() for b in buffers]
+        if not all(torch.isfinite(a).all() for a in averaged):
+            log.warning(f"{self.settings.run_id} epoch {epoch}: the averaged gradients are not finite; refused")
+            return None
+        return averaged
+
+    def repair(self, epoch: int, mean: list[torch.Tensor]) -> None:
+        """After a failed all-reduce: copy a replica that reached the next epoch, or, if none, let the smallest
+        peer id among the replicas still at this epoch step on its local gradients (the others then copy it)."""
+        deadline = time.monotonic() + self.settings.averaging_timeout
+        while not self._stop.is_set():
+            epochs = self.replica_epochs()
+            if any(e > epoch for p, e in epochs.items() if p != self.peer_id) and self.catch_up():
+                return
+            here = sorted({p for p, e in epochs.items() if e == epoch} | {self.peer_id})
+            if here[0] == self.peer_id or time.monotonic() > deadline:
+                self.apply(epoch, mean, "all-reduce failed: stepped on local gradients, replicas copy this one")
+                return
+            self._stop.wait(0.1)
+
+    def apply(self, epoch: int, grads: list[torch.Tensor], outcome: str) -> None:
+        with self.lock:
+            if self.epoch != epoch:
+                return
+            self.version += 1
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g.to(p.device, p.dtype)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._advance(epoch + 1)
+        log.info(f"{self.settings.run_id} epoch {epoch}: {outcome}")
+        self.announce()
+        self.on_epoch(epoch + 1)
+
+    def wait_for(self, epoch: int, timeout: float) -> int:
+        """Block until this replica's epoch is at least ``epoch`` (or ``timeout``); returns the epoch."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while self.epoch < epoch and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.changed.wait(min(left, 0.5))
+            return self.epoch
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self.changed:
+            self.changed.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.averager.shutdown()

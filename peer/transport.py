@@ -1,0 +1,226 @@
+"""Direct span transport: the span server answers forward/backward in its own process over hivemind's p2p layer.
+
+A ``ServicerBase`` registers streaming handlers on a ``P2P`` replica of the peer's DHT daemon (no TaskPool or
+connection-handler processes). Requests are validated (metadata, shape, dtype, finite values) before any
+compute; compute runs in one worker thread, off the event loop. Tensors travel with the round's wire
+compression (``hivemind.compression``), split into parts for streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, AsyncIterator  # noqa: UP035 (hivemind's ServicerBase reads typing's hints)
+
+import hivemind.compression.base
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils.logging import get_logger
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+if TYPE_CHECKING:
+    from peer.server import SpanServer
+
+log = get_logger(__name__)
+# hivemind sends bfloat16 as float32 unless told otherwise ("legacy" mode): keep it at 2 bytes per element. Peers in
+# legacy mode still decode these tensors (the dtype travels with them).
+hivemind.compression.base.USE_LEGACY_BFLOAT16 = False
+PART_BYTES = 2 * 1024 * 1024
+#: wire compression name -> (cast dtype before serializing or None, hivemind CompressionType)
+WIRE_COMPRESSIONS: dict[str, tuple[torch.dtype | None, int]] = {
+    "none": (None, runtime_pb2.CompressionType.NONE),
+    "float16": (None, runtime_pb2.CompressionType.FLOAT16),
+    "bfloat16": (torch.bfloat16, runtime_pb2.CompressionType.NONE),
+    "uint8": (None, runtime_pb2.CompressionType.UNIFORM_8BIT),
+}
+MAX_METADATA_BYTES = 4096
+
+
+def encode(tensor: torch.Tensor, compression: str) -> list[runtime_pb2.Tensor]:
+    """Serialize ``tensor`` with a wire compression and split it into streaming parts."""
+    cast, kind = WIRE_COMPRESSIONS[compression]
+    t = tensor.detach().cpu()
+    if cast is not None:
+        t = t.to(cast)
+    return list(split_for_streaming(serialize_torch_tensor(t.contiguous(), kind), PART_BYTES))
+
+
+def wire_dtype(compression: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` arrives in with this wire compression (before casting back)."""
+    cast, _ = WIRE_COMPRESSIONS[compression]
+    return cast or dtype
+
+
+def decode_parts(parts: Iterable[runtime_pb2.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Tensors from streamed parts (a part with a dtype starts a new tensor), cast to ``dtype`` if given."""
+    tensors: list[torch.Tensor] = []
+    current: list[runtime_pb2.Tensor] = []
+    for part in parts:
+        if part.dtype and current:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
+            current = []
+        current.append(part)
+    if current:
+        tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
+    return [t if dtype is None else t.to(dtype) for t in tensors]
+
+
+def wire_bytes(parts: Iterable[runtime_pb2.Tensor]) -> int:
+    return sum(len(p.buffer) for p in parts)
+
+
+def parse_metadata(raw: bytes) -> dict[str, Any]:
+    """Request metadata: ``step`` (int >= 0), ``trainer`` (str), ``mb`` (int >= 0), ``compression`` (known name)."""
+    from peer.server import BadRequestError
+
+    if len(raw) > MAX_METADATA_BYTES:
+        raise BadRequestError(f"metadata of {len(raw)} bytes exceeds {MAX_METADATA_BYTES}")
+    try:
+        meta = MSGPackSerializer.loads(raw)
+    except Exception:
+        raise BadRequestError("metadata is not valid msgpack") from None
+    if not isinstance(meta, dict):
+        raise BadRequestError("metadata must be a map")
+    step, trainer, mb = meta.get("step"), meta.get("trainer", ""), meta.get("mb", 0)
+    compression = meta.get("compression", "none")
+    if not isinstance(step, int) or not 0 <= step < 2**31:
+        raise BadRequestError(f"metadata step must be an int in [0, 2**31), got {step!r}")
+    if not isinstance(trainer, str) or len(trainer) > 128:
+        raise BadRequestError("metadata trainer must be a peer id string")
+    if not isinstance(mb, int) or not 0 <= mb < 2**31:
+        raise BadRequestError(f"metadata mb must be an int in [0, 2**31), got {mb!r}")
+    if compression not in WIRE_COMPRESSIONS:
+        raise BadRequestError(f"unknown wire compression {compression!r}; known: {sorted(WIRE_COMPRESSIONS)}")
+    return {"step": step, "trainer": trainer, "mb": mb, "compression": compression}
+
+
+class SpanServicer(ServicerBase):
+    """p2p handlers of one span: forward, backward and eval, each a stream of ``ExpertRequest`` parts."""
+
+    def __init__(self, server: SpanServer, pool: ThreadPoolExecutor):
+        self.server, self.pool = server, pool
+
+    async def _gather(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], names: tuple[str, ...]
+    ) -> tuple[dict[str, Any], list]:
+        from peer.server import BadRequestError
+
+        meta: dict[str, Any] | None = None
+        parts: list[runtime_pb2.Tensor] = []
+        limit = self.server.max_batch_size * self.server.seq_len * self.server.hidden * 4 * 2 + (1 << 20)
+        size = 0
+        async for request in requests:
+            if meta is None:
+                meta = parse_metadata(request.metadata)
+            for part in request.tensors:
+                size += len(part.buffer)
+                if size > limit:
+                    raise BadRequestError(f"request exceeds {limit} bytes")
+                parts.append(part)
+        if meta is None:
+            raise BadRequestError("empty request")
+        try:
+            tensors = decode_parts(parts)
+        except Exception as exc:
+            raise BadRequestError(f"tensors could not be decoded: {exc}") from None
+        expected = wire_dtype(meta["compression"], self.server.dtype)
+        for name, t in zip(names, tensors, strict=False):
+            if t.dtype != expected:
+                got, want = (str(d).removeprefix("torch.") for d in (t.dtype, expected))
+                raise BadRequestError(f"{name} has dtype {got}, expected {want}")
+        return meta, [t.to(self.server.dtype) for t in tensors]
+
+    async def _compute(self, fn: Any, *args: Any) -> torch.Tensor:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)  # type: ignore[no-any-return]
+
+    async def _serve(
+        self, kind: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Run one call; an expected failure is answered as an error message (no traceback in the log)."""
+        from peer.server import BadRequestError, MissingActivationsError, StaleStepError
+
+        server = self.server
+        try:
+            names = ("grad_outputs", "hidden_states") if kind == "backward" else ("hidden_states",)
+            meta, tensors = await self._gather(requests, names)
+            key = (meta["trainer"], meta["mb"])
+            if kind == "forward":
+                _expect(tensors, 1)
+                out = await self._compute(server.forward, meta["step"], key, tensors[0])
+            elif kind == "backward":
+                if len(tensors) not in (1, 2):
+                    _expect(tensors, 2)
+                hidden = tensors[1] if len(tensors) == 2 else None
+                out = await self._compute(server.backward, meta["step"], key, tensors[0], hidden)
+            else:
+                _expect(tensors, 1)
+                out = await self._compute(server.evaluate, meta["step"], tensors[0])
+        except (BadRequestError, MissingActivationsError, StaleStepError, TimeoutError) as exc:
+            error = {"error": type(exc).__name__, "message": str(exc), "epoch": server.epoch}
+            yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps(error))
+            return
+        for part in encode(out, meta["compression"]):
+            yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for response in self._serve("forward", requests):
+            yield response
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for response in self._serve("backward", requests):
+            yield response
+
+    async def rpc_evaluate(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for response in self._serve("evaluate", requests):
+            yield response
+
+
+def _expect(tensors: list[torch.Tensor], n: int) -> None:
+    from peer.server import BadRequestError
+
+    if len(tensors) != n:
+        raise BadRequestError(f"expected {n} tensor(s), got {len(tensors)}")
+
+
+class SpanTransport:
+    """Runs a :class:`SpanServicer` on its own event loop thread, on a P2P replica of the peer's daemon."""
+
+    def __init__(self, server: SpanServer):
+        self.server = server
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"span-{server.span.name}")
+        self.servicer = SpanServicer(server, self.pool)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="span-transport", daemon=True)
+        self._p2p: Any = None
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=60)
+
+    async def _start(self) -> None:
+        self._p2p = await self.server.dht.replicate_p2p()
+        await self.servicer.add_p2p_handlers(self._p2p, namespace=self.server.uid)
+
+    def shutdown(self) -> None:
+        if self._p2p is not None and self.loop.is_running():
+            try:
+                fut = asyncio.run_coroutine_threadsafe(
+                    self.servicer.remove_p2p_handlers(self._p2p, namespace=self.server.uid), self.loop
+                )
+                fut.result(timeout=5)
+            except Exception as exc:
+                log.debug(f"removing span handlers: {exc!r}")
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
