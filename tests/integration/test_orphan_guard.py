@@ -69,14 +69,14 @@ def test_calls_to_a_killed_peer_fail_fast(demo_base: Path, demo_data: Path, tmp_
         p2p = RemoteExpertWorker.run_coroutine(client.replicate_p2p())
         remote = RemoteSpan(p2p, ready["peer_id"], expert_uid(spec.round_id, spec.spans[0]), timeout=30)
         hidden = torch.randn(1, spec.data.seq_len, 64)
-        assert remote.forward(hidden).shape == hidden.shape  # alive: answers
+        assert remote.forward(0, ("trainer", 0), hidden).shape == hidden.shape  # alive: answers
 
         p2pd = [p for p in descendants(peer.proc.pid) if p.name() == "p2pd"]
         peer.proc.send_signal(signal.SIGKILL)
         wait_for(lambda: not running(p2pd), 5, "the killed peer's p2pd to stop")
         started = time.monotonic()
         with pytest.raises(RemoteCallError):
-            remote.forward(hidden)
+            remote.forward(0, ("trainer", 1), hidden)
         failed_after = time.monotonic() - started
         print(f"a call to the killed peer failed after {failed_after:.2f} s (request timeout 30 s)")
         assert failed_after < 5
