@@ -20,7 +20,7 @@ def _eval_loss(model: torch.nn.Module, seqs: torch.Tensor) -> float:
         return float(model(input_ids=seqs, labels=seqs).loss)
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_quantized_round_publishes_adapter_for_the_full_precision_base(
     tmp_path: Path, demo_base: Path, demo_data: Path, mode: str
@@ -58,7 +58,7 @@ def test_quantized_round_publishes_adapter_for_the_full_precision_base(
             args = [*common, "--data", train, "--shard-index", str(i), "--num-shards", "2"]
             peers.append(Peer(tmp_path, f"trainer{i}", tmp_path / "unused.json", args, use_spec=False))
         adapter = tmp_path / "coord" / "adapters" / "v1"
-        wait_for(adapter.is_dir, 360, "the published adapter")
+        wait_for(adapter.is_dir, 540, "the published adapter")
 
         manifest = verify_adapter(adapter, load_public_key(pub_path))
         assert manifest.eval_loss_after < manifest.eval_loss_before
