@@ -21,6 +21,18 @@ def _parse_span(text: str | None) -> dict[str, int] | None:
 
 
 def _run(config: PeerConfig) -> None:
+    from peer.selfcheck import check as run_checks
+    from peer.selfcheck import failures, raise_on_local_failures, render_json, render_table
+
+    if config.check:
+        results = run_checks(config)
+        typer.echo(render_json(results) if config.check_json else render_table(results))
+        raise typer.Exit(1 if failures(results) else 0)
+    try:  # before the heavy imports below: a wrong path or key fails in a second, not after torch loads
+        raise_on_local_failures(config)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     from hivemind.utils.logging import use_hivemind_log_handler
 
     from peer.run import run_peer
@@ -39,7 +51,12 @@ peer_command = command_from_model(
     PeerConfig,
     _run,
     doc="Run a peer: host a span of the base model, train its LoRA with the swarm, serve other trainers.",
-    flags={"data_path": "--data", "use_relay": "--use-relay/--no-relay", "host_maddrs": "--host-maddrs"},
+    flags={
+        "data_path": "--data",
+        "use_relay": "--use-relay/--no-relay",
+        "host_maddrs": "--host-maddrs",
+        "check_json": "--json",
+    },
     parsers={"span": _parse_span},
     envvars={"join_token": "SWARM_JOIN_TOKEN"},
 )

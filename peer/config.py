@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from swarm.config import SpanRange
+from swarm.quantize import Quantize
 
 
 class PeerConfig(BaseModel):
@@ -43,6 +44,15 @@ class PeerConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Span weights dtype; auto = float32 on CPU, bfloat16 on GPU."
     )
+    quantize: Quantize = Field(
+        "none",
+        description="Keep the span's frozen base weights in 4 bits (nf4) or 8 bits (int8) with bitsandbytes; "
+        "LoRA stays in --dtype (QLoRA). For GPUs too small for the span in --dtype.",
+    )
+    check: bool = Field(
+        False, description="Run the startup self-check, print its table (or JSON with --json), exit 0 if all pass."
+    )
+    check_json: bool = Field(False, description="With --check: print the results as JSON (for tools).")
     trainer: bool | None = Field(None, description="Drive training batches (default: on when --data is given).")
     data_path: str = Field(
         "",

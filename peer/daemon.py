@@ -23,6 +23,7 @@ from peer.stats import PeerStats, RoundSignals
 from swarm import __version__
 from swarm.config import RoundSpec, SpanRange
 from swarm.dht_records import ONLINE, ServerAnnouncement
+from swarm.quantize import span_block_nbytes
 from swarm.routing import least_served_span
 from swarm.steps import step_contents
 
@@ -124,6 +125,7 @@ class PeerDaemon:
             max_batch_size=max(spec.data.micro_batch_size * 4, 1),
             activation_budget=config.activation_memory_mb << 20,
             request_wait=max(config.request_timeout, 30.0),
+            quantize=config.quantize,
         )
         self.metrics_server: MetricsServer | None = None
 
@@ -133,10 +135,10 @@ class PeerDaemon:
             return self.config.num_blocks
         if self.device != "cuda":
             return None
-        from swarm.checkpoint import block_nbytes
+        from swarm.quantize import block_nbytes_quantized
 
         free, _ = torch.cuda.mem_get_info()
-        per_block = block_nbytes(self.spec.base.path, 0, torch.finfo(self.dtype).bits // 8)
+        per_block = block_nbytes_quantized(self.spec.base.path, 0, self.config.quantize, self.dtype.itemsize)
         return max(int(free * 0.8 // per_block), 0)
 
     def _choose_span(self) -> SpanRange:
@@ -206,6 +208,7 @@ class PeerDaemon:
         self.server.start(catch_up=True)
         self.measure_throughput()
         self.metrics.set_identity(self.peer_id, self.spec.round_id, (self.span.start, self.span.end), self.device)
+        self.metrics.set_block_bytes(self.config.quantize, span_block_nbytes(self.server.module))
         self.announcer.start()
         if self.config.metrics_port >= 0:
             self.metrics_server = MetricsServer(

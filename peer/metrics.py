@@ -63,6 +63,12 @@ class PeerMetrics:
         )
         self.memory = Gauge("swarm_peer_memory_bytes", "Resident memory of the daemon process.", registry=r)
         self.memory.set_function(lambda: float(psutil.Process().memory_info().rss))
+        self.block_bytes = Gauge(
+            "swarm_peer_block_bytes",
+            "Resident bytes of one hosted block's frozen base weights (mean over the span), by quantization.",
+            ["quantize"],
+            registry=r,
+        )
         for outcome in ("success", "local_fallback"):
             self.averaging.labels(outcome)
         for kind in ("forward", "backward"):
@@ -76,6 +82,10 @@ class PeerMetrics:
         self.info.labels(peer_id, round_id, f"{span[0]}-{span[1]}", __version__, device).set(1)
         self.span_start.set(span[0])
         self.span_end.set(span[1])
+
+    def set_block_bytes(self, quantize: str, nbytes: int) -> None:
+        self.block_bytes.clear()
+        self.block_bytes.labels(quantize).set(nbytes)
 
     def served(self, kind: str, batch: int, seconds: float) -> None:
         self.requests.labels(kind).inc()

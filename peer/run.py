@@ -27,6 +27,12 @@ def run_peer(config: PeerConfig) -> None:
     """Blocking: serve (and train) until SIGTERM/SIGINT; always leaves the DHT and stops p2pd."""
     if not (config.coordinator or config.round_spec):
         raise ValueError("no round: pass --round-spec FILE or --coordinator HOST:PORT")
+    from peer.selfcheck import raise_on_local_failures
+
+    raise_on_local_failures(config)  # files, keys, base model: fail at once, before any network wait
+    from peer.orphan_guard import start_orphan_guard
+
+    start_orphan_guard()  # if this process is killed, p2pd and hivemind's workers are stopped too
     stop = threading.Event()
     install_signal_handlers(stop)
     if config.coordinator:

@@ -25,6 +25,7 @@ from peer.replica_group import GroupSettings, ReplicaGroup
 from swarm.config import RoundSpec, SpanRange
 from swarm.dht_records import ServerAnnouncement
 from swarm.lora import attach_lora, export_lora_state, import_lora_state, lora_parameters
+from swarm.quantize import Quantize
 from swarm.span import load_span
 from swarm.steps import MicroBatchKey, StepContents
 
@@ -178,6 +179,7 @@ class SpanServer:
         max_batch_size: int = 64,
         activation_budget: int = 1 << 30,
         request_wait: float = 60.0,
+        quantize: Quantize = "none",
     ):
         spec.span_index(span)
         self.spec, self.span, self.dht = spec, span, dht
@@ -185,7 +187,9 @@ class SpanServer:
         self.peer_id = str(dht.peer_id)
         self.device, self.dtype = device, dtype
         self.seq_len, self.max_batch_size, self.request_wait = spec.data.seq_len, max_batch_size, request_wait
-        self.module = attach_lora(load_span(spec.base.path, span, dtype=dtype, device=device), spec.lora)
+        self.module = attach_lora(
+            load_span(spec.base.path, span, dtype=dtype, device=device, quantize=quantize), spec.lora
+        )
         self.hidden = int(self.module.config.hidden_size)  # type: ignore[union-attr, arg-type]
         if initial_state is not None:
             mine = lora_parameters(self.module)

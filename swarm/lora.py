@@ -17,6 +17,7 @@ from torch import nn
 
 from swarm.arch import check_architecture
 from swarm.config import LoraSettings
+from swarm.quantize import compute_dtype_of
 
 ADAPTER_NAME = "default"
 PEFT_PREFIX = "base_model.model."
@@ -73,6 +74,10 @@ def attach_lora(span: nn.Module, lora: LoraSettings) -> nn.Module:
     inject_adapter_in_model(peft_lora_config(lora), span, adapter_name=ADAPTER_NAME)
     for name, param in span.named_parameters():
         param.requires_grad_(bool(_LORA_PARAM.search(name)))
+    if getattr(span, "quantize", "none") != "none":  # PEFT leaves LoRA over 8-bit layers in fp32: use the compute dtype
+        dtype = compute_dtype_of(span)
+        for param in lora_parameters(span).values():
+            param.data = param.data.to(dtype)
     init_lora_(lora_parameters(span), lora.init_seed)
     return span
 

@@ -17,6 +17,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from swarm.checkpoint import load_tensors, read_config, resolve_checkpoint
 from swarm.config import SpanRange
+from swarm.quantize import Quantize, check_quantize, mark_quantized, quantize_block_
 
 _CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
@@ -112,9 +113,18 @@ class TrainerHead(nn.Module):
 
 
 def load_span(
-    path_or_id: str | Path, span: SpanRange, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    path_or_id: str | Path,
+    span: SpanRange,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    quantize: Quantize = "none",
 ) -> Span:
-    """Build blocks ``[start, end)`` and read only their tensors from the checkpoint's safetensors files."""
+    """Build blocks ``[start, end)`` and read only their tensors from the checkpoint's safetensors files.
+
+    ``quantize`` (``nf4`` / ``int8``) keeps the blocks' Linear weights in 4 / 8 bits (see :mod:`swarm.quantize`);
+    ``dtype`` is then the compute dtype of activations, norms and LoRA.
+    """
+    check_quantize(quantize)
     root = resolve_checkpoint(path_or_id)
     config = read_config(root)
     span.check_within(int(config.num_hidden_layers))
@@ -125,9 +135,12 @@ def load_span(
             layer = layer_cls(config, layer_idx=i)
         prefix = f"model.layers.{i}."
         names = [prefix + k for k in layer.state_dict()]
-        _materialize(layer, load_tensors(root, names), prefix, dtype, device)
+        _materialize(layer, load_tensors(root, names), prefix, dtype, device if quantize == "none" else "cpu")
+        if quantize != "none":
+            quantize_block_(layer, quantize, dtype, device)
         layers[i] = layer
     module = Span(config, span, layers, device)
+    mark_quantized(module, quantize)
     for p in module.parameters():
         p.requires_grad_(False)
     return module.eval()

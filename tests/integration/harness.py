@@ -105,7 +105,9 @@ def _group_members(pgid: int) -> list[psutil.Process]:
 class Peer:
     """One ``swarm peer`` process with its own event file and checkpoint dir."""
 
-    def __init__(self, workdir: Path, name: str, spec_path: Path, args: list[str], use_spec: bool = True):
+    def __init__(
+        self, workdir: Path, name: str, spec_path: Path, args: list[str], use_spec: bool = True, netns: str = ""
+    ):
         self.name, self.dir = name, workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.events_path, self.ckpt = self.dir / "events.jsonl", self.dir / "ckpt"
@@ -133,6 +135,8 @@ class Peer:
             "10",
             *args,
         ]
+        if netns:  # tests/netns: run inside that network namespace (``ip netns exec`` execs: same pid)
+            cmd = ["ip", "netns", "exec", netns, *cmd]
         env = dict(os.environ, HIVEMIND_LOGLEVEL="INFO", PYTHONUNBUFFERED="1")
         # Own session: the peer and everything it forks (hivemind DHT, TaskPools, p2pd) share one process group.
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

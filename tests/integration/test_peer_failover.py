@@ -40,7 +40,9 @@ def test_killed_replica_fails_over_and_late_peer_catches_up(tmp_path: Path, demo
         victim.proc.wait(10)
         killed_at = max(trainer.epochs())
 
-        late = Peer(tmp_path, "s1c", spec_path, ["--span-index", "1", *boot])
+        # bootstrap from a live peer: the victim's p2pd dies with it (peer/orphan_guard.py)
+        live_boot = ["--initial-peers", peers[1].ready()["maddrs"][0]]
+        late = Peer(tmp_path, "s1c", spec_path, ["--span-index", "1", *live_boot])
         peers.append(late)
         late.ready()
         wait_for(lambda: len(trainer.events("eval")) >= 2, 300, "the trainer to finish after the fault")

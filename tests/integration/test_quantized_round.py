@@ -1,0 +1,76 @@
+"""A round whose peers host their spans with ``--quantize nf4`` (or int8) publishes a plain-PEFT adapter that helps the fp32 base."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordinator.config import CoordinatorConfig
+from coordinator.server import serve
+from tests.integration.harness import Peer, make_spec, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _eval_loss(model: torch.nn.Module, seqs: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(model(input_ids=seqs, labels=seqs).loss)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_round_publishes_adapter_for_the_full_precision_base(
+    tmp_path: Path, demo_base: Path, demo_data: Path, mode: str
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swarm.adapter import verify_adapter
+    from swarm.data import load_texts, pack
+    from swarm.keys import load_public_key
+    from swarm.quantize import block_nbytes_quantized, check_quantize
+
+    spec = make_spec(demo_base, demo_data, mode, [0, 2, 4], epochs=3)
+    server = serve(
+        CoordinatorConfig(
+            port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
+            heartbeat_interval_s=1.0, heartbeat_timeout_s=30.0, finalize_timeout_s=120.0,
+        )
+    )  # fmt: skip
+    pub_path = tmp_path / "coord" / "coordinator" / "public_key.pem"
+    peers: list[Peer] = []
+    try:
+        common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path), "--quantize", mode]
+        peers.append(
+            Peer(tmp_path, "server0", tmp_path / "unused.json", [*common, "--metrics-port", "0"], use_spec=False)
+        )
+        ready = peers[0].ready()
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{ready['metrics_port']}/metrics", timeout=10).read().decode()
+        )
+        expected = block_nbytes_quantized(demo_base, 0, check_quantize(mode), 4)
+        assert f'swarm_peer_block_bytes{{quantize="{mode}"}} {float(expected)}' in metrics
+        train = str(demo_data / "train.jsonl")
+        for i in (0, 1):
+            args = [*common, "--data", train, "--shard-index", str(i), "--num-shards", "2"]
+            peers.append(Peer(tmp_path, f"trainer{i}", tmp_path / "unused.json", args, use_spec=False))
+        adapter = tmp_path / "coord" / "adapters" / "v1"
+        wait_for(adapter.is_dir, 540, "the published adapter")
+
+        manifest = verify_adapter(adapter, load_public_key(pub_path))
+        assert manifest.eval_loss_after < manifest.eval_loss_before
+        tok = AutoTokenizer.from_pretrained(demo_base)
+        held_out = pack(load_texts(demo_data / "eval.jsonl"), tok, 64)[:32]
+        base_loss = _eval_loss(AutoModelForCausalLM.from_pretrained(demo_base), held_out)
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_base), str(adapter))
+        tuned_loss = _eval_loss(tuned, held_out)
+        print(f"held-out loss of the fp32 base {base_loss:.4f} -> with the {mode}-trained adapter {tuned_loss:.4f}")
+        assert tuned_loss < 0.95 * base_loss
+    finally:
+        codes = [p.stop() for p in peers]
+        server.stop()
+    assert codes == [0] * len(peers), codes
+    assert not [p.leftovers for p in peers if p.leftovers], "processes (p2pd, hivemind) outlived their peer"
