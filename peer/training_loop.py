@@ -103,9 +103,7 @@ class TrainingLoop:
         spec = self.daemon.spec
         target, deadline = spec.target_epochs, spec.end.deadline_s
         return bool(
-            self.stopped()
-            or (target and step >= target)
-            or (deadline and time.monotonic() - self.started >= deadline)
+            self.stopped() or (target and step >= target) or (deadline and time.monotonic() - self.started >= deadline)
         )
 
     def record(self, result: StepResult) -> None:
