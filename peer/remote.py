@@ -11,7 +11,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 
-from peer.transport import UNARY_BYTES, SpanServicer, decode_parts, encode, wire_bytes
+from peer.transport import SpanServicer, decode_parts, encode, wire_bytes
 from swarm.steps import MicroBatchKey
 
 
@@ -51,19 +51,12 @@ class RemoteSpan:
 
     async def _call(self, method: str, meta: dict[str, Any], parts: list[runtime_pb2.Tensor]) -> list[Any]:
         error = None
-        if wire_bytes(parts) <= UNARY_BYTES:
-            request = runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps(meta), tensors=parts)
-            response = await getattr(self.stub, f"{method}_unary")(request)
+        stream = await getattr(self.stub, method)(_messages(meta, parts))
+        parts = []
+        async for response in stream:
             if response.metadata:
                 error = MSGPackSerializer.loads(response.metadata)
-            parts = list(response.tensors)
-        else:
-            stream = await getattr(self.stub, method)(_messages(meta, parts))
-            parts = []
-            async for response in stream:
-                if response.metadata:
-                    error = MSGPackSerializer.loads(response.metadata)
-                parts.extend(response.tensors)
+            parts.extend(response.tensors)
         if error is not None:
             kind, message = str(error.get("error", "")), str(error.get("message", ""))
             if kind == "StaleStepError":

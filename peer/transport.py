@@ -31,8 +31,6 @@ log = get_logger(__name__)
 # legacy mode still decode these tensors (the dtype travels with them).
 hivemind.compression.base.USE_LEGACY_BFLOAT16 = False
 PART_BYTES = 2 * 1024 * 1024
-#: Requests up to this size go as one message each way (no stream set-up); larger ones are streamed in parts.
-UNARY_BYTES = 1024 * 1024
 #: wire compression name -> (cast dtype before serializing or None, hivemind CompressionType)
 WIRE_COMPRESSIONS: dict[str, tuple[torch.dtype | None, int]] = {
     "none": (None, runtime_pb2.CompressionType.NONE),
@@ -186,34 +184,6 @@ class SpanServicer(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async for response in self._serve("evaluate", requests):
             yield response
-
-    async def _unary(self, kind: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-        """A call whose request and answer fit one message (most micro-batches): one message each way."""
-
-        async def single() -> AsyncIterator[runtime_pb2.ExpertRequest]:
-            yield request
-
-        answer = runtime_pb2.ExpertResponse()
-        async for part in self._serve(kind, single()):
-            answer.tensors.extend(part.tensors)
-            if part.metadata:
-                answer.metadata = part.metadata
-        return answer
-
-    async def rpc_forward_unary(
-        self, request: runtime_pb2.ExpertRequest, context: P2PContext
-    ) -> runtime_pb2.ExpertResponse:
-        return await self._unary("forward", request)
-
-    async def rpc_backward_unary(
-        self, request: runtime_pb2.ExpertRequest, context: P2PContext
-    ) -> runtime_pb2.ExpertResponse:
-        return await self._unary("backward", request)
-
-    async def rpc_evaluate_unary(
-        self, request: runtime_pb2.ExpertRequest, context: P2PContext
-    ) -> runtime_pb2.ExpertResponse:
-        return await self._unary("evaluate", request)
 
 
 def _expect(tensors: list[torch.Tensor], n: int) -> None:
