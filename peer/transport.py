@@ -149,6 +149,11 @@ class SpanServicer(ServicerBase):
             names = ("grad_outputs", "hidden_states") if kind == "backward" else ("hidden_states",)
             meta, tensors = await self._gather(requests, names)
             key = (meta["trainer"], meta["mb"])
+            # Wait for the request's step outside the one compute thread: a request for the next step must not
+            # hold up the current step's requests queued behind it.
+            await asyncio.get_running_loop().run_in_executor(
+                None, server.group.wait_for, meta["step"], server.request_wait
+            )
             if kind == "forward":
                 _expect(tensors, 1)
                 out = await self._compute(server.forward, meta["step"], key, tensors[0])
