@@ -233,7 +233,8 @@ def demo_command(
                 if state == "failed":
                     raise RuntimeError(f"the round failed: {reason}")
                 trainers = procs[2:]
-                done = min((max((e["epoch"] for e in p.events("epoch")), default=0) for p in trainers), default=0)
+                # every trainer writes a "step" event when its share of a swarm-wide step is done
+                done = min((max((e["step"] + 1 for e in p.events("step")), default=0) for p in trainers), default=0)
                 bar.update(max(0, min(done, epochs) - bar.n))
                 time.sleep(0.5)
             bar.update(epochs - bar.n)
