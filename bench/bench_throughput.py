@@ -15,23 +15,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import hivemind
 import torch
-from hivemind.utils.crypto import RSAPrivateKey
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from peer.announce import record_validators
-from peer.inprocess import in_process_server
-from peer.step_records import StepRecorder
+from peer.inprocess import InProcessSwarm
 from peer.trainer import ChainTrainer, Router
 from swarm.basemodel import make_base
 from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
 from swarm.lora import init_lora_, lora_parameters, peft_lora_config
 from swarm.span import load_trainer_head
 from swarm.steps import slots_per_step
-
-LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 
 
 def batches(steps: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor]:
@@ -118,49 +112,23 @@ def bench_ddp(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int
 
 def bench_swarm(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int, depth: int) -> float:
     """The swarm: one trainer (hosting span 0) drives swarm-wide steps through in-process span servers."""
-    dhts, servers, announcers = [], [], []
+    swarm = InProcessSwarm(spec)
     try:
-        keys = []
-        for span in spec.spans:
-            initial = dhts[0].get_visible_maddrs() if dhts else []
-            key = RSAPrivateKey()  # peers sharing this process sign their DHT records with their own keys
-            dht = hivemind.DHT(
-                start=True,
-                host_maddrs=LOCAL,
-                initial_peers=initial,
-                record_validators=record_validators(spec.round_id, key),
-            )
-            server, ann = in_process_server(spec, span, dht, key)
-            server.start(catch_up=False)
-            ann.start()
-            dhts.append(dht)
-            keys.append(key)
-            servers.append(server)
-            announcers.append(ann)
-        router = Router(dhts[0], spec, {spec.spans[0]: servers[0]}, timeout=60)
+        swarm.start()
+        router = Router(swarm.dhts[0], spec, {spec.spans[0]: swarm.servers[0]}, timeout=60)
         trainer = ChainTrainer(spec, load_trainer_head(base), router)
-        recorder = StepRecorder(dhts[0], spec.round_id, private_key=keys[0])
         slots = slots_per_step(spec.optimizer.target_batch_size, spec.data.micro_batch_size)
         stream = iter(enumerate(data))
-
-        def run(steps: range) -> None:
-            for s in steps:
-                recorder.open(s)
-                done = trainer.run_step(s, slots, stream, depth)
-                recorder.close(s, [mb.index for mb in done], sum(len(mb.input_ids) for mb in done))
-
-        warm = warmup // slots
-        run(range(warm))
+        warm, total = warmup // slots, len(data) // slots
+        for s in range(warm):
+            swarm.step(trainer, s, stream, depth)
         started = time.perf_counter()
-        run(range(warm, len(data) // slots))
-        recorder.finish()
-        timed = data[warm * slots : (len(data) // slots) * slots]
+        for s in range(warm, total):
+            swarm.step(trainer, s, stream, depth)
+        timed = data[warm * slots : total * slots]
         return sum(x.numel() for x in timed) / (time.perf_counter() - started)
     finally:
-        for ann in announcers:
-            ann.stop(leave=False)
-        for server in servers:
-            server.shutdown()
+        swarm.stop()
 
 
 def main() -> None:

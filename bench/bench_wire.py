@@ -14,13 +14,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import hivemind
 import torch
-from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.announce import record_validators
-from peer.inprocess import in_process_server
-from peer.step_records import StepRecorder
+from peer.inprocess import InProcessSwarm
 from peer.trainer import ChainTrainer, Router
 from swarm.basemodel import make_base
 from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange, WireSettings
@@ -28,55 +24,28 @@ from swarm.corpus import generate, write_jsonl
 from swarm.span import load_trainer_head
 from swarm.steps import slots_per_step
 
-LOCAL = ["/ip4/127.0.0.1/tcp/0"]
-
 
 def run_round(spec: RoundSpec, train: torch.Tensor, held_out: torch.Tensor, steps: int) -> tuple[float, int, int]:
     """Train ``steps`` swarm-wide steps; returns (held-out loss, wire bytes, tokens sent over the hop)."""
-    dhts, servers, announcers, keys = [], [], [], []
     wire = {"bytes": 0}
 
     def count(sent: int, received: int) -> None:
         wire["bytes"] += sent + received
 
+    swarm = InProcessSwarm(spec)
     try:
-        for span in spec.spans:
-            key = RSAPrivateKey()
-            dht = hivemind.DHT(
-                start=True,
-                host_maddrs=LOCAL,
-                initial_peers=dhts[0].get_visible_maddrs() if dhts else [],
-                record_validators=record_validators(spec.round_id, key),
-            )
-            server, ann = in_process_server(spec, span, dht, key)
-            server.start(catch_up=False)
-            ann.start()
-            dhts.append(dht)
-            keys.append(key)
-            servers.append(server)
-            announcers.append(ann)
-        router = Router(dhts[0], spec, {spec.spans[0]: servers[0]}, timeout=60, on_wire=count)
+        swarm.start()
+        router = Router(swarm.dhts[0], spec, {spec.spans[0]: swarm.servers[0]}, timeout=60, on_wire=count)
         trainer = ChainTrainer(spec, load_trainer_head(spec.base.path), router)
-        recorder = StepRecorder(dhts[0], spec.round_id, private_key=keys[0])
-        slots = slots_per_step(spec.optimizer.target_batch_size, spec.data.micro_batch_size)
         mbs = spec.data.micro_batch_size
         stream = iter(enumerate(train[i : i + mbs] for i in range(0, len(train) - mbs + 1, mbs)))
         for s in range(steps):
-            recorder.open(s)
-            done = trainer.run_step(s, slots, stream, depth=1)
-            recorder.close(s, [mb.index for mb in done], sum(len(mb.input_ids) for mb in done))
-        recorder.finish()
-        tokens = steps * slots * mbs * spec.data.seq_len
-        hop_bytes = wire["bytes"]
-        loss = trainer.evaluate(steps, held_out, mbs)
-        return loss, hop_bytes, tokens
+            swarm.step(trainer, s, stream, depth=1)
+        slots = slots_per_step(spec.optimizer.target_batch_size, mbs)
+        tokens, hop_bytes = steps * slots * mbs * spec.data.seq_len, wire["bytes"]
+        return trainer.evaluate(steps, held_out, mbs), hop_bytes, tokens
     finally:
-        for ann in announcers:
-            ann.stop(leave=False)
-        for server in servers:
-            server.shutdown()
-        for dht in dhts:
-            dht.shutdown()
+        swarm.stop()
 
 
 def main() -> None:
