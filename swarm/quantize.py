@@ -165,16 +165,6 @@ def _tensors_of(module: nn.Module) -> list[torch.Tensor]:
     return found
 
 
-def frozen_memo(module: nn.Module) -> dict[int, object]:
-    """A ``copy.deepcopy`` memo that shares every frozen tensor of ``module``, bitsandbytes' side tensors included.
-
-    ``deepcopy(span, frozen_memo(span))`` gives a twin that shares the base weights and owns its LoRA. Keying the
-    memo on parameters alone would copy an int8 layer's weights, which live on its ``state`` after the first forward.
-    """
-    buffers = {id(b) for b in module.buffers()}
-    return {id(t): t for t in _tensors_of(module) if not t.requires_grad and id(t) not in buffers}
-
-
 def module_nbytes(module: nn.Module, frozen_only: bool = False) -> int:
     """Bytes of tensor storage ``module`` holds (each storage counted once: tied or shared tensors are not doubled).
 

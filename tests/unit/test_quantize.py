@@ -161,26 +161,3 @@ def test_short_training_on_quantized_span_lowers_held_out_loss(base: Path, mode:
         opt.zero_grad()
     after = eval_loss(head, span, held_out)
     assert after < before - 0.05, f"held-out loss {before:.4f} -> {after:.4f}"
-
-
-@pytest.mark.parametrize("mode", ("none", *MODES))
-def test_twin_shares_the_frozen_weights(base: Path, mode: str) -> None:
-    """A trainer thread's twin (deepcopy with frozen_memo) owns only LoRA, also after int8 moved its weights."""
-    import copy
-
-    from swarm.quantize import _tensors_of, frozen_memo
-
-    x = load_trainer_head(base).embed(token_rows(base, 40, seed=8)[:1])
-    with torch.no_grad():
-        expected = attach_lora(whole_span(base, mode), LORA)(x)
-    span = attach_lora(whole_span(base, mode), LORA)
-    twin = copy.deepcopy(span, frozen_memo(span))  # before any forward, as the daemon does
-    shared = {t.untyped_storage().data_ptr() for t in _tensors_of(span)}
-    own = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors_of(twin)}
-    own_bytes = sum(n for ptr, n in own.items() if ptr not in shared)
-    lora_bytes = sum(p.numel() * p.element_size() for p in lora_parameters(twin).values())
-    buffer_bytes = sum(b.numel() * b.element_size() for b in twin.buffers())
-    assert own_bytes <= lora_bytes + buffer_bytes
-    with torch.no_grad():  # the twin runs first, then the master: both still compute the same function
-        assert torch.equal(twin(x), expected)
-        assert torch.equal(span(x), expected)
