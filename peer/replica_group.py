@@ -18,6 +18,8 @@ others copy it.
 
 from __future__ import annotations
 
+import logging
+import multiprocessing as mp
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +35,24 @@ from swarm.steps import Behind, StepContents
 
 log = get_logger(__name__)
 EPOCH_BITS = 32
+
+
+class _PartialResults(logging.Handler):
+    """Counts hivemind's "Averaging: received N% results" in this span's averager process.
+
+    hivemind can end an all-reduce with only part of the results (a reducer's stream ended early) and still report
+    success, leaving the missing parts un-averaged. It only logs a warning, in the averager's own (forked) process:
+    this handler, installed before the fork, turns that warning into a flag the replica group reads.
+    """
+
+    def __init__(self, run_id: str):
+        super().__init__(logging.WARNING)
+        self.run_id, self.count = run_id, mp.Value("i", 0)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "results" in record.getMessage() and getattr(mp.current_process(), "prefix", None) == self.run_id:
+            with self.count.get_lock():
+                self.count.value += 1
 
 
 class StateAverager(DecentralizedAverager):
@@ -85,6 +105,8 @@ class ReplicaGroup:
         self._poked = 0.0  # monotonic time of the last poke (see poke)
         self._wake = threading.Event()
         buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in params]
+        self._partial = _PartialResults(settings.run_id)
+        logging.getLogger("hivemind.averaging.partition").addHandler(self._partial)  # before the averager forks
         self.averager = StateAverager(
             buffers,
             dht,
@@ -225,6 +247,7 @@ class ReplicaGroup:
             for b, m in zip(buffers, mean, strict=True):
                 b.copy_(m)
         mine = {"epoch": epoch, "digest": contents.digest(), "samples": samples}
+        partial_before = self._partial.count.value
         try:
             gathered = self.averager.step(
                 weight=float(samples), gather=mine, timeout=self.settings.averaging_timeout, allow_retries=True
@@ -233,6 +256,9 @@ class ReplicaGroup:
             log.warning(f"{self.settings.run_id} epoch {epoch}: all-reduce failed ({exc!r})")
             return None
         if not gathered:
+            return None
+        if self._partial.count.value != partial_before:
+            log.warning(f"{self.settings.run_id} epoch {epoch}: the all-reduce returned only part of the results")
             return None
         infos = [v for v in gathered.values() if isinstance(v, dict)]
         if len(infos) != len(gathered) or any(
@@ -297,6 +323,7 @@ class ReplicaGroup:
             return self.epoch
 
     def shutdown(self) -> None:
+        logging.getLogger("hivemind.averaging.partition").removeHandler(self._partial)
         self._stop.set()
         self._wake.set()
         with self.changed:
