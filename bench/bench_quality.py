@@ -230,6 +230,7 @@ def run_swarm_round(spec: RoundSpec, workdir: Path, num_trainers: int) -> tuple[
             trainers.append(start(f"t{k}", *args))
         wait(lambda: all(len(events(t, "eval")) >= 2 for t in trainers), 60 + 20 * steps, "training to finish")
         servers = [workdir / "swarm" / "s0", workdir / "swarm" / "s1"]
+        snaps = [sorted((f / "ckpt").glob(f"span*_epoch{steps:05d}.safetensors")) for f in servers]
         wait(lambda: all(sorted((f / "ckpt").glob(f"span*_epoch{steps:05d}.safetensors")) for f in servers), 60, "")
         snaps = [sorted((f / "ckpt").glob(f"span*_epoch{steps:05d}.safetensors")) for f in servers]
         state = merge_span_states([load_file(str(s[0])) for s in snaps], spec.spans)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from swarm.config import RoundSpec
-from tests.integration.harness import Peer, assert_replicas_agree_every_epoch, make_spec, save_spec, wait_for
+from tests.integration.harness import Peer, make_spec, save_spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EPOCHS, TBS = 3, 16
@@ -59,7 +59,7 @@ def _check_against_centralized(spec: RoundSpec, train: Path, trainers: list[Peer
     assert swarm_state.keys() == reference.keys()
     worst = max((swarm_state[k] - reference[k]).abs().max().item() for k in reference)
     assert worst <= 1e-4, f"swarm LoRA differs from centralized PEFT by {worst:.3g}"
-    moved = max(reference[k].abs().max().item() for k in reference if "lora_B" in k)
+    moved = max((reference[k] - 0).abs().max().item() for k in reference if "lora_B" in k)
     assert moved > 1e-3, "training did not move lora_B at all (the comparison would be vacuous)"
     after = trainers[0].events("eval")[-1]
     assert after["epoch"] == EPOCHS
@@ -105,7 +105,11 @@ def test_two_trainers_two_by_two_equals_centralized(tmp_path: Path, demo_base: P
             wait_for(lambda p=p: p.snapshot(EPOCHS) is not None, 30, f"{p.name} to apply the last step")
         _check_against_centralized(spec, train, trainers, {"0-2": peers[0], "2-4": peers[1]})
         for a, b in ((peers[0], peers[2]), (peers[1], peers[3])):
-            assert_replicas_agree_every_epoch(a, b, min_shared=EPOCHS + 1)  # epochs 0..EPOCHS, <= 1e-6 each
+            for e in range(1, EPOCHS + 1):
+                sa, sb = a.snapshot(e), b.snapshot(e)
+                assert sa is not None and sb is not None
+                gap = max((sa[k] - sb[k]).abs().max().item() for k in sa)
+                assert gap <= 1e-6, f"replicas {a.name}/{b.name} differ by {gap} after epoch {e}"
     finally:
         codes = [p.stop() for p in peers]
     assert codes == [0] * len(peers), f"peers did not stop cleanly: {codes}"
