@@ -64,9 +64,18 @@ class RosterPublisher:
                 return False
             roster = build_roster(ctx.store, record, ctx.clock())
         value = sign_roster(roster, self.key)
-        expiration = get_dht_time() + 3 * ctx.config.roster_interval_s
-        ok = bool(self.dht.store(roster_key(record.round_id), value, expiration_time=expiration))
+        started = get_dht_time()
+        expiration = started + 3 * ctx.config.roster_interval_s
+        key = roster_key(record.round_id)
+        ok = bool(self.dht.store(key, value, expiration_time=expiration))
+        if not ok:  # hivemind reports False when any one replica refused, e.g. a duplicate store: read it back
+            found = self.dht.get(key, latest=True)
+            ok = found is not None and found.value == value
         ctx.metrics.roster_publishes.labels(result="ok" if ok else "error").inc()
         if not ok:
-            log.warning("could not store the roster of round %s in the DHT; retrying", record.round_id)
+            log.warning(
+                "could not store the roster of round %s in the DHT (the store took %.1f s); retrying",
+                record.round_id,
+                get_dht_time() - started,
+            )
         return ok

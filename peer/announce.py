@@ -12,6 +12,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.logging import get_logger
 
+from peer.roster_view import OPEN, Membership
 from swarm.dht_records import (
     ONLINE,
     RoundRecordsSchema,
@@ -35,35 +36,40 @@ def record_validators(round_id: str, private_key: RSAPrivateKey | None = None) -
     return [SchemaValidator(RoundRecordsSchema, prefix=dht_prefix(round_id)), RSASignatureValidator(private_key)]
 
 
-def fetch_servers(dht: hivemind.DHT, round_id: str) -> list[ServerAnnouncement]:
-    """All valid, unexpired server announcements of a round (malformed ones are skipped)."""
+def fetch_servers(dht: hivemind.DHT, round_id: str, members: Membership = OPEN) -> list[ServerAnnouncement]:
+    """All valid, unexpired server announcements of a round by ``members`` for the span they announce (malformed
+    ones and ones the roster does not back are skipped)."""
     found = dht.get(servers_key(round_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
     out = []
     for item in found.value.values():
         ann = parse_announcement(item.value)
-        if ann is not None:
+        if ann is not None and members.allows(ann.peer_id, ann.span):
             out.append(ann)
     return out
 
 
-def fetch_trainers(dht: hivemind.DHT, round_id: str) -> list[TrainerRecord]:
-    """All valid, unexpired trainer step records of a round (see swarm.steps); malformed ones are skipped."""
+def fetch_trainers(dht: hivemind.DHT, round_id: str, members: Membership = OPEN) -> list[TrainerRecord]:
+    """All valid, unexpired trainer step records of a round by ``members`` (see swarm.steps); malformed ones are
+    skipped."""
     found = dht.get(trainers_key(round_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
-    return [r for r in (parse_trainer_record(item.value) for item in found.value.values()) if r is not None]
+    records = (parse_trainer_record(item.value) for item in found.value.values())
+    return [r for r in records if r is not None and members.allows(r.peer_id)]
 
 
-def replica_epochs(dht: hivemind.DHT, round_id: str, span: tuple[int, int]) -> dict[str, int]:
+def replica_epochs(
+    dht: hivemind.DHT, round_id: str, span: tuple[int, int], members: Membership = OPEN
+) -> dict[str, int]:
     """Peer id -> announced epoch of the online servers of ``span``."""
-    return {a.peer_id: int(a.epoch) for a in online_servers(dht, round_id) if a.span == span}
+    return {a.peer_id: int(a.epoch) for a in online_servers(dht, round_id, members) if a.span == span}
 
 
-def online_servers(dht: hivemind.DHT, round_id: str) -> list[ServerAnnouncement]:
+def online_servers(dht: hivemind.DHT, round_id: str, members: Membership = OPEN) -> list[ServerAnnouncement]:
     """The round's servers that announce themselves as online (what routing and replica counts consider)."""
-    return [a for a in fetch_servers(dht, round_id) if a.state == ONLINE]
+    return [a for a in fetch_servers(dht, round_id, members) if a.state == ONLINE]
 
 
 class Announcer(threading.Thread):

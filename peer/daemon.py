@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,13 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import hivemind
+import psutil
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from hivemind.dht.routing import DHTID
+from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
 from safetensors.torch import save_file
 
 from peer.announce import Announcer, fetch_trainers, online_servers, record_validators, replica_epochs
 from peer.config import PeerConfig
 from peer.metrics import MetricsServer, PeerMetrics
+from peer.roster_view import OPEN, Membership, RosterRefresher, RosterView
 from peer.server import SpanServer
 from peer.stats import PeerStats, RoundSignals
 from swarm import __version__
@@ -28,6 +34,7 @@ from swarm.routing import least_served_span
 from swarm.steps import step_contents
 
 log = get_logger(__name__)
+ROSTER_WAIT_S = 60.0  # how long a new member waits to appear in the coordinator's roster
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, torch.dtype]:
@@ -57,6 +64,38 @@ def install_signal_handlers(stop_event: threading.Event) -> None:
     signal.signal(signal.SIGINT, _stop)
 
 
+def _p2pd_children(pid: int | None) -> list[psutil.Process]:
+    """The p2pd that the DHT process ``pid`` started (hivemind forks the DHT; p2pd is its child)."""
+    try:
+        return [p for p in psutil.Process(pid).children() if p.name() == "p2pd"] if pid else []
+    except psutil.Error:
+        return []
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> None:
+    """Wait until ``procs`` exited, then stop those left: the next round's p2pd reuses this peer's libp2p
+    identity, and two daemons with one peer id at once make other peers dial the dying one."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        log.warning(f"p2pd {proc.pid} outlived the DHT shutdown by {timeout:.0f} s; stopping it")
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def stable_node_id(identity_path: str) -> DHTID | None:
+    """The DHT node id of a libp2p identity: the same in every round (None without an identity file: random).
+
+    A peer keeps its libp2p identity (and peer id) across rounds but starts a new DHT node each round. With a
+    random node id each time, other nodes' routing tables keep the old id pointing at the same peer id, so a
+    store reaches that peer twice and the second, identical store is refused: ``store`` then reports False
+    although the value was stored (seen as "could not store the roster" at the start of a second round).
+    """
+    if not identity_path or not Path(identity_path).is_file():
+        return None
+    peer_id = PeerID.from_identity(Path(identity_path).read_bytes())
+    return DHTID.generate(source=b"loraswarm-dht-node:" + peer_id.to_bytes())
+
+
 class EventLog:
     """Optional JSON-lines file of what the daemon did (ready, eval, epoch, stopped), for scripts and tests."""
 
@@ -81,7 +120,10 @@ class PeerDaemon:
         spec: RoundSpec,
         initial_state: dict[str, torch.Tensor] | None = None,
         stop_event: threading.Event | None = None,
+        roster_key: Ed25519PublicKey | None = None,
     ):
+        """``roster_key``: the coordinator's public key; given, the round's signed roster decides who this peer
+        routes to, serves and averages with (peer.roster_view); None (a round from a spec file) admits all."""
         self.config, self.spec = config, spec
         self.signals = RoundSignals(stop=stop_event or threading.Event())  # stop: SIGTERM/SIGINT
         self.stop_event, self.finalize_event, self.round_over = (
@@ -104,17 +146,25 @@ class PeerDaemon:
             use_relay=config.use_relay,
             use_auto_relay=config.use_auto_relay,
             record_validators=record_validators(spec.round_id),
+            node_id=stable_node_id(config.identity_path),
             start=True,
         )
         self.peer_id = str(self.dht.peer_id)
+        self.members: Membership = OPEN
+        self.roster_refresher: RosterRefresher | None = None
+        if roster_key is not None:
+            view = RosterView.from_dht(self.dht, spec.round_id, roster_key)
+            self.members, self.roster_refresher = view, RosterRefresher(view, period=2.0)
         self.span = self._choose_span()
         self.announcer = Announcer(self.dht, spec.round_id, self._announcement, config.announce_period)
         self.server = SpanServer(
             spec,
             self.span,
             self.dht,
-            step_contents=lambda epoch: step_contents(fetch_trainers(self.dht, spec.round_id), epoch),
-            replica_epochs=lambda: replica_epochs(self.dht, spec.round_id, (self.span.start, self.span.end)),
+            step_contents=lambda epoch: step_contents(fetch_trainers(self.dht, spec.round_id, self.members), epoch),
+            replica_epochs=lambda: replica_epochs(
+                self.dht, spec.round_id, (self.span.start, self.span.end), self.members
+            ),
             device=self.device,
             dtype=self.dtype,
             initial_state=initial_state,
@@ -126,6 +176,7 @@ class PeerDaemon:
             activation_budget=config.activation_memory_mb << 20,
             request_wait=max(config.request_timeout, 30.0),
             quantize=config.quantize,
+            members=self.members,
         )
         self.metrics_server: MetricsServer | None = None
 
@@ -161,7 +212,7 @@ class PeerDaemon:
                 f"no span of this round fits: spans have {min(len(s) for s in spans)}+ blocks, "
                 f"this peer can host {limit} (--num-blocks or free GPU memory)"
             )
-        served = [(a.span, a.throughput) for a in online_servers(self.dht, self.spec.round_id)]
+        served = [(a.span, a.throughput) for a in online_servers(self.dht, self.spec.round_id, self.members)]
         return least_served_span(fitting, served)
 
     def _announcement(self) -> ServerAnnouncement:
@@ -205,6 +256,15 @@ class PeerDaemon:
         }
 
     def start(self) -> None:
+        if self.roster_refresher is not None:
+            # the coordinator lists a member in its next roster (every few seconds); until then the others do not
+            # route to, serve or average with this peer, so it waits for that before it takes part
+            if not self.members.wait_listed(self.peer_id, timeout=ROSTER_WAIT_S):
+                log.warning(
+                    f"this peer is not in the coordinator's roster of round {self.spec.round_id} after "
+                    f"{ROSTER_WAIT_S:.0f} s: the other peers will not work with it until it is"
+                )
+            self.roster_refresher.start()
         self.server.start(catch_up=True)
         self.measure_throughput()
         self.metrics.set_identity(self.peer_id, self.spec.round_id, (self.span.start, self.span.end), self.device)
@@ -252,10 +312,14 @@ class PeerDaemon:
         started = time.perf_counter()
         if self.announcer.is_alive():
             self.announcer.stop(leave=True)
+        if self.roster_refresher is not None:
+            self.roster_refresher.stop()
         self.server.shutdown()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        daemons = _p2pd_children(self.dht.pid)
         if self.dht.is_alive():
             self.dht.shutdown()
+        _wait_gone(daemons, timeout=5.0)
         log.info(f"Peer {self.peer_id} shut down in {time.perf_counter() - started:.1f} s")
         self.events.write("stopped", peer_id=self.peer_id)

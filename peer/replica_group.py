@@ -90,12 +90,15 @@ class ReplicaGroup:
         announce: Callable[[], None] = lambda: None,
         on_epoch: Callable[[int], None] = lambda epoch: None,
         on_averaging: Callable[[bool, float], None] = lambda ok, seconds: None,
+        admits: Callable[[str], bool] = lambda peer_id: True,
         epoch: int = 0,
     ):
         self.dht, self.settings, self.params, self.optimizer = dht, settings, params, optimizer
         self.peer_id = str(dht.peer_id)
         self.take_gradients, self.step_contents, self.replica_epochs = take_gradients, step_contents, replica_epochs
         self.announce, self.on_epoch, self.on_averaging = announce, on_epoch, on_averaging
+        self.admits = admits  # the roster lists this peer id for our span (peer.roster_view)
+        self.strangers: set[str] = set()  # peers refused in a group (named in the log and by metrics)
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # notified when the epoch moves
         self.epoch = epoch
@@ -256,6 +259,14 @@ class ReplicaGroup:
             log.warning(f"{self.settings.run_id} epoch {epoch}: all-reduce failed ({exc!r})")
             return None
         if not gathered:
+            return None
+        strangers = sorted(str(p) for p in gathered if str(p) != self.peer_id and not self.admits(str(p)))
+        if strangers:
+            self.strangers.update(strangers)
+            log.warning(
+                f"{self.settings.run_id} epoch {epoch}: refused the all-reduce result: {strangers} in the group "
+                "are not roster members of this span"
+            )
             return None
         if self._partial.count.value != partial_before:
             log.warning(f"{self.settings.run_id} epoch {epoch}: the all-reduce returned only part of the results")

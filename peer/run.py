@@ -89,7 +89,7 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event) -> None:
                     "initial_peers": tuple(resp.dht_initial_peers) + tuple(config.initial_peers),
                 }
             )
-            daemon = PeerDaemon(peer_config, spec, initial_state=initial, stop_event=stop)
+            daemon = PeerDaemon(peer_config, spec, initial_state=initial, stop_event=stop, roster_key=client.public_key)
             link.attach(daemon.server, daemon.stats, daemon.signals, resp.heartbeat_interval_s or 2.0)
             daemon.on_eval.append(link.report_eval)
             _run_round(daemon, on_start=link.start)

@@ -22,6 +22,7 @@ import torch
 from hivemind.utils.logging import get_logger
 
 from peer.replica_group import GroupSettings, ReplicaGroup
+from peer.roster_view import OPEN, Membership
 from swarm.config import RoundSpec, SpanRange
 from swarm.dht_records import ServerAnnouncement
 from swarm.lora import attach_lora, export_lora_state, import_lora_state, lora_parameters
@@ -34,6 +35,13 @@ log = get_logger(__name__)
 
 class BadRequestError(ValueError):
     """A request that does not match the span's schema (shape, dtype, non-finite values, metadata)."""
+
+
+class NotMemberError(PermissionError):
+    """The caller is not a member of the round's roster: nothing is computed for it."""
+
+    def __init__(self, caller: str):
+        super().__init__(f"NOT_A_MEMBER: {caller} is not in the round's roster")
 
 
 class StaleStepError(RuntimeError):
@@ -180,8 +188,11 @@ class SpanServer:
         activation_budget: int = 1 << 30,
         request_wait: float = 60.0,
         quantize: Quantize = "none",
+        members: Membership = OPEN,
     ):
         spec.span_index(span)
+        self.members = members
+        self.refused_callers: set[str] = set()  # callers refused as non-members (peer ids)
         self.spec, self.span, self.dht = spec, span, dht
         self.uid = expert_uid(spec.round_id, span)
         self.peer_id = str(dht.peer_id)
@@ -210,6 +221,7 @@ class SpanServer:
             announce=announce,
             on_epoch=self._settled,
             on_averaging=on_averaging or (lambda ok, seconds: None),
+            admits=lambda peer_id: members.allows(peer_id, (span.start, span.end)),
         )
         self.transport: Any = None
 

@@ -26,6 +26,7 @@ from hivemind.utils.logging import get_logger
 
 from peer.announce import online_servers
 from peer.remote import RemoteCallError, RemoteSpan, RemoteStaleStepError
+from peer.roster_view import OPEN, Membership
 from peer.server import SpanServer, StaleStepError, expert_uid
 from swarm.config import RoundSpec, SpanRange
 from swarm.routing import NoReplicaError, Replica, choose_replica
@@ -61,6 +62,7 @@ class Router:
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     stop: threading.Event = field(default_factory=threading.Event)  # set on shutdown: stop waiting
     on_wire: Callable[[int, int], None] = lambda sent, received: None
+    members: Membership = OPEN  # where a roster decides, only its members for a span are routed to
     _replicas: dict[tuple[int, int], list[Replica]] = field(default_factory=dict)
     _banned: dict[str, float] = field(default_factory=dict)
     _refreshed: float = 0.0
@@ -69,15 +71,16 @@ class Router:
     _lock: threading.RLock = field(default_factory=threading.RLock)  # micro-batches in flight share the router
 
     def refresh(self, force: bool = False) -> None:
+        """Re-read the announced replicas (at most every ``refresh_period`` s); the DHT read holds no lock."""
+        if not force and time.monotonic() - self._refreshed < self.refresh_period:
+            return
+        replicas: dict[tuple[int, int], list[Replica]] = {}
+        for ann in online_servers(self.dht, self.spec.round_id, self.members):
+            throughput = float(ann.throughput)
+            if not math.isfinite(throughput):
+                continue
+            replicas.setdefault(ann.span, []).append(Replica(ann.peer_id, throughput))
         with self._lock:
-            if not force and time.monotonic() - self._refreshed < self.refresh_period:
-                return
-            replicas: dict[tuple[int, int], list[Replica]] = {}
-            for ann in online_servers(self.dht, self.spec.round_id):
-                throughput = float(ann.throughput)
-                if not math.isfinite(throughput):
-                    continue
-                replicas.setdefault(ann.span, []).append(Replica(ann.peer_id, throughput))
             self._replicas, self._refreshed = replicas, time.monotonic()
 
     def peers_seen(self) -> dict[str, int]:

@@ -49,6 +49,7 @@ class TrainingLoop:
             rng=random.Random(cfg.seed),
             stop=daemon.stop_event,
             on_wire=daemon.metrics.wire,
+            members=daemon.members,
         )
         self.trainer = ChainTrainer(spec, head, self.router, say=log.info, on_failover=daemon.metrics.failovers.inc)
         self.recorder = StepRecorder(daemon.dht, spec.round_id)
@@ -126,7 +127,7 @@ class TrainingLoop:
             short = [
                 s.name for s in daemon.spec.spans if cfg.min_replicas > 1 and seen.get(s.name, 0) < cfg.min_replicas
             ]
-            trainers = len(fetch_trainers(daemon.dht, daemon.spec.round_id))
+            trainers = len(fetch_trainers(daemon.dht, daemon.spec.round_id, daemon.members))
             if not short and trainers >= cfg.min_trainers:
                 return
             if not said:
@@ -138,7 +139,7 @@ class TrainingLoop:
             daemon.stop_event.wait(0.5)
 
     def run(self) -> None:
-        records = fetch_trainers(self.daemon.dht, self.daemon.spec.round_id)
+        records = fetch_trainers(self.daemon.dht, self.daemon.spec.round_id, self.daemon.members)
         self.step = current_step(records, floor=self.daemon.server.epoch)
         self.recorder.open(self.step)  # visible before the wait, so the others count this trainer in
         try:
@@ -161,7 +162,7 @@ class TrainingLoop:
         stream = self._batches()
         while not self.done():
             self.recorder.open(self.step)
-            others = participants(fetch_trainers(self.daemon.dht, spec.round_id), self.step)
+            others = participants(fetch_trainers(self.daemon.dht, spec.round_id, self.daemon.members), self.step)
             quota = share(self.slots, others, me)
             started, losses = time.monotonic(), list[float]()
 

@@ -139,15 +139,24 @@ class SpanServicer(ServicerBase):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)  # type: ignore[no-any-return]
 
     async def _serve(
-        self, kind: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+        self, kind: str, requests: AsyncIterator[runtime_pb2.ExpertRequest], caller: str
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Run one call; an expected failure is answered as an error message (no traceback in the log)."""
-        from peer.server import BadRequestError, MissingActivationsError, StaleStepError
+        """Run one call; an expected failure is answered as an error message (no traceback in the log).
+
+        ``caller`` is the peer id libp2p authenticated; where a roster decides, only its members are served and
+        a request's micro-batch key must name the caller as its trainer (one member cannot write another's)."""
+        from peer.server import BadRequestError, MissingActivationsError, NotMemberError, StaleStepError
 
         server = self.server
         try:
+            members = server.members
+            if members.enforced and not await asyncio.get_running_loop().run_in_executor(None, members.allows, caller):
+                server.refused_callers.add(caller)
+                raise NotMemberError(caller)
             names = ("grad_outputs", "hidden_states") if kind == "backward" else ("hidden_states",)
             meta, tensors = await self._gather(requests, names)
+            if members.enforced and kind != "evaluate" and meta["trainer"] != caller:
+                raise BadRequestError(f"metadata trainer {meta['trainer']!r} is not the caller {caller}")
             key = (meta["trainer"], meta["mb"])
             # Wait for the request's step outside the one compute thread: a request for the next step must not
             # hold up the current step's requests queued behind it.
@@ -165,7 +174,7 @@ class SpanServicer(ServicerBase):
             else:
                 _expect(tensors, 1)
                 out = await self._compute(server.evaluate, meta["step"], tensors[0])
-        except (BadRequestError, MissingActivationsError, StaleStepError, TimeoutError) as exc:
+        except (BadRequestError, MissingActivationsError, NotMemberError, StaleStepError, TimeoutError) as exc:
             error = {"error": type(exc).__name__, "message": str(exc), "epoch": server.epoch}
             yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps(error))
             return
@@ -175,19 +184,19 @@ class SpanServicer(ServicerBase):
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async for response in self._serve("forward", requests):
+        async for response in self._serve("forward", requests, str(context.remote_id)):
             yield response
 
     async def rpc_backward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async for response in self._serve("backward", requests):
+        async for response in self._serve("backward", requests, str(context.remote_id)):
             yield response
 
     async def rpc_evaluate(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async for response in self._serve("evaluate", requests):
+        async for response in self._serve("evaluate", requests, str(context.remote_id)):
             yield response
 
 

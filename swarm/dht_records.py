@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic.v1 import BaseModel, Extra, StrictBool, StrictInt, StrictStr, ValidationError, confloat, conint
+from pydantic.v1 import BaseModel, Extra, StrictBool, StrictStr, ValidationError, confloat, conint, conlist, constr
 
 ONLINE = "online"  # the only state announced today; readers skip others
 
@@ -27,19 +27,24 @@ def trainers_key(round_id: str) -> str:
     return f"{dht_prefix(round_id)}_trainers"
 
 
+MAX_LAYERS = 10_000
+MAX_THROUGHPUT = 1e7  # samples/s: far above any real span server
+
+
 class ServerAnnouncement(BaseModel):
     """What a peer tells the swarm about the span it serves."""
 
-    peer_id: StrictStr
-    span_start: conint(strict=True, ge=0)  # type: ignore[valid-type]
-    span_end: conint(strict=True, ge=1)  # type: ignore[valid-type]
-    throughput: confloat(strict=True, ge=0.0)  # type: ignore[valid-type]  # samples/s of forward+backward
-    state: StrictStr = ONLINE
-    version: StrictStr = ""
-    adapter_version: StrictStr = ""
-    expert_uid: StrictStr = ""
-    epoch: StrictInt = 0
-    maddrs: list[StrictStr] = []
+    peer_id: constr(strict=True, max_length=128)  # type: ignore[valid-type]
+    span_start: conint(strict=True, ge=0, le=MAX_LAYERS)  # type: ignore[valid-type]
+    span_end: conint(strict=True, ge=1, le=MAX_LAYERS)  # type: ignore[valid-type]
+    # samples/s of forward+backward; finite and bounded (an infinite or huge claim must not draw all traffic)
+    throughput: confloat(strict=True, ge=0.0, le=MAX_THROUGHPUT, allow_inf_nan=False)  # type: ignore[valid-type]
+    state: constr(strict=True, max_length=32) = ONLINE  # type: ignore[valid-type]
+    version: constr(strict=True, max_length=64) = ""  # type: ignore[valid-type]
+    adapter_version: constr(strict=True, max_length=64) = ""  # type: ignore[valid-type]
+    expert_uid: constr(strict=True, max_length=256) = ""  # type: ignore[valid-type]
+    epoch: conint(strict=True, ge=0, lt=2**31) = 0  # type: ignore[valid-type]
+    maddrs: conlist(constr(strict=True, max_length=256), max_items=16) = []  # type: ignore[valid-type]
 
     class Config:
         extra = Extra.ignore

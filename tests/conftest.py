@@ -40,3 +40,17 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return made[arch, layers]
 
     return make
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:  # type: ignore[type-arg]
+    """When a test that started peer processes fails, attach the tail of each peer's log to the report (CI keeps
+    only the report: without this a swarm failure there cannot be diagnosed)."""
+    report = yield
+    if report.when == "call" and report.failed:
+        tmp = getattr(item, "funcargs", {}).get("tmp_path")
+        if isinstance(tmp, Path):
+            for log in sorted(tmp.rglob("log.txt"))[:8]:
+                lines = log.read_text(errors="replace").splitlines()[-60:]
+                report.sections.append((f"peer log {log.relative_to(tmp)} (last 60 lines)", "\n".join(lines)))
+    return report

@@ -1,4 +1,5 @@
-"""A round whose peers host their spans with ``--quantize nf4`` (or int8) publishes a plain-PEFT adapter that helps the fp32 base."""
+"""A round whose peers host their spans with ``--quantize nf4`` (two peers) and int8 (one) publishes a plain-PEFT
+adapter that helps the fp32 base (one round for both modes: volunteers choose their own)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ def _eval_loss(model: torch.nn.Module, seqs: torch.Tensor) -> float:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_quantized_round_publishes_adapter_for_the_full_precision_base(
-    tmp_path: Path, demo_base: Path, demo_data: Path, mode: str
+    tmp_path: Path, demo_base: Path, demo_data: Path
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,7 +33,7 @@ def test_quantized_round_publishes_adapter_for_the_full_precision_base(
     from swarm.keys import load_public_key
     from swarm.quantize import block_nbytes_quantized, check_quantize
 
-    spec = make_spec(demo_base, demo_data, mode, [0, 2, 4], epochs=3)
+    spec = make_spec(demo_base, demo_data, "quantized", [0, 2, 4], epochs=3)
     server = serve(
         CoordinatorConfig(
             port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
@@ -43,20 +43,18 @@ def test_quantized_round_publishes_adapter_for_the_full_precision_base(
     pub_path = tmp_path / "coord" / "coordinator" / "public_key.pem"
     peers: list[Peer] = []
     try:
-        common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path), "--quantize", mode]
-        peers.append(
-            Peer(tmp_path, "server0", tmp_path / "unused.json", [*common, "--metrics-port", "0"], use_spec=False)
-        )
-        ready = peers[0].ready()
-        metrics = (
-            urllib.request.urlopen(f"http://127.0.0.1:{ready['metrics_port']}/metrics", timeout=10).read().decode()
-        )
-        expected = block_nbytes_quantized(demo_base, 0, check_quantize(mode), 4)
-        assert f'swarm_peer_block_bytes{{quantize="{mode}"}} {float(expected)}' in metrics
+        common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path), "--metrics-port", "0"]
         train = str(demo_data / "train.jsonl")
-        for i in (0, 1):
-            args = [*common, "--data", train, "--shard-index", str(i), "--num-shards", "2"]
-            peers.append(Peer(tmp_path, f"trainer{i}", tmp_path / "unused.json", args, use_spec=False))
+        for name, mode, data in (("server0", "nf4", []), ("trainer0", "nf4", [0]), ("trainer1", "int8", [1])):
+            args = [*common, "--quantize", mode]
+            if data:
+                args += ["--data", train, "--shard-index", str(data[0]), "--num-shards", "2"]
+            peer = Peer(tmp_path, name, tmp_path / "unused.json", args, use_spec=False)
+            peers.append(peer)
+            port = peer.ready()["metrics_port"]
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            expected = block_nbytes_quantized(demo_base, 0, check_quantize(mode), 4)
+            assert f'swarm_peer_block_bytes{{quantize="{mode}"}} {float(expected)}' in metrics
         adapter = tmp_path / "coord" / "adapters" / "v1"
         wait_for(adapter.is_dir, 540, "the published adapter")
 
@@ -67,7 +65,7 @@ def test_quantized_round_publishes_adapter_for_the_full_precision_base(
         base_loss = _eval_loss(AutoModelForCausalLM.from_pretrained(demo_base), held_out)
         tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_base), str(adapter))
         tuned_loss = _eval_loss(tuned, held_out)
-        print(f"held-out loss of the fp32 base {base_loss:.4f} -> with the {mode}-trained adapter {tuned_loss:.4f}")
+        print(f"held-out loss of the fp32 base {base_loss:.4f} -> with the nf4/int8-trained adapter {tuned_loss:.4f}")
         assert tuned_loss < 0.95 * base_loss
     finally:
         codes = [p.stop() for p in peers]

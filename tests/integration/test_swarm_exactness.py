@@ -105,11 +105,16 @@ def test_two_trainers_two_by_two_equals_centralized(tmp_path: Path, demo_base: P
             wait_for(lambda p=p: p.snapshot(EPOCHS) is not None, 30, f"{p.name} to apply the last step")
         _check_against_centralized(spec, train, trainers, {"0-2": peers[0], "2-4": peers[1]})
         for a, b in ((peers[0], peers[2]), (peers[1], peers[3])):
+            # every replica joins every epoch's all-reduce, so the replicas agree after each epoch
             for e in range(1, EPOCHS + 1):
                 sa, sb = a.snapshot(e), b.snapshot(e)
                 assert sa is not None and sb is not None
                 gap = max((sa[k] - sb[k]).abs().max().item() for k in sa)
                 assert gap <= 1e-6, f"replicas {a.name}/{b.name} differ by {gap} after epoch {e}"
+        for t in trainers:
+            before, after = t.events("eval")[0]["loss"], t.events("eval")[-1]["loss"]
+            assert after < before, f"{t.name}: held-out loss {before:.4f} -> {after:.4f}"
     finally:
         codes = [p.stop() for p in peers]
     assert codes == [0] * len(peers), f"peers did not stop cleanly: {codes}"
+    assert not [p.leftovers for p in peers if p.leftovers], "processes (p2pd, hivemind) outlived their peer"
