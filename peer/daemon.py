@@ -121,10 +121,12 @@ class PeerDaemon:
         initial_state: dict[str, torch.Tensor] | None = None,
         stop_event: threading.Event | None = None,
         roster_key: Ed25519PublicKey | None = None,
+        self_check: list[Any] | None = None,
     ):
         """``roster_key``: the coordinator's public key; given, the round's signed roster decides who this peer
         routes to, serves and averages with (peer.roster_view); None (a round from a spec file) admits all."""
         self.config, self.spec = config, spec
+        self.self_check = list(self_check or [])  # peer.selfcheck.CheckResult of the start (served in /health)
         self.signals = RoundSignals(stop=stop_event or threading.Event())  # stop: SIGTERM/SIGINT
         self.stop_event, self.finalize_event, self.round_over = (
             self.signals.stop,
@@ -253,6 +255,25 @@ class PeerDaemon:
             "span": self.span.name,
             "epoch": self.server.epoch,
             "round_id": self.spec.round_id,
+            "self_check": {
+                "ok": all(c.status != "fail" for c in self.self_check),
+                "checks": [{"name": c.name, "status": c.status, "detail": c.detail} for c in self.self_check],
+            },
+            "roster": self._roster_health(),
+        }
+
+    def _roster_health(self) -> dict[str, Any]:
+        """Whether a roster decides membership here, and what this peer last verified of it."""
+        view = self.members
+        if not isinstance(view, RosterView):
+            return {"enforced": False}
+        known = view.known
+        return {
+            "enforced": True,
+            "members": len(view.members()),
+            "listed": view.span_of(self.peer_id) is not None,
+            "age_s": round(time.time() - view.roster_time, 1) if known else None,
+            "refused_records": view.refused,
         }
 
     def start(self) -> None:

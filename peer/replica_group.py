@@ -19,6 +19,7 @@ others copy it.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import threading
 import time
@@ -31,6 +32,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.utils.logging import get_logger
 
+from swarm.sanity import exceeds_bound, global_norm, outliers
 from swarm.steps import Behind, StepContents
 
 log = get_logger(__name__)
@@ -99,6 +101,8 @@ class ReplicaGroup:
         self.announce, self.on_epoch, self.on_averaging = announce, on_epoch, on_averaging
         self.admits = admits  # the roster lists this peer id for our span (peer.roster_view)
         self.strangers: set[str] = set()  # peers refused in a group (named in the log and by metrics)
+        self.suspects: dict[str, str] = {}  # peer id -> why an all-reduce with it was refused (swarm.sanity)
+        self.inconsistent_epochs = 0
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # notified when the epoch moves
         self.epoch = epoch
@@ -249,7 +253,7 @@ class ReplicaGroup:
         with self.averager.get_tensors() as buffers:
             for b, m in zip(buffers, mean, strict=True):
                 b.copy_(m)
-        mine = {"epoch": epoch, "digest": contents.digest(), "samples": samples}
+        mine = {"epoch": epoch, "digest": contents.digest(), "samples": samples, "norm": global_norm(mean)}
         partial_before = self._partial.count.value
         try:
             gathered = self.averager.step(
@@ -292,7 +296,29 @@ class ReplicaGroup:
         if not all(torch.isfinite(a).all() for a in averaged):
             log.warning(f"{self.settings.run_id} epoch {epoch}: the averaged gradients are not finite; refused")
             return None
-        return averaged
+        return averaged if self._sane(epoch, gathered, averaged) else None
+
+    def _sane(self, epoch: int, gathered: dict[Any, Any], averaged: list[torch.Tensor]) -> bool:
+        """swarm.sanity: name replicas whose declared gradient is out of line; refuse an inconsistent result."""
+        norms, weights = {}, {}
+        for peer, info in gathered.items():
+            norm = info.get("norm")
+            norms[str(peer)] = float(norm) if isinstance(norm, float | int) and not isinstance(norm, bool) else math.nan
+            weights[str(peer)] = float(int(info.get("samples", 0)))
+        named = outliers(norms, weights)
+        if named:
+            self.suspects.update(named)
+            log.warning(f"{self.settings.run_id} epoch {epoch}: refused the all-reduce result: {named}")
+            return False
+        if exceeds_bound(global_norm(averaged), norms, weights):
+            self.inconsistent_epochs += 1
+            log.warning(
+                f"{self.settings.run_id} epoch {epoch}: refused the all-reduce result: its norm exceeds what the "
+                f"group declared ({norms}): a member sent larger gradients than it said, or returned a wrong "
+                "average for its part"
+            )
+            return False
+        return True
 
     def repair(self, epoch: int, mean: list[torch.Tensor]) -> None:
         """After a failed all-reduce: copy a replica that reached the next epoch, or, if none, let the smallest

@@ -29,16 +29,16 @@ def run_peer(config: PeerConfig) -> None:
         raise ValueError("no round: pass --round-spec FILE or --coordinator HOST:PORT")
     from peer.selfcheck import raise_on_local_failures
 
-    raise_on_local_failures(config)  # files, keys, base model: fail at once, before any network wait
+    checks = raise_on_local_failures(config)  # files, keys, base model: fail at once, before any network wait
     from peer.orphan_guard import start_orphan_guard
 
     start_orphan_guard()  # if this process is killed, p2pd and hivemind's workers are stopped too
     stop = threading.Event()
     install_signal_handlers(stop)
     if config.coordinator:
-        _run_with_coordinator(config, stop)
+        _run_with_coordinator(config, stop, checks)
     else:
-        _run_round(PeerDaemon(config, RoundSpec.load(config.round_spec), stop_event=stop))
+        _run_round(PeerDaemon(config, RoundSpec.load(config.round_spec), stop_event=stop, self_check=checks))
 
 
 def _run_round(daemon: PeerDaemon, on_start: object = None) -> None:
@@ -64,7 +64,7 @@ def _identity(config: PeerConfig) -> tuple[str, str]:
     return path, str(PeerID.from_identity(Path(path).read_bytes()))
 
 
-def _run_with_coordinator(config: PeerConfig, stop: threading.Event) -> None:
+def _run_with_coordinator(config: PeerConfig, stop: threading.Event, checks: list[Any] | None = None) -> None:
     from peer.coordinator_link import CoordinatorLink
 
     if not config.coordinator_public_key:
@@ -89,7 +89,8 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event) -> None:
                     "initial_peers": tuple(resp.dht_initial_peers) + tuple(config.initial_peers),
                 }
             )
-            daemon = PeerDaemon(peer_config, spec, initial_state=initial, stop_event=stop, roster_key=client.public_key)
+            daemon = PeerDaemon(peer_config, spec, initial_state=initial, stop_event=stop, roster_key=client.public_key,
+                                self_check=checks)  # fmt: skip
             link.attach(daemon.server, daemon.stats, daemon.signals, resp.heartbeat_interval_s or 2.0)
             daemon.on_eval.append(link.report_eval)
             _run_round(daemon, on_start=link.start)

@@ -171,8 +171,10 @@ def failures(results: list[CheckResult]) -> list[CheckResult]:
     return [r for r in results if r.status == "fail"]
 
 
-def raise_on_local_failures(config: PeerConfig) -> None:
-    """For ``run_peer``: log the local checks; raise ``ValueError`` with one line per failure (no network wait)."""
+def raise_on_local_failures(config: PeerConfig) -> list[CheckResult]:
+    """For ``run_peer``: log the local checks; raise ``ValueError`` with one line per failure (no network wait).
+
+    Returns the results (the daemon serves them in ``/health``)."""
     results = local_checks(config)[0]
     for r in results:
         if r.status != "fail":
@@ -180,6 +182,7 @@ def raise_on_local_failures(config: PeerConfig) -> None:
     bad = failures(results)
     if bad:
         raise ValueError("\n".join(f"{r.detail}" + (f" ({r.advice})" if r.advice else "") for r in bad))
+    return results
 
 
 # --- environment and network checks -------------------------------------------------------------------------------

@@ -14,7 +14,14 @@ class PeerStats:
     tokens: int = 0
     last_loss: float = 0.0
     throughput: float = 0.0  # samples/s of forward+backward on this peer's span (announced for routing)
+    bytes_sent: int = 0  # activations and gradients this trainer sent to remote spans
+    bytes_received: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def wire(self, sent: int, received: int) -> None:
+        with self._lock:
+            self.bytes_sent += sent
+            self.bytes_received += received
 
     def trained(self, samples: int, tokens: int, loss: float) -> None:
         with self._lock:

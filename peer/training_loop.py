@@ -48,7 +48,7 @@ class TrainingLoop:
             timeout=cfg.request_timeout,
             rng=random.Random(cfg.seed),
             stop=daemon.stop_event,
-            on_wire=daemon.metrics.wire,
+            on_wire=self._on_wire,
             members=daemon.members,
         )
         self.trainer = ChainTrainer(spec, head, self.router, say=log.info, on_failover=daemon.metrics.failovers.inc)
@@ -165,6 +165,7 @@ class TrainingLoop:
             others = participants(fetch_trainers(self.daemon.dht, spec.round_id, self.daemon.members), self.step)
             quota = share(self.slots, others, me)
             started, losses = time.monotonic(), list[float]()
+            sent_before = self.daemon.stats.bytes_sent
 
             def on_result(mb: MicroBatch, result: StepResult, losses: list[float] = losses) -> None:
                 losses.append(result.loss)
@@ -195,12 +196,19 @@ class TrainingLoop:
             )
             seconds = time.monotonic() - started
             mean = sum(losses) / len(losses) if losses else float("nan")
+            replicas = ", ".join(f"{span} x{n}" for span, n in sorted(self.router.peers_seen().items()))
+            sent = self.daemon.stats.bytes_sent
             log.info(
-                f"step {self.step}: {len(done)}/{quota} micro-batches ({samples} samples) in {seconds:.1f} s, "
-                f"{samples / max(seconds, 1e-9):.1f} samples/s, loss {mean:.4f}"
+                f"step {self.step}/{self.daemon.spec.target_epochs or '?'}: {len(done)}/{quota} micro-batches "
+                f"({samples} samples) in {seconds:.1f} s, {samples / max(seconds, 1e-9):.1f} samples/s, "
+                f"loss {mean:.4f}, remote replicas [{replicas or 'none'}], sent {(sent - sent_before) / 1e6:.2f} MB"
             )
             self.step = next_step
             self.daemon.tick()
+
+    def _on_wire(self, sent: int, received: int) -> None:
+        self.daemon.metrics.wire(sent, received)
+        self.daemon.stats.wire(sent, received)
 
     def pipeline_depth(self) -> int:
         """``--pipeline-depth``, or auto: 2 where micro-batches do not compete for CPU cores' OpenMP workers."""

@@ -93,7 +93,7 @@ class HttpServerThread:
                 self._app, listen=listen, threads=threads, channel_timeout=timeout_s,
                 cleanup_interval=max(1, int(timeout_s / 2)), connection_limit=max_connections,
                 max_request_header_size=16 * 1024, max_request_body_size=64 * 1024, ident="loraswarm",
-                asyncore_loop_timeout=0.1, clear_untrusted_proxy_headers=True,
+                asyncore_loop_timeout=1, clear_untrusted_proxy_headers=True,
             )  # fmt: skip
         except OSError as e:
             raise OSError(f"cannot listen for HTTP on {host}:{port}: {e.strerror or e}") from e

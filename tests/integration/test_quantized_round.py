@@ -3,6 +3,7 @@ adapter that helps the fp32 base (one round for both modes: volunteers choose th
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from pathlib import Path
 
@@ -45,16 +46,21 @@ def test_quantized_round_publishes_adapter_for_the_full_precision_base(
     try:
         common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path), "--metrics-port", "0"]
         train = str(demo_data / "train.jsonl")
-        for name, mode, data in (("server0", "nf4", []), ("trainer0", "nf4", [0]), ("trainer1", "int8", [1])):
+        modes = {"server0": "nf4", "trainer0": "nf4", "trainer1": "int8"}
+        for name, mode in modes.items():
             args = [*common, "--quantize", mode]
-            if data:
-                args += ["--data", train, "--shard-index", str(data[0]), "--num-shards", "2"]
-            peer = Peer(tmp_path, name, tmp_path / "unused.json", args, use_spec=False)
-            peers.append(peer)
+            if name.startswith("trainer"):  # both trainers train every step (the round waits for the second)
+                args += ["--data", train, "--shard-index", name[-1], "--num-shards", "2", "--min-trainers", "2"]
+            peers.append(Peer(tmp_path, name, tmp_path / "unused.json", args, use_spec=False))
+        for peer in peers:
             port = peer.ready()["metrics_port"]
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-            expected = block_nbytes_quantized(demo_base, 0, check_quantize(mode), 4)
-            assert f'swarm_peer_block_bytes{{quantize="{mode}"}} {float(expected)}' in metrics
+            expected = block_nbytes_quantized(demo_base, 0, check_quantize(modes[peer.name]), 4)
+            assert f'swarm_peer_block_bytes{{quantize="{modes[peer.name]}"}} {float(expected)}' in metrics
+            health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
+            assert health["self_check"]["ok"], health["self_check"]
+            assert any(c["name"] == "quantize" and c["status"] == "ok" for c in health["self_check"]["checks"])
+            assert health["roster"]["enforced"] and health["roster"]["listed"], health["roster"]
         adapter = tmp_path / "coord" / "adapters" / "v1"
         wait_for(adapter.is_dir, 540, "the published adapter")
 

@@ -1,0 +1,127 @@
+"""A hostile replica in a span's all-reduce (one of three, real hivemind averaging in one process).
+
+The honest replicas must never apply a poisoned average: one that declares an inflated gradient is named, one
+that sends more than it declares (or NaN) makes the result refused; an honest group's result is the exact
+weighted average.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import hivemind
+import pytest
+import torch
+from hivemind.utils.crypto import RSAPrivateKey
+
+from peer.announce import record_validators
+from peer.server import SpanServer
+from swarm.sanity import global_norm
+from swarm.steps import StepContents
+from tests.integration.harness import in_process_server, one_span_spec, wait_for
+
+pytestmark = pytest.mark.integration
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+SAMPLES = 8
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]:
+    ckpt = tiny_checkpoint("llama", layers=2)
+    spec = one_span_spec(ckpt, "hostile", layers=2)
+    keys = [RSAPrivateKey() for _ in range(3)]
+    dhts: list[hivemind.DHT] = []
+    for key in keys:
+        peers = dhts[0].get_visible_maddrs() if dhts else []
+        dhts.append(
+            hivemind.DHT(
+                start=True, host_maddrs=LOCAL, initial_peers=peers, record_validators=record_validators("hostile", key)
+            )
+        )
+    built = [in_process_server(spec, spec.spans[0], dht, key) for dht, key in zip(dhts, keys, strict=True)]
+    servers = [s for s, _ in built]
+    for server, announcer in built:
+        server.group.averager.wait_until_ready()  # no epoch thread: the test drives the groups itself
+        announcer.start()
+    try:
+        wait_for(lambda: all(len(s.group.replica_epochs()) == 3 for s in servers), 30, "three replicas announced")
+        yield servers
+    finally:
+        for server, announcer in built:
+            announcer.stop(leave=False)
+            server.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+def _all_reduce(
+    servers: list[SpanServer], epoch: int, means: list[list[torch.Tensor]], declared: list[float | None]
+) -> list[list[torch.Tensor] | None]:
+    """Run one all-reduce on all three replicas at once; ``declared`` overrides the norm a replica announces
+    (a hostile replica: the same protocol, but it says its gradient is smaller than what it sends)."""
+    import peer.replica_group as rg
+
+    contents = StepContents(epoch, frozenset({("t", 0), ("t", 1), ("t", 2)}), 3 * SAMPLES)
+    lies = {id(m): d for m, d in zip(means, declared, strict=True) if d is not None}
+    results: list[list[torch.Tensor] | None] = [None] * 3
+
+    def run(i: int) -> None:
+        results[i] = servers[i].group.all_reduce(epoch, means[i], SAMPLES, contents)
+
+    original = rg.global_norm
+    rg.global_norm = lambda tensors: lies.get(id(tensors)) or original(tensors)  # type: ignore[assignment]
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+    finally:
+        rg.global_norm = original
+    assert not any(t.is_alive() for t in threads), "an all-reduce did not finish"
+    return results
+
+
+def _honest_means(servers: list[SpanServer], seed: int) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = [torch.randn(p.shape, generator=g) * 0.01 for p in servers[0].params]
+    return [[b + 0.002 * torch.randn(b.shape, generator=g) for b in base] for _ in servers]
+
+
+@pytest.mark.timeout(300)
+def test_the_honest_replicas_never_apply_a_poisoned_average(replicas: list[SpanServer]) -> None:
+    hostile = 2
+    # epoch 0: an honest group gets the exact average
+    means = _honest_means(replicas, 0)
+    results = _all_reduce(replicas, 0, means, [None, None, None])
+    expected = [sum(m[k] for m in means) / 3 for k in range(len(means[0]))]
+    for r in results:
+        assert r is not None
+        assert max((a - b).abs().max().item() for a, b in zip(r, expected, strict=True)) < 1e-6
+
+    # epoch 1: x100 gradients, declared as they are: refused and the sender is named
+    means = _honest_means(replicas, 1)
+    means[hostile] = [100 * t for t in means[hostile]]
+    results = _all_reduce(replicas, 1, means, [None, None, None])
+    for i in (0, 1):
+        assert results[i] is None, "an honest replica accepted an average poisoned by x100 gradients"
+        assert replicas[hostile].peer_id in replicas[i].group.suspects
+        assert replicas[i].peer_id not in replicas[1 - i].group.suspects
+
+    # epoch 2: x100 gradients under an honest-looking declared norm: the result is inconsistent, refused
+    means = _honest_means(replicas, 2)
+    honest_norm = global_norm(means[hostile])
+    means[hostile] = [100 * t for t in means[hostile]]
+    before = [r.group.inconsistent_epochs for r in replicas]
+    results = _all_reduce(replicas, 2, means, [None, None, honest_norm])
+    for i in (0, 1):
+        assert results[i] is None, "an honest replica accepted gradients larger than their sender declared"
+        assert replicas[i].group.inconsistent_epochs == before[i] + 1
+
+    # epoch 3: NaN gradients: refused (declared NaN: named; the average is not finite either way)
+    means = _honest_means(replicas, 3)
+    means[hostile] = [torch.full_like(t, float("nan")) for t in means[hostile]]
+    results = _all_reduce(replicas, 3, means, [None, None, None])
+    assert results[0] is None and results[1] is None
