@@ -201,7 +201,7 @@ class TrainingLoop:
             log.info(
                 f"step {self.step}/{self.daemon.spec.target_epochs or '?'}: {len(done)}/{quota} micro-batches "
                 f"({samples} samples) in {seconds:.1f} s, {samples / max(seconds, 1e-9):.1f} samples/s, "
-                f"loss {mean:.4f}, remote replicas [{replicas or 'none'}], sent {(sent - sent_before) / 1e6:.2f} MB"
+                f"loss {mean:.4f}, replicas [{replicas or 'none'}], sent {(sent - sent_before) / 1e6:.2f} MB"
             )
             self.step = next_step
             self.daemon.tick()
