@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator.auth import Challenges, RateLimiter
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.progress import ProgressIndex
 from coordinator.state import Candidate, CoordinatorStore, JoinRejection
 from coordinator.store_memory import MemoryStore
 from coordinator.store_sqlite import SqliteStore
@@ -42,6 +43,8 @@ class CoordinatorContext:
     evaluator_credentials: dict[str, str] = field(default_factory=dict)
     #: round id -> the candidate adapter being evaluated (see :mod:`coordinator.publish`).
     candidates: dict[str, Candidate] = field(default_factory=dict)
+    #: what heartbeats read instead of every member of the round (see :mod:`coordinator.progress`)
+    progress: ProgressIndex = field(default_factory=ProgressIndex)
 
     def spec_signature(self, spec_json: str) -> str:
         """The coordinator's signature of a round spec ('' without a signing key)."""

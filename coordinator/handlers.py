@@ -7,6 +7,7 @@ into a gRPC status. Tests call these directly, without sockets.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 import grpc
 
@@ -14,7 +15,7 @@ from coordinator.assignment import choose_span
 from coordinator.auth import check_credential, new_credential, verify_join
 from coordinator.context import CoordinatorContext
 from coordinator.evaluators import join_evaluator
-from coordinator.lifecycle import action_for
+from coordinator.lifecycle import RoundProgress, action_for
 from coordinator.membership import expire_members, rebalance_round
 from coordinator.rounds import advance, live_replicas, round_progress
 from coordinator.state import Capacity, Heartbeat, JoinRejection, MemberRecord, MemberState, RoundRecord
@@ -172,6 +173,10 @@ def _beat(req: pb.HeartbeatRequest) -> Heartbeat:
     return Heartbeat(p.samples, p.tokens, p.epoch, p.loss if p.loss != 0 else None, p.throughput)
 
 
+def _indexed_progress(ctx: CoordinatorContext) -> Callable[[RoundRecord, float], RoundProgress]:
+    return lambda record, now: ctx.progress.of(ctx.store, record.round_id).progress(record, now)
+
+
 def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
     check_name("peer_id", req.peer_id)
     beat = _beat(req)
@@ -179,7 +184,13 @@ def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.Heartbeat
     with ctx.lock:
         record = resolve_round(ctx, req.round_id)
         now = ctx.clock()
-        record = refresh(ctx, record, now)
+        # refresh() without reading every member: the index says whether anyone went silent and what the
+        # progress is (coordinator.progress)
+        if not record.state.terminal and ctx.progress.of(ctx.store, record.round_id).any_silent(
+            now - ctx.config.heartbeat_timeout_s
+        ):
+            expire_members(ctx, record, now)
+        record = advance(ctx.store, record, now, _indexed_progress(ctx))
         member = ctx.store.get_member(record.round_id, req.peer_id)
         if member is not None:
             member = check_credential(member, req.peer_id, req.credential)
@@ -203,13 +214,16 @@ def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.Heartbeat
         if req.HasField("span") and span_index(spec, req.span) != member.span_index:
             beat = Heartbeat(beat.samples, beat.tokens, 0, beat.loss, beat.throughput)  # epoch of another group
         beat = plausible(ctx, member, beat, spec.data.seq_len, now)
+        index = ctx.progress.of(ctx.store, record.round_id)
         try:
-            member = ctx.store.record_heartbeat(record.round_id, req.peer_id, beat, now)
+            updated = ctx.store.record_heartbeat(record.round_id, req.peer_id, beat, now)
         except StoreConflict as e:
             raise invalid(
                 f"progress: {e}; counters are cumulative since the last Join (Join again after a restart)"
             ) from None
-        record = advance(ctx.store, record, now)
+        index.heartbeat(member, updated)
+        member = updated
+        record = advance(ctx.store, record, now, _indexed_progress(ctx))
     return pb.HeartbeatResponse(
         ok=True,
         span=span_message(spec.spans[member.span_index]),

@@ -149,7 +149,7 @@ def report_eval(ctx: CoordinatorContext, req: pb.ReportEvalRequest) -> pb.Report
             record = resolve_round(ctx, req.round_id)
         else:
             record, _ = _member_round(ctx, req.peer_id, req.round_id, req.credential, "report an eval")
-        mine = sum(r.peer_id == req.peer_id for r in ctx.store.list_eval_reports(record.round_id))
+        mine = ctx.store.count_eval_reports(record.round_id, req.peer_id)
         if mine >= ctx.config.max_eval_reports:
             raise HandlerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"at most {ctx.config.max_eval_reports} eval reports per member and round")  # fmt: skip

@@ -7,6 +7,8 @@ hold the coordinator lock around them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from coordinator.assignment import Replica, span_loads
 from coordinator.lifecycle import (
@@ -18,7 +20,7 @@ from coordinator.lifecycle import (
     transition,
     trusted_samples,
 )
-from coordinator.state import AlreadyExists, CoordinatorStore, MemberRecord, MemberState, RoundRecord
+from coordinator.state import AlreadyExists, CoordinatorStore, MemberState, RoundRecord
 from swarm.config import RoundSpec
 from swarm.proto import RoundState
 
@@ -59,15 +61,26 @@ def live_replicas(store: CoordinatorStore, round_id: str) -> list[Replica]:
     return [Replica(m.peer_id, m.span_index, m.throughput) for m in store.list_members(round_id, MemberState.LIVE)]
 
 
-def span_epochs(members: list[MemberRecord], num_spans: int) -> dict[int, int]:
+class _Member(Protocol):
+    @property
+    def span_index(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def live(self) -> bool: ...
+
+
+def span_epochs(members: Sequence[_Member], num_spans: int) -> dict[int, int]:
     """Each span's epoch by its members' heartbeats: the lower median over live members (every member if none
     is live), so one member claiming a huge epoch does not move a span it shares with honest replicas."""
-    out = {}
-    for i in range(num_spans):
-        mine = [m for m in members if m.span_index == i]
-        live = [m for m in mine if m.live]
-        out[i] = lower_median(m.epoch for m in (live or mine))
-    return out
+    every: dict[int, list[int]] = {i: [] for i in range(num_spans)}
+    live: dict[int, list[int]] = {i: [] for i in range(num_spans)}
+    for m in members:
+        if m.span_index in every:
+            every[m.span_index].append(m.epoch)
+            if m.live:
+                live[m.span_index].append(m.epoch)
+    return {i: lower_median(live[i] or every[i]) for i in range(num_spans)}
 
 
 def round_progress(store: CoordinatorStore, record: RoundRecord, now: float) -> RoundProgress:
@@ -98,14 +111,23 @@ def apply_event(
     return updated
 
 
-def advance(store: CoordinatorStore, record: RoundRecord, now: float) -> RoundRecord:
-    """Take the automatic steps: start once every span is served, end once a limit is reached."""
+def advance(
+    store: CoordinatorStore,
+    record: RoundRecord,
+    now: float,
+    progress: Callable[[RoundRecord, float], RoundProgress] | None = None,
+) -> RoundRecord:
+    """Take the automatic steps: start once every span is served, end once a limit is reached.
+
+    ``progress`` computes the round's progress (default :func:`round_progress` from the store; heartbeats pass
+    their index's, coordinator.progress)."""
     if record.state is RoundState.OPEN:
         loads = span_loads(live_replicas(store, record.round_id), len(record.spec.spans))
         if all(s.replicas > 0 for s in loads):
             record = apply_event(store, record, RoundEvent.START, now, "every span has a live server")
     if record.state is RoundState.TRAINING:
-        reason = end_reason(record.spec.end, round_progress(store, record, now))
+        measured = round_progress(store, record, now) if progress is None else progress(record, now)
+        reason = end_reason(record.spec.end, measured)
         if reason is not None:
             record = apply_event(store, record, RoundEvent.END, now, reason)
     return record

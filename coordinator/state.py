@@ -183,7 +183,17 @@ def load_tuple(text: str) -> tuple[str, ...]:
 
 
 class CoordinatorStore(ABC):
-    """Everything the coordinator remembers. Lists come back in insertion order."""
+    """Everything the coordinator remembers. Lists come back in insertion order.
+
+    ``members_generation`` changes whenever members change other than by :meth:`record_heartbeat` (join, state,
+    move): a cache of the membership built at one generation (``coordinator.progress``) is current until it
+    changes, and keeps itself current through heartbeats.
+    """
+
+    members_generation: int = 0
+
+    def _members_changed(self) -> None:
+        self.members_generation += 1
 
     # --- rounds
     @abstractmethod
@@ -254,6 +264,10 @@ class CoordinatorStore(ABC):
 
     @abstractmethod
     def list_eval_reports(self, round_id: str | None = None) -> list[EvalReport]: ...
+
+    def count_eval_reports(self, round_id: str, peer_id: str) -> int:
+        """How many reports ``peer_id`` made in ``round_id`` (stores answer without building every report)."""
+        return sum(r.peer_id == peer_id for r in self.list_eval_reports(round_id))
 
     @abstractmethod
     def delete_eval_reports(self, round_id: str) -> int:

@@ -78,6 +78,7 @@ class MemoryStore(CoordinatorStore):
 
     def put_member(self, member: MemberRecord) -> None:
         with self._lock:
+            self._members_changed()
             if member.round_id not in self._rounds:
                 raise NotFound(f"round {member.round_id!r} does not exist")
             self._members[(member.round_id, member.peer_id)] = member
@@ -124,12 +125,14 @@ class MemoryStore(CoordinatorStore):
 
     def set_member_states(self, round_id: str, peer_ids: list[str], state: MemberState) -> None:
         with self._lock:
+            self._members_changed()
             for pid in peer_ids:
                 if (round_id, pid) in self._members:
                     self._members[(round_id, pid)] = replace(self._members[(round_id, pid)], state=state)
 
     def move_members(self, round_id: str, moves: dict[str, int]) -> None:
         with self._lock:
+            self._members_changed()
             for pid, span_index in moves.items():
                 if (round_id, pid) in self._members:
                     m = self._members[(round_id, pid)]
@@ -157,6 +160,10 @@ class MemoryStore(CoordinatorStore):
     def list_eval_reports(self, round_id: str | None = None) -> list[EvalReport]:
         with self._lock:
             return [e for e in self._evals if round_id is None or e.round_id == round_id]
+
+    def count_eval_reports(self, round_id: str, peer_id: str) -> int:
+        with self._lock:
+            return sum(e.round_id == round_id and e.peer_id == peer_id for e in self._evals)
 
     def delete_eval_reports(self, round_id: str) -> int:
         with self._lock:

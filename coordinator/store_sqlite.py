@@ -199,6 +199,7 @@ class SqliteStore(CoordinatorStore):
     # --- members
     def put_member(self, member: MemberRecord) -> None:
         m = member
+        self._members_changed()
         with self._tx() as c:
             if c.execute("SELECT 1 FROM rounds WHERE round_id = ?", (m.round_id,)).fetchone() is None:
                 raise NotFound(f"round {m.round_id!r} does not exist")
@@ -210,6 +211,7 @@ class SqliteStore(CoordinatorStore):
                  m.state.value, m.epoch, m.loss, m.session_samples, m.session_tokens, m.credential_sha256),
             )  # fmt: skip
             c.execute("INSERT OR IGNORE INTO contributions VALUES (?, ?, 0, 0)", (m.round_id, m.peer_id))
+        self._members_changed()
 
     def get_member(self, round_id: str, peer_id: str) -> MemberRecord | None:
         rows = self._query(
@@ -252,18 +254,22 @@ class SqliteStore(CoordinatorStore):
             return _member(row.fetchone())
 
     def set_member_states(self, round_id: str, peer_ids: list[str], state: MemberState) -> None:
+        self._members_changed()
         with self._tx() as c:
             c.executemany(
                 "UPDATE members SET state = ? WHERE round_id = ? AND peer_id = ?",
                 [(state.value, round_id, pid) for pid in peer_ids],
             )
+        self._members_changed()
 
     def move_members(self, round_id: str, moves: dict[str, int]) -> None:
+        self._members_changed()
         with self._tx() as c:
             c.executemany(
                 "UPDATE members SET span_index = ?, epoch = 0 WHERE round_id = ? AND peer_id = ? AND span_index != ?",
                 [(span, round_id, pid, span) for pid, span in moves.items()],
             )
+        self._members_changed()
 
     def list_contributions(self, round_id: str) -> list[Contribution]:
         rows = self._query("SELECT * FROM contributions WHERE round_id = ? ORDER BY rowid", (round_id,))
@@ -308,6 +314,10 @@ class SqliteStore(CoordinatorStore):
         else:
             rows = self._query("SELECT * FROM eval_reports WHERE round_id = ? ORDER BY id", (round_id,))
         return [EvalReport(*r[1:]) for r in rows]
+
+    def count_eval_reports(self, round_id: str, peer_id: str) -> int:
+        rows = self._query("SELECT COUNT(*) FROM eval_reports WHERE round_id = ? AND peer_id = ?", (round_id, peer_id))
+        return int(rows[0][0])
 
     def delete_eval_reports(self, round_id: str) -> int:
         with self._tx() as c:

@@ -252,3 +252,40 @@ def test_get_round_spec_unknown(ctx: CoordinatorContext) -> None:
     assert e.code is grpc.StatusCode.NOT_FOUND and "'zzz'" in e.message
     empty = CoordinatorContext(store=MemoryStore(), config=ctx.config)
     assert "no round exists yet" in error(handlers.get_round_spec, empty, pb.GetRoundSpecRequest()).message
+
+
+def test_the_heartbeat_index_tracks_the_stores_progress(ctx: CoordinatorContext) -> None:
+    """coordinator.progress follows heartbeats, joins, leaves and expiry exactly as round_progress reads them."""
+    import random
+
+    from coordinator.rounds import round_progress
+
+    rng = random.Random(0)
+    names = [f"p{i}" for i in range(6)]
+    for n in names[:4]:
+        join(ctx, n)
+    samples = dict.fromkeys(names, 0)
+    epochs = dict.fromkeys(names, 0)
+    joined = set(names[:4])
+    for _ in range(60):
+        ctx.clock.now += rng.choice([0.5, 1.0, 4.0])  # type: ignore[attr-defined]
+        action, name = rng.random(), rng.choice(names)
+        if action < 0.1 and name not in joined:
+            join(ctx, name)
+            joined.add(name)
+            samples[name] = epochs[name] = 0
+        elif action < 0.15 and name in joined:
+            leave(ctx, name)
+            joined.discard(name)
+        elif name in joined:
+            samples[name] += rng.randint(0, 3)
+            epochs[name] += rng.randint(0, 1)
+            r = beat(ctx, name, samples[name], epoch=epochs[name])
+            if not r.ok:
+                joined.discard(name)
+        record = ctx.store.get_round("r1")
+        assert record is not None
+        now = ctx.clock()
+        assert ctx.progress.of(ctx.store, "r1").progress(record, now) == round_progress(ctx.store, record, now)
+        if record.state.terminal or record.state is RoundState.FINALIZING:
+            break

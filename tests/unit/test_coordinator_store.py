@@ -146,6 +146,7 @@ def test_eval_reports(store: CoordinatorStore) -> None:
     store.add_eval_report(e2)
     assert store.list_eval_reports() == [e1, e2]
     assert store.list_eval_reports("r2") == [e2]
+    assert [store.count_eval_reports(*k) for k in (("r1", "a"), ("r2", "b"), ("r1", "b"), ("r9", "a"))] == [1, 1, 0, 0]
     assert store.delete_eval_reports("r1") == 1 and store.delete_eval_reports("r1") == 0  # retention
     assert store.list_eval_reports() == [e2]
 
