@@ -260,6 +260,9 @@ class PeerDaemon:
                 "checks": [{"name": c.name, "status": c.status, "detail": c.detail} for c in self.self_check],
             },
             "roster": self._roster_health(),
+            # peers this one refused: all-reduce partners caught sending bad data, callers outside the roster
+            "suspects": dict(self.server.group.suspects),
+            "refused_callers": sorted(self.server.refused_callers)[:32],
         }
 
     def _roster_health(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -57,6 +58,8 @@ class RemoteSpan:
             if response.metadata:
                 error = MSGPackSerializer.loads(response.metadata)
             parts.extend(response.tensors)
+        if error is None and not parts:  # the stream ended before any result: a transport failure (retried)
+            raise ConnectionError("the stream ended without an answer")
         if error is not None:
             kind, message = str(error.get("error", "")), str(error.get("message", ""))
             if kind == "StaleStepError":
@@ -72,17 +75,8 @@ class RemoteSpan:
         meta = {"step": step, "trainer": key[0], "mb": key[1], "compression": self.compression}
         parts = [p for t in tensors for p in encode(t, self.compression)]
         sent = wire_bytes(parts)
-        future = RemoteExpertWorker.run_coroutine(self._call(method, meta, parts), return_future=True)
         what = f"{method} of {self.uid} on {self.peer_id}"
-        try:
-            answer = future.result(timeout=self.timeout)
-        except TimeoutError as exc:
-            future.cancel()
-            raise RemoteCallError(f"{what} timed out after {self.timeout:.0f} s") from exc
-        except RemoteCallError:
-            raise
-        except Exception as exc:
-            raise RemoteCallError(f"{what} failed: {exc}") from exc
+        answer = self._with_one_retry(lambda: self._call(method, meta, parts), what)
         self.on_wire(sent, wire_bytes(answer))
         try:
             out = decode_parts(answer, like.dtype)
@@ -94,6 +88,50 @@ class RemoteSpan:
                 f"{what}: bad output (shapes {shapes}, expected {list(like.shape)}, or non-finite)"
             )
         return out[0].to(like.device)
+
+    def _with_one_retry(self, call: Callable[[], Any], what: str) -> Any:
+        """Run the coroutine ``call()`` within ``timeout``; a transport failure (a stream reset, "Connection
+        lost": seen on the first call over a connection both sides dialled at once) is retried once while
+        time is left. Retrying is safe: a replica keeps one result per (step, trainer, micro-batch)."""
+        deadline = time.monotonic() + self.timeout
+        for attempt in (1, 2):
+            future = RemoteExpertWorker.run_coroutine(call(), return_future=True)
+            try:
+                return future.result(timeout=max(deadline - time.monotonic(), 0.0))
+            except TimeoutError as exc:
+                future.cancel()
+                raise RemoteCallError(f"{what} timed out after {self.timeout:.0f} s") from exc
+            except RemoteCallError:
+                raise
+            except Exception as exc:
+                if attempt == 2 or deadline - time.monotonic() < self.timeout / 2:
+                    raise RemoteCallError(f"{what} failed: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _state_call(self) -> tuple[dict[str, Any], list[Any]]:
+        async def request() -> AsyncIterator[Any]:
+            yield runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps({}))
+
+        stream = await self.stub.rpc_state(request())
+        meta: Any = None
+        parts: list[Any] = []
+        async for response in stream:
+            if response.metadata:
+                meta = MSGPackSerializer.loads(response.metadata)
+            parts.extend(response.tensors)
+        if not isinstance(meta, dict) or not isinstance(meta.get("state"), dict):
+            kind = meta.get("error", "") if isinstance(meta, dict) else "no metadata"
+            message = meta.get("message", "") if isinstance(meta, dict) else ""
+            raise RemoteCallError(f"rpc_state on {self.peer_id} refused: {kind}: {message}")
+        return meta["state"], parts
+
+    def state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The replica's training state (for a replica of the same span that catches up)."""
+        meta, parts = self._with_one_retry(self._state_call, f"rpc_state on {self.peer_id}")
+        try:
+            return meta, decode_parts(parts)
+        except Exception as exc:
+            raise RemoteBadOutputError(f"rpc_state on {self.peer_id}: undecodable state ({exc})") from exc
 
     def forward(self, step: int, key: MicroBatchKey, hidden: torch.Tensor) -> torch.Tensor:
         return self._run("rpc_forward", step, key, [hidden], hidden)

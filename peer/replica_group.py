@@ -2,10 +2,12 @@
 
 Composed from hivemind's public building blocks, the way ``hivemind.Optimizer`` composes its parts, without
 overriding any private method: a ``DecentralizedAverager`` over the span's LoRA gradient buffers (``step`` with
-``weight`` and ``gather``; its documented ``get_current_state`` hook serves our state to replicas that download
-it with ``load_state_from_peers``), and a plain torch optimizer. What ``hivemind.Optimizer`` gets from
-``ProgressTracker`` (when does an epoch end?) comes here from the trainers' step records (:mod:`swarm.steps`):
-an epoch ends when every live trainer has closed it, and it applies exactly the micro-batches they declared.
+``weight`` and ``gather``) and a plain torch optimizer. What ``hivemind.Optimizer`` gets from ``ProgressTracker``
+(when does an epoch end?) comes here from the trainers' step records (:mod:`swarm.steps`): an epoch ends when
+every live trainer has closed it, and it applies exactly the micro-batches they declared. A replica that is behind
+downloads the state of a replica it chooses (a roster member of its span, not a suspect) through the span
+transport (``download``), not through hivemind's ``load_state_from_peers``, whose source is whoever declares the
+highest priority.
 
 One thread owns epoch ends (:meth:`ReplicaGroup.run`). ``lock`` covers applying gradients and parameters, never
 network I/O. The averaging group key carries the epoch (``set_group_bits``), so replicas of different epochs
@@ -23,7 +25,7 @@ import math
 import multiprocessing as mp
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,16 +59,7 @@ class _PartialResults(logging.Handler):
                 self.count.value += 1
 
 
-class StateAverager(DecentralizedAverager):
-    """``DecentralizedAverager`` over gradient buffers whose downloadable state is the span's training state."""
-
-    def __init__(self, *args: Any, state: Callable[[], tuple[dict[str, Any], list[torch.Tensor]]], **kwargs: Any):
-        self._state = state
-        super().__init__(*args, **kwargs)
-
-    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:  # hivemind's documented hook
-        metadata, tensors = self._state()
-        return metadata, tensors, None
+State = tuple[dict[str, Any], list[torch.Tensor]]
 
 
 @dataclass
@@ -92,6 +85,7 @@ class ReplicaGroup:
         announce: Callable[[], None] = lambda: None,
         on_epoch: Callable[[int], None] = lambda epoch: None,
         on_averaging: Callable[[bool, float], None] = lambda ok, seconds: None,
+        download: Callable[[str], State],
         admits: Callable[[str], bool] = lambda peer_id: True,
         epoch: int = 0,
     ):
@@ -100,6 +94,7 @@ class ReplicaGroup:
         self.take_gradients, self.step_contents, self.replica_epochs = take_gradients, step_contents, replica_epochs
         self.announce, self.on_epoch, self.on_averaging = announce, on_epoch, on_averaging
         self.admits = admits  # the roster lists this peer id for our span (peer.roster_view)
+        self.download = download  # peer id -> that replica's state (SpanServer.download_state: our transport)
         self.strangers: set[str] = set()  # peers refused in a group (named in the log and by metrics)
         self.suspects: dict[str, str] = {}  # peer id -> why an all-reduce with it was refused (swarm.sanity)
         self.inconsistent_epochs = 0
@@ -114,10 +109,9 @@ class ReplicaGroup:
         buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in params]
         self._partial = _PartialResults(settings.run_id)
         logging.getLogger("hivemind.averaging.partition").addHandler(self._partial)  # before the averager forks
-        self.averager = StateAverager(
+        self.averager = DecentralizedAverager(
             buffers,
             dht,
-            state=self.state,
             prefix=settings.run_id,
             start=True,
             min_matchmaking_time=settings.matchmaking_time,
@@ -125,9 +119,8 @@ class ReplicaGroup:
             allreduce_timeout=settings.averaging_timeout,
             next_chunk_timeout=settings.averaging_timeout,
             initial_group_bits=self._bits(epoch),
-            declare_state_period=5.0,
+            allow_state_sharing=False,  # a replica downloads state with ``download``, from a peer it chose
         )
-        self.averager.state_sharing_priority = float(epoch)
         self._thread = threading.Thread(target=self.run, name=f"epochs-{settings.run_id}", daemon=True)
 
     @staticmethod
@@ -146,15 +139,27 @@ class ReplicaGroup:
             return {"epoch": self.epoch, "opt_keys": keys}, tensors
 
     def load_state(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        """Take a downloaded state; ``ValueError`` (nothing changed) if it does not fit this span."""
         params, rest = tensors[: len(self.params)], tensors[len(self.params) :]
         if len(params) != len(self.params) or any(a.shape != b.shape for a, b in zip(params, self.params, strict=True)):
             raise ValueError("downloaded state does not match this span's LoRA parameters")
         opt = self.optimizer.state_dict()
         state: dict[int, dict[str, torch.Tensor]] = {}
-        for i, names in sorted(metadata["opt_keys"].items(), key=lambda kv: int(kv[0])):
-            state[int(i)] = {}
-            for n in names:
-                state[int(i)][n] = rest.pop(0)
+        try:
+            for i, names in sorted(metadata["opt_keys"].items(), key=lambda kv: int(kv[0])):
+                if not 0 <= int(i) < len(self.params):
+                    raise ValueError(f"optimizer state for parameter {i} of {len(self.params)}")
+                state[int(i)] = {}
+                for n in names:
+                    t = rest.pop(0)
+                    if t.dim() and t.shape != self.params[int(i)].shape:
+                        raise ValueError(f"optimizer state {n} of parameter {i} has shape {list(t.shape)}")
+                    state[int(i)][str(n)] = t
+            epoch = int(metadata["epoch"])
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed state metadata: {exc!r}") from None
+        if rest:
+            raise ValueError(f"{len(rest)} tensors more than the state names")
         opt["state"] = state
         with self.lock:
             self.version += 1
@@ -162,13 +167,12 @@ class ReplicaGroup:
                 for p, t in zip(self.params, params, strict=True):
                     p.copy_(t.to(p.device, p.dtype))
             self.optimizer.load_state_dict(opt)
-            self._advance(int(metadata["epoch"]))
+            self._advance(epoch)
 
     def _advance(self, epoch: int) -> None:
         """Under ``lock``: parameters now hold ``epoch``."""
         self.version += 1
         self.epoch = epoch
-        self.averager.state_sharing_priority = float(epoch)
         self.changed.notify_all()
 
     # --- the epoch thread ----------------------------------------------------------------------------------
@@ -178,22 +182,37 @@ class ReplicaGroup:
         self._thread.start()
 
     def catch_up(self) -> bool:
-        """Download the state of a replica that is ahead of us, if any (before serving, and when behind)."""
-        ahead = {p: e for p, e in self.replica_epochs().items() if p != self.peer_id and e > self.epoch}
+        """Download the state of a replica that is ahead of us, if any (before serving, and when behind).
+
+        The source is chosen here, not by hivemind: replicas the roster admits for this span (``replica_epochs``
+        is filtered by it) that were not caught sending bad gradients, furthest ahead first. A state that is not
+        ahead, does not fit this span or is not finite is refused and the next replica is tried.
+        """
+        ahead = {
+            p: e
+            for p, e in self.replica_epochs().items()
+            if p != self.peer_id and e > self.epoch and p not in self.suspects
+        }
         if not ahead:
             return False
         log.info(f"{self.settings.run_id}: epoch {self.epoch}, replicas at {max(ahead.values())}: downloading state")
-        found = self.averager.load_state_from_peers(timeout=self.settings.averaging_timeout)
-        if found is None:
-            log.warning(f"{self.settings.run_id}: no replica sent its state; will retry")
-            return False
-        metadata, tensors = found
-        if int(metadata.get("epoch", -1)) <= self.epoch:
-            return False
-        self.load_state(metadata, list(tensors))
-        log.info(f"{self.settings.run_id}: loaded state at epoch {self.epoch}")
-        self.announce()
-        return True
+        for peer in sorted(ahead, key=lambda p: (-ahead[p], p)):
+            try:
+                metadata, tensors = self.download(peer)
+                if int(metadata.get("epoch", -1)) <= self.epoch:
+                    continue
+                if not all(torch.isfinite(t).all() for t in tensors):
+                    self.suspects[peer] = "sent a state that is not finite"
+                    raise ValueError("the state is not finite")
+                self.load_state(metadata, list(tensors))
+            except Exception as exc:
+                log.warning(f"{self.settings.run_id}: could not take the state of {peer}: {exc}")
+                continue
+            log.info(f"{self.settings.run_id}: loaded state at epoch {self.epoch} from {peer}")
+            self.announce()
+            return True
+        log.warning(f"{self.settings.run_id}: no replica sent a usable state; will retry")
+        return False
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -328,7 +347,7 @@ class ReplicaGroup:
             epochs = self.replica_epochs()
             if any(e > epoch for p, e in epochs.items() if p != self.peer_id) and self.catch_up():
                 return
-            here = sorted({p for p, e in epochs.items() if e == epoch} | {self.peer_id})
+            here = sorted({p for p, e in epochs.items() if e == epoch and p not in self.suspects} | {self.peer_id})
             if here[0] == self.peer_id or time.monotonic() > deadline:
                 self.apply(epoch, mean, "all-reduce failed: stepped on local gradients, replicas copy this one")
                 return

@@ -222,7 +222,9 @@ class SpanServer:
             on_epoch=self._settled,
             on_averaging=on_averaging or (lambda ok, seconds: None),
             admits=lambda peer_id: members.allows(peer_id, (span.start, span.end)),
+            download=self.download_state,
         )
+        self._client_p2p: Any = None
         self.transport: Any = None
 
     @property
@@ -351,6 +353,17 @@ class SpanServer:
             state = self.lora_state()
             if self.epoch == epoch:
                 self.on_epoch(epoch, state)
+
+    def download_state(self, peer_id: str) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The training state of the replica ``peer_id`` of this span, over its span transport (``rpc_state``)."""
+        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+        from peer.remote import RemoteSpan
+
+        if self._client_p2p is None:
+            self._client_p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
+        remote = RemoteSpan(self._client_p2p, peer_id, self.uid, timeout=self.spec.optimizer.averaging_timeout)
+        return remote.state()
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         with self.lock:

@@ -199,6 +199,29 @@ class SpanServicer(ServicerBase):
         async for response in self._serve("evaluate", requests, str(context.remote_id)):
             yield response
 
+    async def rpc_state(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """This replica's training state (epoch, LoRA parameters, optimizer state) for a replica of the same span
+        that catches up: the first message's metadata is ``{"state": <metadata>}``, then the tensors (exact)."""
+        from peer.server import NotMemberError
+
+        async for _ in requests:  # the request carries nothing
+            pass
+        server, caller = self.server, str(context.remote_id)
+        loop = asyncio.get_running_loop()
+        span = (server.span.start, server.span.end)
+        if server.members.enforced and not await loop.run_in_executor(None, server.members.allows, caller, span):
+            server.refused_callers.add(caller)
+            message = {"error": "NotMemberError", "message": str(NotMemberError(caller)), "epoch": server.epoch}
+            yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps(message))
+            return
+        metadata, tensors = await loop.run_in_executor(None, server.group.state)
+        yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps({"state": metadata}))
+        for t in tensors:
+            for part in encode(t, "none"):
+                yield runtime_pb2.ExpertResponse(tensors=[part])
+
 
 def _expect(tensors: list[torch.Tensor], n: int) -> None:
     from peer.server import BadRequestError

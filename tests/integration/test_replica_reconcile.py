@@ -17,6 +17,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.announce import record_validators
 from peer.server import SpanServer
+from peer.transport import SpanTransport
 from tests.integration.harness import in_process_server, one_span_spec, wait_for
 
 pytestmark = pytest.mark.integration
@@ -39,6 +40,8 @@ def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]
     servers = [s for s, _ in built]
     for server, announcer in built:
         server.group.averager.wait_until_ready()  # no epoch thread: the tests drive the group themselves
+        server.transport = SpanTransport(server)  # serves rpc_state to the replica that catches up
+        server.transport.start()
         announcer.start()
     try:
         wait_for(lambda: all(len(s.group.replica_epochs()) == 2 for s in servers), 30, "both replicas announced")
@@ -90,3 +93,25 @@ def test_a_replica_behind_downloads_the_state_of_one_ahead(replicas: list[SpanSe
     assert all(torch.equal(a[k], b[k]) for k in a)
     opt_a, opt_b = ahead.group.optimizer.state_dict()["state"], behind.group.optimizer.state_dict()["state"]
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+
+
+@pytest.mark.timeout(120)
+def test_a_state_that_is_not_finite_or_from_a_suspect_is_not_taken(replicas: list[SpanServer]) -> None:
+    ahead, behind = replicas
+    ahead.group.apply(0, _local_gradients(0, ahead), "test step")
+    wait_for(lambda: behind.group.replica_epochs().get(ahead.peer_id) == 1, 20, "the new epoch to be announced")
+    before = _weights(behind)
+    honest = ahead.group.state
+    ahead.group.state = lambda: (honest()[0], [torch.full_like(t, float("nan")) for t in honest()[1]])  # type: ignore[method-assign]
+    try:
+        assert not behind.group.catch_up()
+        assert "not finite" in behind.group.suspects[ahead.peer_id]
+        ahead.group.state = honest  # type: ignore[method-assign]
+        assert not behind.group.catch_up(), "a replica caught sending a bad state was asked again"
+    finally:
+        ahead.group.state = honest  # type: ignore[method-assign]
+    assert behind.epoch == 0
+    after = _weights(behind)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    behind.group.suspects.clear()
+    assert behind.group.catch_up() and behind.epoch == 1
