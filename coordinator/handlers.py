@@ -50,9 +50,15 @@ def resolve_round(ctx: CoordinatorContext, round_id: str) -> RoundRecord:
 
 
 def refresh(ctx: CoordinatorContext, record: RoundRecord, now: float) -> RoundRecord:
-    """Lazy upkeep on every request: expire silent members, take automatic lifecycle steps."""
-    expire_members(ctx, record, now)
-    return advance(ctx.store, record, now)
+    """Lazy upkeep on every request: expire silent members, take automatic lifecycle steps.
+
+    Reads the round's membership index (coordinator.progress), not every member: whether anyone went silent,
+    and the progress that decides the end."""
+    if not record.state.terminal and ctx.progress.of(ctx.store, record.round_id).any_silent(
+        now - ctx.config.heartbeat_timeout_s
+    ):
+        expire_members(ctx, record, now)
+    return advance(ctx.store, record, now, _indexed_progress(ctx))
 
 
 def _reject(ctx: CoordinatorContext, req: pb.JoinRequest, round_id: str, code: RejectCode, why: str) -> None:
@@ -184,13 +190,7 @@ def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.Heartbeat
     with ctx.lock:
         record = resolve_round(ctx, req.round_id)
         now = ctx.clock()
-        # refresh() without reading every member: the index says whether anyone went silent and what the
-        # progress is (coordinator.progress)
-        if not record.state.terminal and ctx.progress.of(ctx.store, record.round_id).any_silent(
-            now - ctx.config.heartbeat_timeout_s
-        ):
-            expire_members(ctx, record, now)
-        record = advance(ctx.store, record, now, _indexed_progress(ctx))
+        record = refresh(ctx, record, now)
         member = ctx.store.get_member(record.round_id, req.peer_id)
         if member is not None:
             member = check_credential(member, req.peer_id, req.credential)
