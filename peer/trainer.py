@@ -263,7 +263,8 @@ class ChainTrainer:
                 except StepOverError as exc:
                     overs.append(exc)
                     continue
-                except (SpanUnavailableError, RemoteCallError) as exc:
+                except (SpanUnavailableError, RemoteCallError, TimeoutError) as exc:
+                    # TimeoutError: this peer's own span is still behind the step (catching up)
                     failures += 1
                     if failures > 3 * self.max_attempts:
                         raise

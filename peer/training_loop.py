@@ -66,7 +66,8 @@ class TrainingLoop:
                     self.step, self.eval_set.to(self.daemon.device), self.daemon.spec.data.micro_batch_size
                 )
                 break
-            except (SpanUnavailableError, StepOverError) as exc:
+            except (SpanUnavailableError, StepOverError, TimeoutError) as exc:
+                # TimeoutError: this peer's own span is still behind the step (it is catching up): wait again
                 if self.daemon.signals.stop.is_set():
                     return None
                 if isinstance(exc, StepOverError):
