@@ -152,8 +152,8 @@ class ReplicaGroup:
                 state[int(i)] = {}
                 for n in names:
                     t = rest.pop(0)
-                    if t.dim() and t.shape != self.params[int(i)].shape:
-                        raise ValueError(f"optimizer state {n} of parameter {i} has shape {list(t.shape)}")
+                    if (t.dim() and t.shape != self.params[int(i)].shape) or not t.is_floating_point():
+                        raise ValueError(f"optimizer state {n} of parameter {i}: {list(t.shape)} {t.dtype}")
                     state[int(i)][str(n)] = t
             epoch = int(metadata["epoch"])
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
