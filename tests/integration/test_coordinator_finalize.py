@@ -152,20 +152,20 @@ def test_roster_is_signed_in_the_dht(tmp_path: Path, spec: RoundSpec) -> None:
 
     from swarm.roster import roster_key, verify_roster
 
+    # The reading node starts first: hivemind forks a DHT's process, and forking this test process while the
+    # coordinator's RPC and roster threads run has hung the child (CI). It joins the coordinator's DHT below.
+    client = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     server = serve(CoordinatorConfig(host="127.0.0.1", port=0, metrics_port=None, workdir=tmp_path, round_spec=spec,
-                                     roster_interval_s=0.2))  # fmt: skip
-    client = None
+                                     roster_interval_s=0.2,
+                                     dht_initial_peers=tuple(str(m) for m in client.get_visible_maddrs())))  # fmt: skip
     try:
         with coordinator_channel(server.address, server.tls_cert_path) as channel:
             reply = join(GrpcPeers(pb_grpc.CoordinatorStub(channel)), spec, "peerA")
         assert reply.dht_initial_peers and all("/p2p/" in m for m in reply.dht_initial_peers)
-        client = hivemind.DHT(
-            start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=list(reply.dht_initial_peers)
-        )
         key = load_public_key(server.public_key_path)
 
         def roster_with_peer() -> dict[str, Any] | None:
-            found = client.get(roster_key("r1"), latest=True)  # type: ignore[union-attr]
+            found = client.get(roster_key("r1"), latest=True)
             if found is None:
                 return None
             roster = verify_roster(found.value, key, round_id="r1", max_age_s=30)
@@ -178,9 +178,8 @@ def test_roster_is_signed_in_the_dht(tmp_path: Path, spec: RoundSpec) -> None:
         )
         assert published is not None and published >= 1
     finally:
-        if client is not None:
-            client.shutdown()
         server.stop(grace=0)
+        client.shutdown()
 
 
 def _start(workdir: Path, spec_file: Path, *flags: str) -> tuple[subprocess.Popen[str], str]:

@@ -41,22 +41,20 @@ def test_an_outsider_is_not_routed_to_served_or_waited_for(tmp_path: Path, demo_
     from swarm.roster import roster_key, sign_roster
 
     spec = make_spec(demo_base, demo_data, "outsider", [0, 2, 4], epochs=3)
+    # The outsider's node starts before the coordinator: hivemind forks a DHT's process, and forking this test
+    # process while the coordinator's threads run can hang the child. The coordinator's DHT joins it.
+    key = RSAPrivateKey()
+    outsider = hivemind.DHT(start=True, host_maddrs=LOCAL, record_validators=record_validators(spec.round_id, key))
     server = serve(
         CoordinatorConfig(
             port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
             heartbeat_interval_s=1.0, heartbeat_timeout_s=30.0, finalize_timeout_s=120.0, roster_interval_s=1.0,
+            dht_initial_peers=tuple(str(m) for m in outsider.get_visible_maddrs()),
         )
     )  # fmt: skip
     pub_path = tmp_path / "coord" / "coordinator" / "public_key.pem"
     common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path)]
     peers: list[Peer] = [Peer(tmp_path, "server0", tmp_path / "unused.json", common, use_spec=False)]
-    key = RSAPrivateKey()
-    outsider = hivemind.DHT(
-        start=True,
-        host_maddrs=LOCAL,
-        initial_peers=list(server.ctx.dht_initial_peers),
-        record_validators=record_validators(spec.round_id, key),
-    )
     cleanup: list = []
     try:
         ready = peers[0].ready()
