@@ -9,6 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from peer.orphan_guard import PERIOD
 from tests.integration.harness import Peer, make_spec, save_spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -39,6 +40,9 @@ def test_sigkilled_peer_leaves_no_p2pd(demo_base: Path, demo_data: Path, tmp_pat
         assert p2pd, f"no p2pd among the peer's descendants: {[p.name() for p in children]}"
         assert len(children) > len(p2pd) + 1  # hivemind's forked workers and the guard are there too
 
+        # the guard records descendants every PERIOD: one started less than a period before the kill (the span's
+        # averager starts shortly before "ready") is not known to it yet, so give it a few periods first
+        time.sleep(3 * PERIOD)
         peer.proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         wait_for(lambda: not running(children), timeout=5, what=f"the peer's leftovers to stop: {running(children)}")
