@@ -54,10 +54,16 @@ class RemoteSpan:
         error = None
         stream = await getattr(self.stub, method)(_messages(meta, parts))
         parts = []
-        async for response in stream:
-            if response.metadata:
-                error = MSGPackSerializer.loads(response.metadata)
-            parts.extend(response.tensors)
+        try:
+            async for response in stream:
+                if response.metadata:
+                    error = MSGPackSerializer.loads(response.metadata)
+                parts.extend(response.tensors)
+        except Exception:
+            # A server that refuses a call answers before reading the request and closes the stream, so sending
+            # the rest of the request can fail ("Connection lost") after the answer arrived: the answer decides.
+            if error is None:
+                raise
         if error is None and not parts:  # the stream ended before any result: a transport failure (retried)
             raise ConnectionError("the stream ended without an answer")
         if error is not None:

@@ -13,11 +13,24 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.announce import record_validators
 from peer.remote import RemoteCallError, RemoteSpan, RemoteStaleStepError
+from peer.roster_view import Membership
 from swarm.lora import export_lora_state
 from tests.integration.harness import in_process_server, one_span_spec
 
 pytestmark = pytest.mark.integration
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+
+
+class _OnlyListed(Membership):
+    """A roster with fixed members."""
+
+    enforced = True
+
+    def __init__(self, members: set[str]):
+        self.members = members
+
+    def allows(self, peer_id: str, span: tuple[int, int] | None = None) -> bool:
+        return peer_id in self.members
 
 
 @pytest.mark.timeout(120)
@@ -64,6 +77,14 @@ def test_malformed_requests_are_refused(tiny_checkpoint: Callable[..., Path]) ->
             server.group._advance(1)
         with pytest.raises(RemoteStaleStepError):
             remote.forward(0, mb, good)  # step 0 is over
+
+        # where a roster decides, a caller that is not listed is refused before its request is read; a request
+        # still being sent when the refusal closes the stream gets the refusal, not "Connection lost"
+        server.members = _OnlyListed({"someone-else"})
+        for size in (2, 4096):  # 8 MiB: far more than the socket buffers hold
+            with pytest.raises(RemoteCallError, match="NOT_A_MEMBER"):
+                remote.forward(1, (str(client.peer_id), 0), torch.randn(size, 16, 32))
+        assert str(client.peer_id) in server.refused_callers and server.samples_trained == 4
     finally:
         announcer.stop(leave=False)
         server.shutdown()
