@@ -67,6 +67,17 @@ def replica_epochs(
     return {a.peer_id: int(a.epoch) for a in online_servers(dht, round_id, members) if a.span == span}
 
 
+def replica_failures(
+    dht: hivemind.DHT, round_id: str, span: tuple[int, int], members: Membership = OPEN
+) -> dict[str, int]:
+    """Peer id -> the last epoch whose all-reduce failed, of the online servers of ``span`` that announce one."""
+    return {
+        a.peer_id: int(a.failed_epoch)
+        for a in online_servers(dht, round_id, members)
+        if a.span == span and a.failed_epoch >= 0
+    }
+
+
 def online_servers(dht: hivemind.DHT, round_id: str, members: Membership = OPEN) -> list[ServerAnnouncement]:
     """The round's servers that announce themselves as online (what routing and replica counts consider)."""
     return [a for a in fetch_servers(dht, round_id, members) if a.state == ONLINE]

@@ -13,9 +13,10 @@ One thread owns epoch ends (:meth:`ReplicaGroup.run`). ``lock`` covers applying 
 network I/O. The averaging group key carries the epoch (``set_group_bits``), so replicas of different epochs
 never average together; gathered metadata (epoch, digest of the step's contents, sample count) is checked before
 the average is used. Catching up and repair after a failed all-reduce are decisions over the epochs replicas
-announce: a replica that is behind, or whose all-reduce failed, copies a replica that has the next epoch; if none
-does, the one with the smallest peer id among those still at this epoch steps on its local gradients and the
-others copy it.
+announce: a replica that is behind, or whose all-reduce failed, copies a replica that has the next epoch. A replica
+whose all-reduce failed says so in its announcement and waits until every replica at its epoch has either reached
+the next epoch (an all-reduce can fail on one side only) or said the same; if all failed, the one with the
+smallest peer id steps on its local gradients and the others copy it.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class ReplicaGroup:
         take_gradients: Callable[[StepContents], tuple[list[torch.Tensor], int]],
         step_contents: Callable[[int], StepContents | None],
         replica_epochs: Callable[[], dict[str, int]],
+        replica_failures: Callable[[], dict[str, int]] = lambda: {},
         announce: Callable[[], None] = lambda: None,
         on_epoch: Callable[[int], None] = lambda epoch: None,
         on_averaging: Callable[[bool, float], None] = lambda ok, seconds: None,
@@ -92,6 +94,8 @@ class ReplicaGroup:
         self.dht, self.settings, self.params, self.optimizer = dht, settings, params, optimizer
         self.peer_id = str(dht.peer_id)
         self.take_gradients, self.step_contents, self.replica_epochs = take_gradients, step_contents, replica_epochs
+        self.replica_failures = replica_failures  # peer id -> the last epoch its all-reduce failed (announced)
+        self.failed_epoch = -1  # ours (announced: see repair)
         self.announce, self.on_epoch, self.on_averaging = announce, on_epoch, on_averaging
         self.admits = admits  # the roster lists this peer id for our span (peer.roster_view)
         self.download = download  # peer id -> that replica's state (SpanServer.download_state: our transport)
@@ -340,15 +344,29 @@ class ReplicaGroup:
         return True
 
     def repair(self, epoch: int, mean: list[torch.Tensor]) -> None:
-        """After a failed all-reduce: copy a replica that reached the next epoch, or, if none, let the smallest
-        peer id among the replicas still at this epoch step on its local gradients (the others then copy it)."""
+        """After a failed all-reduce, decided over what replicas announce (no settle window).
+
+        This replica announces that its all-reduce of ``epoch`` failed. One all-reduce can fail on one side only
+        (hivemind's "received 75% results": the other side got every part and applies the full average), so a
+        replica still at ``epoch`` that has not announced a failure may yet reach the next epoch: wait for each to
+        do one or the other. Then copy a replica that reached the next epoch (exact); if none did, every replica
+        at this epoch failed, and the smallest peer id among them steps on its local gradients (the others then
+        copy it). After ``averaging_timeout`` without an answer, step on local gradients.
+        """
+        self.failed_epoch = epoch
+        self.announce()
         deadline = time.monotonic() + self.settings.averaging_timeout
         while not self._stop.is_set():
             epochs = self.replica_epochs()
             if any(e > epoch for p, e in epochs.items() if p != self.peer_id) and self.catch_up():
                 return
-            here = sorted({p for p, e in epochs.items() if e == epoch and p not in self.suspects} | {self.peer_id})
-            if here[0] == self.peer_id or time.monotonic() > deadline:
+            failed = self.replica_failures()
+            here = {p for p, e in epochs.items() if e == epoch and p not in self.suspects and p != self.peer_id}
+            undecided = [p for p in here if failed.get(p) != epoch]
+            if time.monotonic() > deadline:
+                self.apply(epoch, mean, f"all-reduce failed, no answer from {undecided}: stepped on local gradients")
+                return
+            if not undecided and min(here | {self.peer_id}) == self.peer_id:
                 self.apply(epoch, mean, "all-reduce failed: stepped on local gradients, replicas copy this one")
                 return
             self._stop.wait(0.1)

@@ -177,6 +177,7 @@ class SpanServer:
         *,
         step_contents: Callable[[int], StepContents | None],
         replica_epochs: Callable[[], dict[str, int]],
+        replica_failures: Callable[[], dict[str, int]] = lambda: {},
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         initial_state: dict[str, torch.Tensor] | None = None,
@@ -218,6 +219,7 @@ class SpanServer:
             take_gradients=lambda contents: self.grads.take(contents, self.params),
             step_contents=step_contents,
             replica_epochs=replica_epochs,
+            replica_failures=replica_failures,
             announce=announce,
             on_epoch=self._settled,
             on_averaging=on_averaging or (lambda ok, seconds: None),
@@ -244,6 +246,7 @@ class SpanServer:
             throughput=throughput,
             expert_uid=self.uid,
             epoch=self.epoch,
+            failed_epoch=self.group.failed_epoch,
             **fields,
         )
 

@@ -44,6 +44,8 @@ class ServerAnnouncement(BaseModel):
     adapter_version: constr(strict=True, max_length=64) = ""  # type: ignore[valid-type]
     expert_uid: constr(strict=True, max_length=256) = ""  # type: ignore[valid-type]
     epoch: conint(strict=True, ge=0, lt=2**31) = 0  # type: ignore[valid-type]
+    # the last epoch whose all-reduce failed here (-1: none); replicas repairing that epoch wait for this answer
+    failed_epoch: conint(strict=True, ge=-1, lt=2**31) = -1  # type: ignore[valid-type]
     maddrs: conlist(constr(strict=True, max_length=256), max_items=16) = []  # type: ignore[valid-type]
 
     class Config:

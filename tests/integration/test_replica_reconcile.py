@@ -1,7 +1,8 @@
 """ReplicaGroup repair and catch-up over announced epochs (real hivemind, two replicas in one process).
 
-After a failed all-reduce, the replica with the smallest peer id among those at the epoch steps on its local
-gradients and the other copies its state (no settle window); a replica behind downloads the state first.
+After a failed all-reduce, a replica copies one that reached the next epoch; when every replica's all-reduce failed,
+the one with the smallest peer id steps on its local gradients and the other copies its state (no settle window);
+a replica behind downloads the state first.
 """
 
 from __future__ import annotations
@@ -115,3 +116,20 @@ def test_a_state_that_is_not_finite_or_from_a_suspect_is_not_taken(replicas: lis
     assert all(torch.equal(before[k], after[k]) for k in before)
     behind.group.suspects.clear()
     assert behind.group.catch_up() and behind.epoch == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_whose_all_reduce_failed_copies_one_whose_all_reduce_succeeded(replicas: list[SpanServer]) -> None:
+    """hivemind can end one all-reduce with every part on one side and a missing part on the other ("received
+    75% results"): the side that failed must take the other's full average, even with the smaller peer id."""
+    failed_side = min(range(2), key=lambda i: replicas[i].peer_id)
+    failed, succeeded = replicas[failed_side], replicas[1 - failed_side]
+    repair = threading.Thread(target=failed.group.repair, args=(0, _local_gradients(0, failed)))
+    repair.start()
+    wait_for(lambda: succeeded.group.replica_failures().get(failed.peer_id) == 0, 20, "the failure to be announced")
+    assert repair.is_alive() and failed.epoch == 0, "stepped alone while the other replica had not answered"
+    succeeded.group.apply(0, _local_gradients(1, succeeded), "test: the full average")
+    repair.join(timeout=60)
+    assert not repair.is_alive() and failed.epoch == 1
+    a, b = _weights(failed), _weights(succeeded)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the failed replica did not take the full average"
