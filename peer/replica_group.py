@@ -295,16 +295,19 @@ class ReplicaGroup:
                 "are not roster members of this span"
             )
             return None
+        if not self._name_outliers(epoch, gathered):  # from what each member declared: even if the rest failed
+            return None
         if self._partial.count.value != partial_before:
             log.warning(f"{self.settings.run_id} epoch {epoch}: the all-reduce returned only part of the results")
             return None
         infos = [v for v in gathered.values() if isinstance(v, dict)]
         if len(infos) != len(gathered) or any(
-            i.get("epoch") != epoch or i.get("digest") != mine["digest"] for i in infos
+            i.get("epoch") != epoch or i.get("digest") != mine["digest"] or type(i.get("samples")) is not int
+            for i in infos
         ):
             log.warning(f"{self.settings.run_id} epoch {epoch}: group disagreed on the step: {infos}")
             return None
-        total = sum(int(i.get("samples", 0)) for i in infos)
+        total = sum(int(i["samples"]) for i in infos)
         if total == 0:
             log.warning(f"{self.settings.run_id} epoch {epoch}: nobody in the group held gradients")
             return None
@@ -319,20 +322,32 @@ class ReplicaGroup:
         if not all(torch.isfinite(a).all() for a in averaged):
             log.warning(f"{self.settings.run_id} epoch {epoch}: the averaged gradients are not finite; refused")
             return None
-        return averaged if self._sane(epoch, gathered, averaged) else None
+        return averaged if self._consistent(epoch, gathered, averaged) else None
 
-    def _sane(self, epoch: int, gathered: dict[Any, Any], averaged: list[torch.Tensor]) -> bool:
-        """swarm.sanity: name replicas whose declared gradient is out of line; refuse an inconsistent result."""
+    @staticmethod
+    def _declared(gathered: dict[Any, Any]) -> tuple[dict[str, float], dict[str, float]]:
+        """Each member's declared gradient norm (NaN when missing or not a number) and sample weight."""
         norms, weights = {}, {}
         for peer, info in gathered.items():
+            info = info if isinstance(info, dict) else {}
             norm = info.get("norm")
             norms[str(peer)] = float(norm) if isinstance(norm, float | int) and not isinstance(norm, bool) else math.nan
-            weights[str(peer)] = float(int(info.get("samples", 0)))
-        named = outliers(norms, weights)
+            samples = info.get("samples", 0)
+            weights[str(peer)] = float(samples) if isinstance(samples, int) and not isinstance(samples, bool) else 0.0
+        return norms, weights
+
+    def _name_outliers(self, epoch: int, gathered: dict[Any, Any]) -> bool:
+        """swarm.sanity: name members whose declared gradient is out of line (suspects); False if any is."""
+        named = outliers(*self._declared(gathered))
         if named:
             self.suspects.update(named)
             log.warning(f"{self.settings.run_id} epoch {epoch}: refused the all-reduce result: {named}")
             return False
+        return True
+
+    def _consistent(self, epoch: int, gathered: dict[Any, Any], averaged: list[torch.Tensor]) -> bool:
+        """Refuse a result whose norm exceeds what the group declared (swarm.sanity.exceeds_bound)."""
+        norms, weights = self._declared(gathered)
         if exceeds_bound(global_norm(averaged), norms, weights):
             self.inconsistent_epochs += 1
             log.warning(
