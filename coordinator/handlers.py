@@ -30,6 +30,7 @@ from coordinator.validation import (
     span_index,
     span_message,
 )
+from swarm.config import RoundSpec
 from swarm.proto import EVALUATOR_ROLE, Action, RejectCode, RoundState
 from swarm.proto import coordinator_pb2 as pb
 
@@ -75,6 +76,27 @@ def _refuse(
 
 
 MAX_MULTIADDRS, MAX_MULTIADDR_CHARS = 16, 256
+QUANTIZE_KINDS = ("", "none", "nf4", "int8")
+
+
+def _preferred_span(spec: RoundSpec, req: pb.JoinRequest, fits: list[int]) -> tuple[int | None, str]:
+    """The span the peer asked for (index, or None when it left the choice to us), or why it cannot be had."""
+    names = ", ".join(s.name for s in spec.spans)
+    limit = f"this peer hosts at most {req.max_blocks} block(s) (its --num-blocks or free GPU memory)"
+    if req.HasField("preferred_span"):
+        want = req.preferred_span
+        match = [i for i, s in enumerate(spec.spans) if (s.start, s.end) == (want.start, want.end)]
+        if not match:
+            return None, (
+                f"span {want.start}-{want.end} is not a span of round {spec.round_id!r} (its spans: {names}): "
+                "pass one of them with --span or --span-index, or neither to let the coordinator choose"
+            )
+        if match[0] not in fits:
+            return None, f"span {want.start}-{want.end} has {want.end - want.start} blocks but {limit}"
+        return match[0], ""
+    if not fits:
+        return None, f"no span of round {spec.round_id!r} fits: its spans are {names}, and {limit}"
+    return None, ""
 
 
 def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
@@ -86,6 +108,8 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
             raise invalid(f"multiaddrs[{i}] must be a multiaddr such as /ip4/1.2.3.4/tcp/31337 "
                           f"(1-{MAX_MULTIADDR_CHARS} chars)")  # fmt: skip
     check_real("capacity.throughput", req.capacity.throughput, minimum=0.0)
+    if req.quantize not in QUANTIZE_KINDS:
+        raise invalid(f"quantize must be one of none, nf4, int8; got {req.quantize[:32]!r}")
     if req.role == EVALUATOR_ROLE:
         return join_evaluator(ctx, req)
     if req.role:
@@ -124,15 +148,24 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
             )
             return _refuse(ctx, req, record, RejectCode.SOFTWARE_VERSION, why)
 
+        fits = [i for i, s in enumerate(spec.spans) if not req.max_blocks or len(s) <= req.max_blocks]
+        preferred, why = _preferred_span(spec, req, fits)
+        if why:
+            return _refuse(ctx, req, record, RejectCode.SPAN, why)
         previous = ctx.store.get_member(record.round_id, req.peer_id)
-        if previous is not None and previous.live:
+        if preferred is not None:
+            kept = previous is not None and previous.live and previous.span_index == preferred
+            index, epoch = preferred, previous.epoch if kept and previous else 0
+        elif previous is not None and previous.live and previous.span_index in fits:
             index, epoch = previous.span_index, previous.epoch  # a quick restart keeps its span
         else:
             others = [r for r in live_replicas(ctx.store, record.round_id) if r.peer_id != req.peer_id]
-            index, epoch = choose_span(others, len(spec.spans)), 0
-        cap = Capacity(req.capacity.memory_bytes, req.capacity.device, req.capacity.throughput)
+            index, epoch = choose_span(others, len(spec.spans), fits), 0
+        cap = Capacity(req.capacity.memory_bytes, req.capacity.device, req.capacity.throughput, req.max_blocks,
+                       req.quantize)  # fmt: skip
         member = MemberRecord(record.round_id, req.peer_id, index, tuple(req.multiaddrs), cap, cap.throughput,
-                              joined_at=now, last_heartbeat=now, epoch=epoch, credential_sha256=digest)  # fmt: skip
+                              joined_at=now, last_heartbeat=now, epoch=epoch, credential_sha256=digest,
+                              pinned=preferred is not None)  # fmt: skip
         ctx.store.put_member(member)
         advance(ctx.store, record, now)
     return pb.JoinResponse(

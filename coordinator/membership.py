@@ -18,7 +18,8 @@ def rebalance_round(ctx: CoordinatorContext, record: RoundRecord) -> list[Move]:
     """Apply :func:`~coordinator.assignment.rebalance` to an open or training round."""
     if record.state not in (RoundState.OPEN, RoundState.TRAINING):
         return []
-    moves = rebalance(live_replicas(ctx.store, record.round_id), len(record.spec.spans))
+    spans = record.spec.spans
+    moves = rebalance(live_replicas(ctx.store, record.round_id, spans), len(spans))
     if moves:
         ctx.store.move_members(record.round_id, {m.peer_id: m.to_span for m in moves})
         ctx.metrics.rebalance_moves.inc(len(moves))

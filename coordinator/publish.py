@@ -197,6 +197,7 @@ def _prepare(ctx: CoordinatorContext, key: Ed25519PrivateKey) -> _Assemble | _Jo
                          for c in store.list_contributions(record.round_id))  # fmt: skip
     info = AdapterInfo(version=version, parent_version=record.parent_adapter or None, round_id=record.round_id,
                        base_model=spec.base.path, base_fingerprint=spec.base.fingerprint, contributors=contributors,
+                       base_quantization=tuple(sorted({m.capacity.quantize or "unrecorded" for m in members})),
                        eval_loss_before=before, eval_loss_after=after, method="round")  # fmt: skip
     return _Job(record, info, ctx.config.adapters_dir / version, candidate)
 

@@ -20,8 +20,8 @@ from coordinator.lifecycle import (
     transition,
     trusted_samples,
 )
-from coordinator.state import AlreadyExists, CoordinatorStore, MemberState, RoundRecord
-from swarm.config import RoundSpec
+from coordinator.state import AlreadyExists, CoordinatorStore, MemberRecord, MemberState, RoundRecord
+from swarm.config import RoundSpec, SpanRange
 from swarm.proto import RoundState
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,21 @@ def open_round(store: CoordinatorStore, spec: RoundSpec, now: float) -> RoundRec
     return record
 
 
-def live_replicas(store: CoordinatorStore, round_id: str) -> list[Replica]:
-    return [Replica(m.peer_id, m.span_index, m.throughput) for m in store.list_members(round_id, MemberState.LIVE)]
+def allowed_spans(spans: Sequence[SpanRange], member: MemberRecord) -> frozenset[int] | None:
+    """The spans ``member`` may host: the one it chose, those that fit its ``max_blocks``, or None (any)."""
+    if member.pinned:
+        return frozenset({member.span_index})
+    if member.capacity.max_blocks:
+        return frozenset(i for i, s in enumerate(spans) if len(s) <= member.capacity.max_blocks)
+    return None
+
+
+def live_replicas(store: CoordinatorStore, round_id: str, spans: Sequence[SpanRange] = ()) -> list[Replica]:
+    """The round's live members as :class:`Replica`; with the round's ``spans``, each says where it may move."""
+    return [
+        Replica(m.peer_id, m.span_index, m.throughput, allowed_spans(spans, m) if spans else None)
+        for m in store.list_members(round_id, MemberState.LIVE)
+    ]
 
 
 class _Member(Protocol):

@@ -69,6 +69,8 @@ class Capacity:
     memory_bytes: int = 0
     device: str = ""
     throughput: float = 0.0
+    max_blocks: int = 0  # the peer hosts spans of at most this many blocks (0 = no limit)
+    quantize: str = ""  # how it stores the frozen base: "none", "nf4", "int8" ("" = not said)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class MemberRecord:
     session_samples: int = 0
     session_tokens: int = 0
     credential_sha256: str = ""  # sha256 of the bearer credential its last Join issued ('' = none)
+    pinned: bool = False  # the peer chose its span (--span / --span-index): rebalancing never moves it
 
     @property
     def live(self) -> bool:

@@ -65,12 +65,18 @@ MIGRATIONS: list[list[str]] = [
     ["ALTER TABLE rounds ADD COLUMN reason TEXT NOT NULL DEFAULT ''"],
     ["ALTER TABLE members ADD COLUMN credential_sha256 TEXT NOT NULL DEFAULT ''"],
     ["ALTER TABLE eval_reports ADD COLUMN candidate_sha256 TEXT NOT NULL DEFAULT ''"],
+    [
+        "ALTER TABLE members ADD COLUMN max_blocks INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE members ADD COLUMN quantize TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE members ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _MEMBER_COLS = (
     "round_id, peer_id, span_index, multiaddrs, memory_bytes, device, capacity_throughput, throughput, "
-    "joined_at, last_heartbeat, state, epoch, loss, session_samples, session_tokens, credential_sha256"
+    "joined_at, last_heartbeat, state, epoch, loss, session_samples, session_tokens, credential_sha256, "
+    "max_blocks, quantize, pinned"
 )
 
 #: A re-join keeps the member's row (and so its place in listings); every other column is replaced.
@@ -91,7 +97,7 @@ def _member(row: Any) -> MemberRecord:
         peer_id=row[1],
         span_index=row[2],
         multiaddrs=load_tuple(row[3]),
-        capacity=Capacity(row[4], row[5], row[6]),
+        capacity=Capacity(row[4], row[5], row[6], row[16], row[17]),
         throughput=row[7],
         joined_at=row[8],
         last_heartbeat=row[9],
@@ -101,6 +107,7 @@ def _member(row: Any) -> MemberRecord:
         session_samples=row[13],
         session_tokens=row[14],
         credential_sha256=row[15],
+        pinned=bool(row[18]),
     )
 
 
@@ -204,11 +211,12 @@ class SqliteStore(CoordinatorStore):
             if c.execute("SELECT 1 FROM rounds WHERE round_id = ?", (m.round_id,)).fetchone() is None:
                 raise NotFound(f"round {m.round_id!r} does not exist")
             c.execute(
-                f"INSERT INTO members ({_MEMBER_COLS}) VALUES ({', '.join('?' * 16)}) "
+                f"INSERT INTO members ({_MEMBER_COLS}) VALUES ({', '.join('?' * 19)}) "
                 f"ON CONFLICT (round_id, peer_id) DO UPDATE SET {_UPSERT_SET}",
                 (m.round_id, m.peer_id, m.span_index, dump_tuple(m.multiaddrs), m.capacity.memory_bytes,
                  m.capacity.device, m.capacity.throughput, m.throughput, m.joined_at, m.last_heartbeat,
-                 m.state.value, m.epoch, m.loss, m.session_samples, m.session_tokens, m.credential_sha256),
+                 m.state.value, m.epoch, m.loss, m.session_samples, m.session_tokens, m.credential_sha256,
+                 m.capacity.max_blocks, m.capacity.quantize, int(m.pinned)),
             )  # fmt: skip
             c.execute("INSERT OR IGNORE INTO contributions VALUES (?, ?, 0, 0)", (m.round_id, m.peer_id))
         self._members_changed()

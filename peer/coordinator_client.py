@@ -94,7 +94,12 @@ class CoordinatorClient:
         device: str,
         memory_bytes: int,
         round_id: str = "",
+        preferred_span: SpanRange | None = None,
+        max_blocks: int = 0,
+        quantize: str = "",
     ) -> tuple[RoundSpec, SpanRange, pb.JoinResponse]:
+        """Join (the open round, or ``round_id``); ``preferred_span`` / ``max_blocks`` are the volunteer's choices
+        (the coordinator honours them or refuses with reject code ``span``), ``quantize`` is recorded."""
         if self.identity is None or self.identity.peer_id != peer_id:
             raise ValueError(f"joining as {peer_id} needs that peer's identity key (CoordinatorClient(identity=...))")
         challenge = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=self.timeout).join_challenge
@@ -111,6 +116,9 @@ class CoordinatorClient:
                 public_key=self.identity.public_key_pb,
                 challenge=challenge,
                 signature=self.identity.sign(payload),
+                preferred_span=pb.Span(start=preferred_span.start, end=preferred_span.end) if preferred_span else None,
+                max_blocks=max_blocks,
+                quantize=quantize,
             ),
             timeout=self.timeout,
         )

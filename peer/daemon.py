@@ -37,6 +37,20 @@ log = get_logger(__name__)
 ROSTER_WAIT_S = 60.0  # how long a new member waits to appear in the coordinator's roster
 
 
+def max_blocks(config: PeerConfig, spec: RoundSpec, device: str, dtype: torch.dtype) -> int | None:
+    """``--num-blocks``, or on a GPU the number of blocks that fit in free memory (with 20% headroom); None on a
+    CPU without ``--num-blocks`` (no limit)."""
+    if config.num_blocks:
+        return config.num_blocks
+    if device != "cuda":
+        return None
+    from swarm.quantize import block_nbytes_quantized
+
+    free, _ = torch.cuda.mem_get_info()
+    per_block = block_nbytes_quantized(spec.base.path, 0, config.quantize, dtype.itemsize)
+    return max(int(free * 0.8 // per_block), 0)
+
+
 def resolve_device(device: str, dtype: str) -> tuple[str, torch.dtype]:
     """``auto`` picks CUDA when present; dtype ``auto`` is float32 on CPU and bfloat16 on GPU."""
     if device == "auto":
@@ -186,16 +200,7 @@ class PeerDaemon:
         self.metrics_server: MetricsServer | None = None
 
     def max_blocks(self) -> int | None:
-        """``--num-blocks``, or on a GPU the number of blocks that fit in free memory (with 20% headroom)."""
-        if self.config.num_blocks:
-            return self.config.num_blocks
-        if self.device != "cuda":
-            return None
-        from swarm.quantize import block_nbytes_quantized
-
-        free, _ = torch.cuda.mem_get_info()
-        per_block = block_nbytes_quantized(self.spec.base.path, 0, self.config.quantize, self.dtype.itemsize)
-        return max(int(free * 0.8 // per_block), 0)
+        return max_blocks(self.config, self.spec, self.device, self.dtype)
 
     def _choose_span(self) -> SpanRange:
         cfg, spans = self.config, self.spec.spans

@@ -79,7 +79,10 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event, checks: lis
             if joined is None:
                 break
             spec, span, resp, local_fp = joined
-            log.info(f"Joined round {spec.round_id} as {peer_id}: span {span.name}")
+            chosen = (
+                "the span this peer asked for" if config.span or config.span_index >= 0 else "chosen by the coordinator"
+            )
+            log.info(f"Joined round {spec.round_id} as {peer_id}: span {span.name} ({chosen})")
             link = CoordinatorLink(client, config, peer_id, spec, local_fp)
             initial = link.parent_state()
             peer_config = config.model_copy(
@@ -104,6 +107,25 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event, checks: lis
         client.close()
 
 
+def _span_choice(config: PeerConfig, spec: RoundSpec, device: str) -> tuple[SpanRange | None, int]:
+    """The span this volunteer asked for (``--span`` / ``--span-index``; None = the coordinator chooses) and the
+    most blocks it hosts (``--num-blocks`` or free GPU memory; 0 = no limit), sent with ``Join``."""
+    from peer.daemon import max_blocks, resolve_device
+
+    wanted = config.span
+    if wanted is None and config.span_index >= 0:
+        if config.span_index >= len(spec.spans):
+            names = ", ".join(s.name for s in spec.spans)
+            raise ValueError(f"--span-index {config.span_index} is out of range: round {spec.round_id} has "
+                             f"{len(spec.spans)} spans ({names})")  # fmt: skip
+        wanted = spec.spans[config.span_index]
+    limit = max_blocks(config, spec, device, resolve_device(config.device, config.dtype)[1])
+    if limit == 0:
+        raise ValueError("free GPU memory holds no block of this base model: free memory, use --quantize nf4, or "
+                         "run on another device")  # fmt: skip
+    return wanted, limit or 0
+
+
 def _join_when_open(
     client: CoordinatorClient, config: PeerConfig, peer_id: str, stop: threading.Event, period: float = 2.0
 ) -> tuple[RoundSpec, SpanRange, Any, str] | None:
@@ -116,7 +138,9 @@ def _join_when_open(
         try:
             current = client.current_spec()
             local_fp = fingerprint(current.base.path)
-            spec, span, resp = client.join(peer_id, [], local_fp, 0.0, device, psutil.virtual_memory().available)
+            wanted, limit = _span_choice(config, current, device)
+            spec, span, resp = client.join(peer_id, [], local_fp, 0.0, device, psutil.virtual_memory().available,
+                                           preferred_span=wanted, max_blocks=limit, quantize=config.quantize)  # fmt: skip
             return spec, span, resp, local_fp
         except JoinRejectedError as exc:
             if not exc.retriable:

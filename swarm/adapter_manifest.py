@@ -78,6 +78,11 @@ class AdapterInfo(_Record):
     round_id: str = Field(..., min_length=1, description="Round that produced it (for merges, an id of the merge).")
     base_model: str = Field(..., min_length=1, description="Base model path or hub id it was trained on.")
     base_fingerprint: str = Field(..., min_length=1, description="Fingerprint of that base (swarm.checkpoint).")
+    base_quantization: tuple[str, ...] = Field(
+        (),
+        description="How the span hosts stored that base's frozen weights while training ('none', 'nf4', 'int8'; "
+        "each kind any member used). Empty: not recorded (adapters made before it was, merges).",
+    )
     contributors: tuple[Contributor, ...] = Field((), description="Peers that trained it, with sample counts.")
     eval_loss_before: float | None = Field(None, description="Held-out loss of the parent (or base).")
     eval_loss_after: float | None = Field(None, description="Held-out loss with this adapter applied.")

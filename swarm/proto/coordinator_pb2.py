@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dswarm/proto/coordinator.proto\x12\x0cloraswarm.v1\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"D\n\x08\x43\x61pacity\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nthroughput\x18\x03 \x01(\x01\"\xfe\x01\n\x0bJoinRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nmultiaddrs\x18\x02 \x03(\t\x12(\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x16.loraswarm.v1.Capacity\x12\x18\n\x10\x62\x61se_fingerprint\x18\x04 \x01(\t\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12\x12\n\njoin_token\x18\x06 \x01(\t\x12\x10\n\x08round_id\x18\x07 \x01(\t\x12\x12\n\npublic_key\x18\x08 \x01(\x0c\x12\x11\n\tchallenge\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x0c\n\x04role\x18\x0b \x01(\t\"\x84\x02\n\x0cJoinResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x17\n\x0fround_spec_json\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\x12\x15\n\rreject_reason\x18\x05 \x01(\t\x12\x10\n\x08round_id\x18\x06 \x01(\t\x12\x13\n\x0breject_code\x18\x07 \x01(\t\x12\x19\n\x11\x64ht_initial_peers\x18\x08 \x03(\t\x12\x12\n\ncredential\x18\t \x01(\t\x12\x1c\n\x14round_spec_signature\x18\n \x01(\t\"\\\n\x08Progress\x12\x0f\n\x07samples\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\"\x95\x01\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12(\n\x08progress\x18\x03 \x01(\x0b\x32\x16.loraswarm.v1.Progress\x12 \n\x04span\x18\x04 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x12\n\ncredential\x18\x05 \x01(\t\"\xcb\x01\n\x11HeartbeatResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x13\n\x0bround_state\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x15\n\rnext_round_id\x18\x07 \x01(\t\x12\x1d\n\x15\x65val_candidate_sha256\x18\x08 \x01(\t\"E\n\x0cLeaveRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"\x1b\n\rLeaveResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"\'\n\x13GetRoundSpecRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\xa3\x02\n\x14GetRoundSpecResponse\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x17\n\x0fround_spec_json\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x06 \x01(\x01\x12\x0f\n\x07samples\x18\x07 \x01(\x03\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\n \x01(\t\x12\x16\n\x0ejoin_challenge\x18\x0b \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x0c \x01(\t\x12\x1c\n\x14round_spec_signature\x18\r \x01(\t\"\x15\n\x13ListAdaptersRequest\"\xcc\x01\n\x0c\x41\x64\x61pterEntry\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07parents\x18\x02 \x03(\t\x12\x10\n\x08round_id\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x1d\n\x10\x65val_loss_before\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0f\x65val_loss_after\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06sha256\x18\x07 \x01(\tB\x13\n\x11_eval_loss_beforeB\x12\n\x10_eval_loss_after\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.loraswarm.v1.AdapterEntry\")\n\x16\x44ownloadAdapterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"c\n\x0c\x41\x64\x61pterChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tfile_size\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\"\xa6\x01\n\x16UploadSpanStateRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12 \n\x04span\x18\x03 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x13\n\x0bsafetensors\x18\x05 \x01(\x0c\x12\x0f\n\x07samples\x18\x06 \x01(\x03\x12\x12\n\ncredential\x18\x07 \x01(\t\"I\n\x17UploadSpanStateResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\xb4\x01\n\x11ReportEvalRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x13\n\x0b\x65val_tokens\x18\x06 \x01(\x03\x12\x12\n\ncredential\x18\x07 \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x08 \x01(\t\" \n\x12ReportEvalResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x32\x92\x05\n\x0b\x43oordinator\x12=\n\x04Join\x12\x19.loraswarm.v1.JoinRequest\x1a\x1a.loraswarm.v1.JoinResponse\x12L\n\tHeartbeat\x12\x1e.loraswarm.v1.HeartbeatRequest\x1a\x1f.loraswarm.v1.HeartbeatResponse\x12@\n\x05Leave\x12\x1a.loraswarm.v1.LeaveRequest\x1a\x1b.loraswarm.v1.LeaveResponse\x12U\n\x0cGetRoundSpec\x12!.loraswarm.v1.GetRoundSpecRequest\x1a\".loraswarm.v1.GetRoundSpecResponse\x12U\n\x0cListAdapters\x12!.loraswarm.v1.ListAdaptersRequest\x1a\".loraswarm.v1.ListAdaptersResponse\x12U\n\x0f\x44ownloadAdapter\x12$.loraswarm.v1.DownloadAdapterRequest\x1a\x1a.loraswarm.v1.AdapterChunk0\x01\x12^\n\x0fUploadSpanState\x12$.loraswarm.v1.UploadSpanStateRequest\x1a%.loraswarm.v1.UploadSpanStateResponse\x12O\n\nReportEval\x12\x1f.loraswarm.v1.ReportEvalRequest\x1a .loraswarm.v1.ReportEvalResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dswarm/proto/coordinator.proto\x12\x0cloraswarm.v1\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"D\n\x08\x43\x61pacity\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nthroughput\x18\x03 \x01(\x01\"\xd0\x02\n\x0bJoinRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nmultiaddrs\x18\x02 \x03(\t\x12(\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x16.loraswarm.v1.Capacity\x12\x18\n\x10\x62\x61se_fingerprint\x18\x04 \x01(\t\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12\x12\n\njoin_token\x18\x06 \x01(\t\x12\x10\n\x08round_id\x18\x07 \x01(\t\x12\x12\n\npublic_key\x18\x08 \x01(\x0c\x12\x11\n\tchallenge\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x0c\n\x04role\x18\x0b \x01(\t\x12*\n\x0epreferred_span\x18\x0c \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x12\n\nmax_blocks\x18\r \x01(\r\x12\x10\n\x08quantize\x18\x0e \x01(\t\"\x84\x02\n\x0cJoinResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x17\n\x0fround_spec_json\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\x12\x15\n\rreject_reason\x18\x05 \x01(\t\x12\x10\n\x08round_id\x18\x06 \x01(\t\x12\x13\n\x0breject_code\x18\x07 \x01(\t\x12\x19\n\x11\x64ht_initial_peers\x18\x08 \x03(\t\x12\x12\n\ncredential\x18\t \x01(\t\x12\x1c\n\x14round_spec_signature\x18\n \x01(\t\"\\\n\x08Progress\x12\x0f\n\x07samples\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\"\x95\x01\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12(\n\x08progress\x18\x03 \x01(\x0b\x32\x16.loraswarm.v1.Progress\x12 \n\x04span\x18\x04 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x12\n\ncredential\x18\x05 \x01(\t\"\xcb\x01\n\x11HeartbeatResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x13\n\x0bround_state\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x15\n\rnext_round_id\x18\x07 \x01(\t\x12\x1d\n\x15\x65val_candidate_sha256\x18\x08 \x01(\t\"E\n\x0cLeaveRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"\x1b\n\rLeaveResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"\'\n\x13GetRoundSpecRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\xa3\x02\n\x14GetRoundSpecResponse\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x17\n\x0fround_spec_json\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x06 \x01(\x01\x12\x0f\n\x07samples\x18\x07 \x01(\x03\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\n \x01(\t\x12\x16\n\x0ejoin_challenge\x18\x0b \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x0c \x01(\t\x12\x1c\n\x14round_spec_signature\x18\r \x01(\t\"\x15\n\x13ListAdaptersRequest\"\xcc\x01\n\x0c\x41\x64\x61pterEntry\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07parents\x18\x02 \x03(\t\x12\x10\n\x08round_id\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x1d\n\x10\x65val_loss_before\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0f\x65val_loss_after\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06sha256\x18\x07 \x01(\tB\x13\n\x11_eval_loss_beforeB\x12\n\x10_eval_loss_after\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.loraswarm.v1.AdapterEntry\")\n\x16\x44ownloadAdapterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"c\n\x0c\x41\x64\x61pterChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tfile_size\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\"\xa6\x01\n\x16UploadSpanStateRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12 \n\x04span\x18\x03 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x13\n\x0bsafetensors\x18\x05 \x01(\x0c\x12\x0f\n\x07samples\x18\x06 \x01(\x03\x12\x12\n\ncredential\x18\x07 \x01(\t\"I\n\x17UploadSpanStateResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\xb4\x01\n\x11ReportEvalRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x13\n\x0b\x65val_tokens\x18\x06 \x01(\x03\x12\x12\n\ncredential\x18\x07 \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x08 \x01(\t\" \n\x12ReportEvalResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x32\x92\x05\n\x0b\x43oordinator\x12=\n\x04Join\x12\x19.loraswarm.v1.JoinRequest\x1a\x1a.loraswarm.v1.JoinResponse\x12L\n\tHeartbeat\x12\x1e.loraswarm.v1.HeartbeatRequest\x1a\x1f.loraswarm.v1.HeartbeatResponse\x12@\n\x05Leave\x12\x1a.loraswarm.v1.LeaveRequest\x1a\x1b.loraswarm.v1.LeaveResponse\x12U\n\x0cGetRoundSpec\x12!.loraswarm.v1.GetRoundSpecRequest\x1a\".loraswarm.v1.GetRoundSpecResponse\x12U\n\x0cListAdapters\x12!.loraswarm.v1.ListAdaptersRequest\x1a\".loraswarm.v1.ListAdaptersResponse\x12U\n\x0f\x44ownloadAdapter\x12$.loraswarm.v1.DownloadAdapterRequest\x1a\x1a.loraswarm.v1.AdapterChunk0\x01\x12^\n\x0fUploadSpanState\x12$.loraswarm.v1.UploadSpanStateRequest\x1a%.loraswarm.v1.UploadSpanStateResponse\x12O\n\nReportEval\x12\x1f.loraswarm.v1.ReportEvalRequest\x1a .loraswarm.v1.ReportEvalResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,41 +36,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CAPACITY']._serialized_start=83
   _globals['_CAPACITY']._serialized_end=151
   _globals['_JOINREQUEST']._serialized_start=154
-  _globals['_JOINREQUEST']._serialized_end=408
-  _globals['_JOINRESPONSE']._serialized_start=411
-  _globals['_JOINRESPONSE']._serialized_end=671
-  _globals['_PROGRESS']._serialized_start=673
-  _globals['_PROGRESS']._serialized_end=765
-  _globals['_HEARTBEATREQUEST']._serialized_start=768
-  _globals['_HEARTBEATREQUEST']._serialized_end=917
-  _globals['_HEARTBEATRESPONSE']._serialized_start=920
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1123
-  _globals['_LEAVEREQUEST']._serialized_start=1125
-  _globals['_LEAVEREQUEST']._serialized_end=1194
-  _globals['_LEAVERESPONSE']._serialized_start=1196
-  _globals['_LEAVERESPONSE']._serialized_end=1223
-  _globals['_GETROUNDSPECREQUEST']._serialized_start=1225
-  _globals['_GETROUNDSPECREQUEST']._serialized_end=1264
-  _globals['_GETROUNDSPECRESPONSE']._serialized_start=1267
-  _globals['_GETROUNDSPECRESPONSE']._serialized_end=1558
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1560
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1581
-  _globals['_ADAPTERENTRY']._serialized_start=1584
-  _globals['_ADAPTERENTRY']._serialized_end=1788
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1790
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1858
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=1860
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=1901
-  _globals['_ADAPTERCHUNK']._serialized_start=1903
-  _globals['_ADAPTERCHUNK']._serialized_end=2002
-  _globals['_UPLOADSPANSTATEREQUEST']._serialized_start=2005
-  _globals['_UPLOADSPANSTATEREQUEST']._serialized_end=2171
-  _globals['_UPLOADSPANSTATERESPONSE']._serialized_start=2173
-  _globals['_UPLOADSPANSTATERESPONSE']._serialized_end=2246
-  _globals['_REPORTEVALREQUEST']._serialized_start=2249
-  _globals['_REPORTEVALREQUEST']._serialized_end=2429
-  _globals['_REPORTEVALRESPONSE']._serialized_start=2431
-  _globals['_REPORTEVALRESPONSE']._serialized_end=2463
-  _globals['_COORDINATOR']._serialized_start=2466
-  _globals['_COORDINATOR']._serialized_end=3124
+  _globals['_JOINREQUEST']._serialized_end=490
+  _globals['_JOINRESPONSE']._serialized_start=493
+  _globals['_JOINRESPONSE']._serialized_end=753
+  _globals['_PROGRESS']._serialized_start=755
+  _globals['_PROGRESS']._serialized_end=847
+  _globals['_HEARTBEATREQUEST']._serialized_start=850
+  _globals['_HEARTBEATREQUEST']._serialized_end=999
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1002
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1205
+  _globals['_LEAVEREQUEST']._serialized_start=1207
+  _globals['_LEAVEREQUEST']._serialized_end=1276
+  _globals['_LEAVERESPONSE']._serialized_start=1278
+  _globals['_LEAVERESPONSE']._serialized_end=1305
+  _globals['_GETROUNDSPECREQUEST']._serialized_start=1307
+  _globals['_GETROUNDSPECREQUEST']._serialized_end=1346
+  _globals['_GETROUNDSPECRESPONSE']._serialized_start=1349
+  _globals['_GETROUNDSPECRESPONSE']._serialized_end=1640
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1642
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1663
+  _globals['_ADAPTERENTRY']._serialized_start=1666
+  _globals['_ADAPTERENTRY']._serialized_end=1870
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1872
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1940
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=1942
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=1983
+  _globals['_ADAPTERCHUNK']._serialized_start=1985
+  _globals['_ADAPTERCHUNK']._serialized_end=2084
+  _globals['_UPLOADSPANSTATEREQUEST']._serialized_start=2087
+  _globals['_UPLOADSPANSTATEREQUEST']._serialized_end=2253
+  _globals['_UPLOADSPANSTATERESPONSE']._serialized_start=2255
+  _globals['_UPLOADSPANSTATERESPONSE']._serialized_end=2328
+  _globals['_REPORTEVALREQUEST']._serialized_start=2331
+  _globals['_REPORTEVALREQUEST']._serialized_end=2511
+  _globals['_REPORTEVALRESPONSE']._serialized_start=2513
+  _globals['_REPORTEVALRESPONSE']._serialized_end=2545
+  _globals['_COORDINATOR']._serialized_start=2548
+  _globals['_COORDINATOR']._serialized_end=3206
 # @@protoc_insertion_point(module_scope)

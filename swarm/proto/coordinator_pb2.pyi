@@ -41,6 +41,9 @@ class JoinRequest(_message.Message):
         "challenge",
         "signature",
         "role",
+        "preferred_span",
+        "max_blocks",
+        "quantize",
     )
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MULTIADDRS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +56,9 @@ class JoinRequest(_message.Message):
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_SPAN_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     multiaddrs: _containers.RepeatedScalarFieldContainer[str]
     capacity: Capacity
@@ -64,6 +70,9 @@ class JoinRequest(_message.Message):
     challenge: str
     signature: bytes
     role: str
+    preferred_span: Span
+    max_blocks: int
+    quantize: str
     def __init__(
         self,
         peer_id: str | None = ...,
@@ -77,6 +86,9 @@ class JoinRequest(_message.Message):
         challenge: str | None = ...,
         signature: bytes | None = ...,
         role: str | None = ...,
+        preferred_span: Span | _Mapping | None = ...,
+        max_blocks: int | None = ...,
+        quantize: str | None = ...,
     ) -> None: ...
 
 class JoinResponse(_message.Message):

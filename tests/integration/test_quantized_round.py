@@ -49,9 +49,13 @@ def test_quantized_round_publishes_adapter_for_the_full_precision_base(
         modes = {"server0": "nf4", "trainer0": "nf4", "trainer1": "int8"}
         for name, mode in modes.items():
             args = [*common, "--quantize", mode]
+            if name == "server0":  # the first to join would get span 0-2: it asks for 2-4 (Join honours it)
+                args += ["--span-index", "1"]
             if name.startswith("trainer"):  # both trainers train every step (the round waits for the second)
                 args += ["--data", train, "--shard-index", name[-1], "--num-shards", "2", "--min-trainers", "2"]
             peers.append(Peer(tmp_path, name, tmp_path / "unused.json", args, use_spec=False))
+        assert peers[0].ready()["span"] == [2, 4]
+        assert "span 2-4 (the span this peer asked for)" in (peers[0].dir / "log.txt").read_text()
         for peer in peers:
             port = peer.ready()["metrics_port"]
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -66,6 +70,7 @@ def test_quantized_round_publishes_adapter_for_the_full_precision_base(
 
         manifest = verify_adapter(adapter, load_public_key(pub_path))
         assert manifest.eval_loss_after < manifest.eval_loss_before
+        assert manifest.base_quantization == ("int8", "nf4")  # what the coordinator recorded at each Join
         tok = AutoTokenizer.from_pretrained(demo_base)
         held_out = pack(load_texts(demo_data / "eval.jsonl"), tok, 64)[:32]
         base_loss = _eval_loss(AutoModelForCausalLM.from_pretrained(demo_base), held_out)

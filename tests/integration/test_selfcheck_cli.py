@@ -94,3 +94,24 @@ def test_check_against_a_real_coordinator(demo_base: Path, demo_data: Path, tmp_
         assert report["ok"] is expect_ok and done.returncode == (0 if expect_ok else 1)
         if not expect_ok:
             assert "the round expects sha256:111111111111" in by_name["base-model"]["detail"]
+
+
+def test_a_span_choice_the_round_cannot_honour_is_one_clear_line(
+    demo_base: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(demo_base, demo_data, "r-span", [0, 2, 4])
+    server = serve(
+        CoordinatorConfig(host="127.0.0.1", port=0, metrics_port=None, workdir=tmp_path, round_spec=spec, dht=False)
+    )
+    common = ("--coordinator", server.address, "--coordinator-public-key", str(server.public_key_path))
+    try:
+        not_a_span, _ = swarm_peer(*common, "--span", "1:3")
+        out_of_range, _ = swarm_peer(*common, "--span-index", "5")
+    finally:
+        server.stop(grace=0)
+    assert not_a_span.returncode != 0 and out_of_range.returncode != 0
+    assert (
+        "error: the coordinator refused to let this peer join: span 1-3 is not a span of round 'r-span' "
+        "(its spans: 0-2, 2-4): pass one of them with --span or --span-index" in not_a_span.stderr
+    ), not_a_span.stderr
+    assert "error: --span-index 5 is out of range: round r-span has 2 spans (0-2, 2-4)" in out_of_range.stderr

@@ -66,3 +66,23 @@ def test_rebalance_several_holes_in_index_order() -> None:
 
 def test_rebalance_ties_break_on_peer_id() -> None:
     assert rebalance([R("z", 0, 1), R("y", 0, 1)], 2) == [Move("y", 0, 1)]
+
+
+def test_choose_span_only_among_allowed_spans() -> None:
+    assert choose_span([], 3, allowed=[1, 2]) == 1  # span 0 is uncovered but does not fit this peer
+    assert choose_span([R("a", 1, 1.0)], 3, allowed=[1, 2]) == 2
+    with pytest.raises(ValueError, match="no span is allowed"):
+        choose_span([], 3, allowed=[5])
+
+
+def test_rebalance_never_moves_a_replica_to_a_span_it_may_not_host() -> None:
+    pinned = Replica("a", 0, 1.0, frozenset({0}))  # chose span 0 itself
+    small = Replica("b", 0, 1.0, frozenset({0}))  # only span 0 fits its memory
+    assert rebalance([pinned, small], 2) == []  # span 1 stays uncovered rather than break a volunteer's choice
+    free = Replica("c", 0, 5.0)
+    assert rebalance([pinned, small, free], 2) == [Move("c", 0, 1)]  # the one that may move does, though faster
+    # a later hole can still be filled when an earlier one cannot
+    assert rebalance([Replica("d", 0, 1.0, frozenset({0, 2})), R("e", 0)], 3) == [Move("e", 0, 1)]
+    assert rebalance([Replica("d", 0, 1.0, frozenset({0, 2})), Replica("e", 0, 1.0, frozenset({0, 2}))], 3) == [
+        Move("d", 0, 2)
+    ]

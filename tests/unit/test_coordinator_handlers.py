@@ -18,7 +18,7 @@ from coordinator.state import AdapterRecord, MemberState
 from coordinator.store_memory import MemoryStore
 from coordinator.store_sqlite import SqliteStore
 from coordinator.validation import HandlerError
-from swarm.config import BaseModelRef, EndCondition, RoundSpec, split_even
+from swarm.config import BaseModelRef, EndCondition, RoundSpec, SpanRange, split_even
 from swarm.proto import RoundState
 from swarm.proto import coordinator_pb2 as pb
 from tests.identities import Peers, pid
@@ -96,6 +96,51 @@ def test_join_assigns_spans_and_starts_training(ctx: CoordinatorContext) -> None
     assert r3.span.start == 0  # tie on throughput -> lowest index
     assert join(ctx, "c").span.start == 0  # a live member re-joining keeps its span
     assert beat(ctx, "a").action == "continue"
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_join_honours_a_chosen_span_and_a_block_limit(kind: str, tmp_path: Path) -> None:
+    config = CoordinatorConfig(workdir=tmp_path, join_token="s3cret", heartbeat_interval_s=1, heartbeat_timeout_s=10)
+    store = MemoryStore() if kind == "memory" else SqliteStore(config.db_path)
+    ctx = CoordinatorContext(store=store, config=config, clock=Clock())
+    spec = make_spec().model_copy(update={"spans": (SpanRange(start=0, end=1), SpanRange(start=1, end=4))})
+    open_round(store, spec, ctx.clock())
+    try:
+        # "a" asks for 1-4 (we would pick the uncovered 0-1); it is also the slowest, so a rebalance would move it
+        chose = join(ctx, "a", preferred_span=pb.Span(start=1, end=4), quantize="nf4",
+                     capacity=pb.Capacity(throughput=0.5))  # fmt: skip
+        assert chose.accepted and (chose.span.start, chose.span.end) == (1, 4)
+        member = store.get_member("r1", pid("a"))
+        assert member is not None and member.pinned and member.capacity.quantize == "nf4"
+        small = join(ctx, "b", max_blocks=1)
+        assert (small.span.start, small.span.end) == (0, 1)
+        small2 = join(ctx, "b2", max_blocks=2)  # 0-1 is covered now, but 1-4 does not fit
+        assert (small2.span.start, small2.span.end) == (0, 1)
+        free = join(ctx, "h")
+        assert (free.span.start, free.span.end) == (1, 4)
+        refused = join(ctx, "c", preferred_span=pb.Span(start=1, end=3))
+        assert not refused.accepted and refused.reject_code == "span"
+        assert "span 1-3 is not a span of round 'r1' (its spans: 0-1, 1-4)" in refused.reject_reason
+        too_big = join(ctx, "d", preferred_span=pb.Span(start=1, end=4), max_blocks=2)
+        assert not too_big.accepted and "span 1-4 has 3 blocks but this peer hosts at most 2" in too_big.reject_reason
+        assert store.get_member("r1", pid("c")) is None and store.get_member("r1", pid("d")) is None
+        assert "quantize must be one of none, nf4, int8" in error(join, ctx, "e", quantize="fp4").message
+        # span 0-1 loses its servers: the volunteer's choice holds, the one free to move fills the hole
+        leave(ctx, "b")
+        leave(ctx, "b2")
+        spans = {p: store.get_member("r1", pid(p)).span_index for p in ("a", "h")}  # type: ignore[union-attr]
+        assert spans == {"a": 1, "h": 0}
+    finally:
+        store.close()
+
+
+def test_join_refused_when_no_span_fits(ctx: CoordinatorContext) -> None:
+    r = join(ctx, "a", max_blocks=1)
+    assert not r.accepted and r.reject_code == "span"
+    assert "no span of round 'r1' fits: its spans are 0-2, 2-4, and this peer hosts at most 1 block(s)" in (
+        r.reject_reason
+    )
+    assert join(ctx, "a", max_blocks=2).accepted
 
 
 def test_join_rejects_wrong_fingerprint_and_version(ctx: CoordinatorContext) -> None:
