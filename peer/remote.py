@@ -131,6 +131,23 @@ class RemoteSpan:
             raise RemoteCallError(f"rpc_state on {self.peer_id} refused: {kind}: {message}")
         return meta["state"], parts
 
+    def info(self) -> int:
+        """The replica's epoch (``rpc_info``); raises RemoteCallError when it does not answer within ``timeout``."""
+
+        async def request() -> AsyncIterator[Any]:
+            yield runtime_pb2.ExpertRequest()
+
+        async def call() -> Any:
+            return [answer async for answer in await self.stub.rpc_info(request())]
+
+        future = RemoteExpertWorker.run_coroutine(call(), return_future=True)
+        try:
+            answers = future.result(timeout=self.timeout)
+            return int(MSGPackSerializer.loads(answers[0].metadata)["epoch"])
+        except Exception as exc:
+            future.cancel()
+            raise RemoteCallError(f"rpc_info on {self.peer_id} failed: {exc!r}") from exc
+
     def state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """The replica's training state (for a replica of the same span that catches up)."""
         meta, parts = self._with_one_retry(self._state_call, f"rpc_state on {self.peer_id}")

@@ -16,7 +16,9 @@ the average is used. Catching up and repair after a failed all-reduce are decisi
 announce: a replica that is behind, or whose all-reduce failed, copies a replica that has the next epoch. A replica
 whose all-reduce failed says so in its announcement and waits until every replica at its epoch has either reached
 the next epoch (an all-reduce can fail on one side only) or said the same; if all failed, the one with the
-smallest peer id steps on its local gradients and the others copy it.
+smallest peer id steps on its local gradients and the others copy it. A replica that stops answering (killed: its
+announcement outlives it) is found by asking it directly (``alive``) while an all-reduce waits for it, and is left
+out until it announces a new epoch, so the survivors do not wait hivemind's averaging timeout for it.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class ReplicaGroup:
         on_averaging: Callable[[bool, float], None] = lambda ok, seconds: None,
         download: Callable[[str], State],
         admits: Callable[[str], bool] = lambda peer_id: True,
+        alive: Callable[[str], bool] = lambda peer_id: True,
         epoch: int = 0,
     ):
         self.dht, self.settings, self.params, self.optimizer = dht, settings, params, optimizer
@@ -99,6 +102,8 @@ class ReplicaGroup:
         self.announce, self.on_epoch, self.on_averaging = announce, on_epoch, on_averaging
         self.admits = admits  # the roster lists this peer id for our span (peer.roster_view)
         self.download = download  # peer id -> that replica's state (SpanServer.download_state: our transport)
+        self.alive = alive  # peer id -> it answers now (SpanServer.alive: a quick call over our transport)
+        self.gone: dict[str, int] = {}  # replicas found dead -> the epoch they still announced then (see _others)
         self.strangers: set[str] = set()  # peers refused in a group (named in the log and by metrics)
         self.suspects: dict[str, str] = {}  # peer id -> why an all-reduce with it was refused (swarm.sanity)
         self.inconsistent_epochs = 0
@@ -192,11 +197,7 @@ class ReplicaGroup:
         is filtered by it) that were not caught sending bad gradients, furthest ahead first. A state that is not
         ahead, does not fit this span or is not finite is refused and the next replica is tried.
         """
-        ahead = {
-            p: e
-            for p, e in self.replica_epochs().items()
-            if p != self.peer_id and e > self.epoch and p not in self.suspects
-        }
+        ahead = {p: e for p, e in self._others().items() if e > self.epoch and p not in self.suspects}
         if not ahead:
             return False
         log.info(f"{self.settings.run_id}: epoch {self.epoch}, replicas at {max(ahead.values())}: downloading state")
@@ -249,12 +250,17 @@ class ReplicaGroup:
         """A micro-batch of the current step was served: the step may close soon, read the records often."""
         self._poked = time.monotonic()
 
+    def _others(self) -> dict[str, int]:
+        """Announced epochs of the other replicas, less those found gone while they still announce the epoch they
+        had then (a killed replica's record outlives it by up to three announce periods)."""
+        return {p: e for p, e in self.replica_epochs().items() if p != self.peer_id and self.gone.get(p) != e}
+
     def end_epoch(self, contents: StepContents) -> None:
         """All-reduce this step's gradients with every live replica, apply them, move to the next epoch."""
         epoch = self.epoch
         sums, samples = self.take_gradients(contents)
         mean = [s / samples for s in sums] if samples else [torch.zeros_like(s) for s in sums]
-        others = [p for p in self.replica_epochs() if p != self.peer_id]
+        others = self._others()
         if not others:
             if samples == 0:
                 log.warning(f"{self.settings.run_id} epoch {epoch}: no gradients held and no other replica")
@@ -279,9 +285,11 @@ class ReplicaGroup:
         mine = {"epoch": epoch, "digest": contents.digest(), "samples": samples, "norm": global_norm(mean)}
         partial_before = self._partial.count.value
         try:
-            gathered = self.averager.step(
-                weight=float(samples), gather=mine, timeout=self.settings.averaging_timeout, allow_retries=True
-            )
+            control = self.averager.step(
+                weight=float(samples), gather=mine, timeout=self.settings.averaging_timeout, allow_retries=True,
+                wait=False,
+            )  # fmt: skip
+            gathered = self._result_unless_alone(epoch, control)
         except Exception as exc:
             log.warning(f"{self.settings.run_id} epoch {epoch}: all-reduce failed ({exc!r})")
             return None
@@ -323,6 +331,39 @@ class ReplicaGroup:
             log.warning(f"{self.settings.run_id} epoch {epoch}: the averaged gradients are not finite; refused")
             return None
         return averaged if self._consistent(epoch, gathered, averaged) else None
+
+    def _result_unless_alone(self, epoch: int, control: Any) -> Any:
+        """The all-reduce's gathered metadata; None once no other replica is left to average with.
+
+        hivemind looks for a group until ``averaging_timeout`` (30 s): a replica killed after it announced this
+        epoch would hold the others that long. After ``matchmaking_time``, every second, each other replica is
+        asked ``rpc_info``; one that fails twice in a row is gone (``self.gone``), and when all are, the step is
+        cancelled (hivemind's ``StepControl.cancel``) and repaired at once (it steps on local gradients).
+        """
+        started = time.monotonic()
+        misses: dict[str, int] = {}
+        while True:
+            try:
+                return control.result(timeout=1.0)
+            except TimeoutError:
+                pass
+            if self._stop.is_set():
+                control.cancel()
+                return None
+            if time.monotonic() - started < self.settings.matchmaking_time:
+                continue
+            others = self._others()
+            for peer, announced in others.items():
+                misses[peer] = 0 if self.alive(peer) else misses.get(peer, 0) + 1
+                if misses[peer] >= 2:
+                    self.gone[peer] = announced
+            if not self._others():
+                control.cancel()
+                log.warning(
+                    f"{self.settings.run_id} epoch {epoch}: no other replica answers ({sorted(others)}): "
+                    "abandoned the all-reduce"
+                )
+                return None
 
     @staticmethod
     def _declared(gathered: dict[Any, Any]) -> tuple[dict[str, float], dict[str, float]]:
@@ -372,11 +413,11 @@ class ReplicaGroup:
         self.announce()
         deadline = time.monotonic() + self.settings.averaging_timeout
         while not self._stop.is_set():
-            epochs = self.replica_epochs()
-            if any(e > epoch for p, e in epochs.items() if p != self.peer_id) and self.catch_up():
+            epochs = self._others()
+            if any(e > epoch for e in epochs.values()) and self.catch_up():
                 return
             failed = self.replica_failures()
-            here = {p for p, e in epochs.items() if e == epoch and p not in self.suspects and p != self.peer_id}
+            here = {p for p, e in epochs.items() if e == epoch and p not in self.suspects}
             undecided = [p for p in here if failed.get(p) != epoch]
             if time.monotonic() > deadline:
                 self.apply(epoch, mean, f"all-reduce failed, no answer from {undecided}: stepped on local gradients")

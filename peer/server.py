@@ -31,6 +31,7 @@ from swarm.span import load_span
 from swarm.steps import MicroBatchKey, StepContents
 
 log = get_logger(__name__)
+ALIVE_TIMEOUT_S = 2.0  # a replica that does not answer rpc_info this fast (twice) is taken as gone
 
 
 class BadRequestError(ValueError):
@@ -225,6 +226,7 @@ class SpanServer:
             on_averaging=on_averaging or (lambda ok, seconds: None),
             admits=lambda peer_id: members.allows(peer_id, (span.start, span.end)),
             download=self.download_state,
+            alive=self.alive,
         )
         self._client_p2p: Any = None
         self.transport: Any = None
@@ -357,16 +359,26 @@ class SpanServer:
             if self.epoch == epoch:
                 self.on_epoch(epoch, state)
 
-    def download_state(self, peer_id: str) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        """The training state of the replica ``peer_id`` of this span, over its span transport (``rpc_state``)."""
+    def _remote(self, peer_id: str, timeout: float) -> Any:
         from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
         from peer.remote import RemoteSpan
 
         if self._client_p2p is None:
             self._client_p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
-        remote = RemoteSpan(self._client_p2p, peer_id, self.uid, timeout=self.spec.optimizer.averaging_timeout)
-        return remote.state()
+        return RemoteSpan(self._client_p2p, peer_id, self.uid, timeout=timeout)
+
+    def download_state(self, peer_id: str) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The training state of the replica ``peer_id`` of this span, over its span transport (``rpc_state``)."""
+        return self._remote(peer_id, self.spec.optimizer.averaging_timeout).state()  # type: ignore[no-any-return]
+
+    def alive(self, peer_id: str) -> bool:
+        """The replica ``peer_id`` answers ``rpc_info`` within 2 s."""
+        try:
+            self._remote(peer_id, ALIVE_TIMEOUT_S).info()
+            return True
+        except Exception:
+            return False
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         with self.lock:

@@ -199,6 +199,18 @@ class SpanServicer(ServicerBase):
         async for response in self._serve("evaluate", requests, str(context.remote_id)):
             yield response
 
+    async def rpc_info(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """``{"epoch": e}``, answered at once (a replica checks that a group member it waits for is still there).
+
+        A stream handler like the others: hivemind's unary handlers share one persistent connection to p2pd per
+        process, and registering one from a second P2P replica of the same daemon hung (60 s) in a peer that had
+        already made calls from another replica."""
+        async for _ in requests:
+            pass
+        yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps({"epoch": self.server.epoch}))
+
     async def rpc_state(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:

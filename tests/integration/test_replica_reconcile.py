@@ -8,6 +8,7 @@ a replica behind downloads the state first.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -133,3 +134,22 @@ def test_a_replica_whose_all_reduce_failed_copies_one_whose_all_reduce_succeeded
     assert not repair.is_alive() and failed.epoch == 1
     a, b = _weights(failed), _weights(succeeded)
     assert all(torch.equal(a[k], b[k]) for k in a), "the failed replica did not take the full average"
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_that_stopped_answering_does_not_hold_the_all_reduce(replicas: list[SpanServer]) -> None:
+    """A killed replica's announcement outlives it; the survivor must not wait hivemind's averaging timeout (30 s)
+    for it: it asks the replica (rpc_info), finds it gone, abandons the all-reduce and steps alone."""
+    from swarm.steps import StepContents
+
+    survivor, dead = replicas
+    dead.transport.shutdown()  # no longer answers; its record stays announced and it never joins the all-reduce
+    dead.group.averager.shutdown()
+    contents = StepContents(0, frozenset({("trainer", 0)}), 2)
+    assert survivor.group.replica_epochs().get(dead.peer_id) == 0
+    started = time.monotonic()
+    survivor.group.end_epoch(contents)
+    took = time.monotonic() - started
+    assert survivor.epoch == 1 and dead.peer_id in survivor.group.gone
+    timeout = survivor.spec.optimizer.averaging_timeout
+    assert took < timeout / 3, f"the survivor waited {took:.1f} s (averaging timeout {timeout} s)"
