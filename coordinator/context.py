@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.accusations import Accusations
 from coordinator.auth import Challenges, RateLimiter
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
@@ -37,6 +38,8 @@ class CoordinatorContext:
     rate: RateLimiter = field(init=False)  # per-identity call budget (config.rate_limit_*)
     #: The latest refused joins (kept in memory, bounded: refusals cost the caller nothing, so they must not grow the DB).
     rejections: deque[JoinRejection] = field(default_factory=lambda: deque(maxlen=200))
+    #: members' standing accusations (coordinator/accusations.py; in memory: re-sent with every heartbeat)
+    accusations: Accusations = field(default_factory=Accusations)
     #: The adapter signing key; also signs every round spec handed out (None in tests that need no signature).
     signing_key: Ed25519PrivateKey | None = None
     #: evaluator peer id -> sha256 of the credential its Join returned (in memory: it joins again after a restart)

@@ -11,12 +11,13 @@ from collections.abc import Callable
 
 import grpc
 
+from coordinator import accusations
 from coordinator.assignment import choose_span
 from coordinator.auth import check_credential, new_credential, verify_join
 from coordinator.context import CoordinatorContext
 from coordinator.evaluators import join_evaluator
 from coordinator.lifecycle import RoundProgress, action_for
-from coordinator.membership import expire_members, rebalance_round
+from coordinator.membership import expel_accused, expire_members, rebalance_round
 from coordinator.rounds import advance, live_replicas, round_progress
 from coordinator.state import Capacity, Heartbeat, JoinRejection, MemberRecord, MemberState, RoundRecord
 from coordinator.state import Conflict as StoreConflict
@@ -153,6 +154,11 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
         if why:
             return _refuse(ctx, req, record, RejectCode.SPAN, why)
         previous = ctx.store.get_member(record.round_id, req.peer_id)
+        if previous is not None and previous.state is MemberState.EXPELLED:
+            why = (
+                f"this peer was removed from round {record.round_id!r} ({previous.removed_reason}): join the next round"
+            )
+            return _refuse(ctx, req, record, RejectCode.EXPELLED, why)
         if preferred is not None:
             kept = previous is not None and previous.live and previous.span_index == preferred
             index, epoch = preferred, previous.epoch if kept and previous else 0
@@ -219,6 +225,7 @@ def _indexed_progress(ctx: CoordinatorContext) -> Callable[[RoundRecord, float],
 def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
     check_name("peer_id", req.peer_id)
     beat = _beat(req)
+    accused = accusations.parse(req.peer_id, list(req.accusations))
     interval = ctx.config.heartbeat_interval_s
     with ctx.lock:
         record = resolve_round(ctx, req.round_id)
@@ -227,6 +234,11 @@ def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.Heartbeat
         member = ctx.store.get_member(record.round_id, req.peer_id)
         if member is not None:
             member = check_credential(member, req.peer_id, req.credential)
+        if member is not None and member.state is MemberState.EXPELLED:
+            return pb.HeartbeatResponse(
+                ok=False, round_state=record.state.value, action=Action.STOP.value, heartbeat_interval_s=interval,
+                message=f"peer {req.peer_id} was removed from round {record.round_id!r}: {member.removed_reason}",
+            )  # fmt: skip
         if member is None or not member.live:
             why = "never joined" if member is None else member.state.value
             active = ctx.store.active_round()
@@ -256,6 +268,8 @@ def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.Heartbeat
             ) from None
         index.heartbeat(member, updated)
         member = updated
+        if ctx.accusations.update(record.round_id, req.peer_id, accused):
+            expel_accused(ctx, record)
         record = advance(ctx.store, record, now, _indexed_progress(ctx))
     return pb.HeartbeatResponse(
         ok=True,

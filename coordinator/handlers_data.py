@@ -13,7 +13,7 @@ from coordinator.blobs import adapter_files, read_chunks, span_state_relpath, wr
 from coordinator.context import CoordinatorContext
 from coordinator.evaluators import check_evaluator
 from coordinator.handlers import resolve_round
-from coordinator.state import AdapterRecord, EvalReport, MemberRecord, RoundRecord, SpanStateUpload
+from coordinator.state import AdapterRecord, EvalReport, MemberRecord, MemberState, RoundRecord, SpanStateUpload
 from coordinator.validation import HandlerError, check_count, check_name, check_real, check_safetensors, span_index
 from swarm.proto import CANDIDATE_PREFIX, RoundState
 from swarm.proto import coordinator_pb2 as pb
@@ -106,6 +106,9 @@ def upload_span_state(ctx: CoordinatorContext, req: pb.UploadSpanStateRequest) -
                 f"round {record.round_id!r} is {record.state.value}: span states are taken while it is "
                 f"training or finalizing",
             )
+        if member.state is MemberState.EXPELLED:
+            raise HandlerError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"peer {req.peer_id} was removed from round {record.round_id!r}: {member.removed_reason}")  # fmt: skip
         spec = record.spec
         index = span_index(spec, req.span)
         if index != member.span_index:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from coordinator.accusations import verdicts
 from coordinator.assignment import Move, rebalance
 from coordinator.context import CoordinatorContext
 from coordinator.rounds import advance, live_replicas
@@ -29,6 +30,20 @@ def rebalance_round(ctx: CoordinatorContext, record: RoundRecord) -> list[Move]:
     return moves
 
 
+def expel_accused(ctx: CoordinatorContext, record: RoundRecord) -> list[str]:
+    """Expel the live members a quorum accuses (coordinator/accusations.py), then rebalance; returns their ids."""
+    if record.state.terminal:
+        return []
+    expelled = verdicts(ctx.store.list_members(record.round_id), ctx.accusations.against(record.round_id))
+    for member in expelled:
+        ctx.store.put_member(member)
+        ctx.metrics.members_expelled.inc()
+        log.warning("round %s: expelled %s: %s", record.round_id, member.peer_id, member.removed_reason)
+    if expelled:
+        rebalance_round(ctx, record)
+    return [m.peer_id for m in expelled]
+
+
 def expire_members(ctx: CoordinatorContext, record: RoundRecord, now: float) -> list[str]:
     """Mark live members silent for ``heartbeat_timeout_s`` dead, then rebalance; returns their ids."""
     if record.state.terminal:
@@ -51,6 +66,7 @@ def sweep(ctx: CoordinatorContext) -> list[str]:
             return []
         now = ctx.clock()
         expired = expire_members(ctx, record, now)
+        expel_accused(ctx, record)  # a quorum can also be reached when replicas leave
         advance(ctx.store, record, now)
         return expired
 

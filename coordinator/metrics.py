@@ -44,6 +44,8 @@ class CoordinatorMetrics:
         self.members_expired = Counter(P + "members_expired", "Members marked dead after missed heartbeats.",
                                        registry=r)  # fmt: skip
         self.rebalance_moves = Counter(P + "rebalance_moves", "Peers moved to an uncovered span.", registry=r)
+        self.members_expelled = Counter(P + "members_expelled", "Members removed after a quorum of members caught "
+                                        "them sending bad data.", registry=r)  # fmt: skip
         self.finalize = Counter(P + "finalize", "Finalized rounds by outcome (published or the failure reason).",
                                 ["outcome"], registry=r)  # fmt: skip
         for outcome in FINALIZE_OUTCOMES:

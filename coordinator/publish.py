@@ -28,7 +28,7 @@ from coordinator.finalize import Collected, FinalizeError, Outcome, assemble, co
 from coordinator.lifecycle import RoundEvent
 from coordinator.retention import prune
 from coordinator.rounds import RoundConflict, apply_event, open_round
-from coordinator.state import AdapterRecord, Candidate, RoundRecord
+from coordinator.state import AdapterRecord, Candidate, MemberState, RoundRecord
 from swarm.adapter import (
     AdapterInfo,
     AdapterVerificationError,
@@ -172,14 +172,17 @@ def _prepare(ctx: CoordinatorContext, key: Ed25519PrivateKey) -> _Assemble | _Jo
     orphan = _orphan(ctx, record, key)
     if orphan is not None:
         return _publish(ctx, record, *orphan, ["resumed after a restart"], now)
-    spec, members = record.spec, store.list_members(record.round_id)
+    everyone = store.list_members(record.round_id)
+    expelled = {m.peer_id for m in everyone if m.state is MemberState.EXPELLED}  # nothing of theirs is used
+    spec, members = record.spec, [m for m in everyone if m.peer_id not in expelled]
     elapsed, timeout = now - (record.ended_at or now), ctx.config.finalize_timeout_s
     candidate = ctx.candidates.get(record.round_id)
     try:
         if not spec.base.fingerprint:
             raise FinalizeError(Outcome.INVALID_SPEC, "the round spec has no base.fingerprint to put in the manifest")
         if candidate is None:
-            collected = collect(record, members, store.list_span_states(record.round_id))
+            uploads = [u for u in store.list_span_states(record.round_id) if u.peer_id not in expelled]
+            collected = collect(record, members, uploads)
             if not decide(collected, elapsed, timeout):
                 log.debug("round %s finalizing, waiting for: %s", record.round_id, "; ".join(collected.waiting_for))
                 return None
@@ -194,7 +197,7 @@ def _prepare(ctx: CoordinatorContext, key: Ed25519PrivateKey) -> _Assemble | _Jo
         return _fail(ctx, record, e, now)
     version = next_version(ctx)
     contributors = tuple(Contributor(peer_id=c.peer_id, samples=c.samples, tokens=c.tokens)
-                         for c in store.list_contributions(record.round_id))  # fmt: skip
+                         for c in store.list_contributions(record.round_id) if c.peer_id not in expelled)  # fmt: skip
     info = AdapterInfo(version=version, parent_version=record.parent_adapter or None, round_id=record.round_id,
                        base_model=spec.base.path, base_fingerprint=spec.base.fingerprint, contributors=contributors,
                        base_quantization=tuple(sorted({m.capacity.quantize or "unrecorded" for m in members})),

@@ -24,6 +24,7 @@ class MemberState(str, Enum):
     LIVE = "live"  # heartbeating
     DEAD = "dead"  # missed heartbeats for longer than the timeout
     LEFT = "left"  # said goodbye (Leave)
+    EXPELLED = "expelled"  # removed: a quorum of members caught it sending bad data (see removed_reason)
 
 
 class StoreError(Exception):
@@ -92,6 +93,7 @@ class MemberRecord:
     session_tokens: int = 0
     credential_sha256: str = ""  # sha256 of the bearer credential its last Join issued ('' = none)
     pinned: bool = False  # the peer chose its span (--span / --span-index): rebalancing never moves it
+    removed_reason: str = ""  # why it was expelled (who accused it of what)
 
     @property
     def live(self) -> bool:

@@ -23,6 +23,7 @@ from coordinator.blobs import adapter_files
 from coordinator.context import CoordinatorContext
 from coordinator.metrics import eval_losses
 from coordinator.rounds import live_replicas, round_progress
+from coordinator.state import MemberState
 from coordinator.status_render import render_page
 from swarm.adapter import read_manifest
 from swarm.http import Request, Response, Route, file_chunks
@@ -94,6 +95,8 @@ def status_snapshot(ctx: CoordinatorContext) -> dict[str, Any]:
         "base_model": spec.base.path, "num_layers": spec.base.num_layers, "samples": progress.samples,
         "epochs": progress.epochs, "elapsed_s": progress.elapsed_s, "limits": limits,
         "fraction": max((x["fraction"] for x in limits), default=0.0),
+        "removed": [{"peer_id": m.peer_id, "reason": m.removed_reason} for m in members
+                    if m.state is MemberState.EXPELLED],  # the round record names who was caught and why
     }  # fmt: skip
     loads = span_loads(replicas, len(spec.spans))
     for i, (span, load) in enumerate(zip(spec.spans, loads, strict=True)):
@@ -108,6 +111,7 @@ def status_snapshot(ctx: CoordinatorContext) -> dict[str, Any]:
             "throughput": m.throughput, "epoch": m.epoch, "loss": _finite(m.loss), "samples": m.session_samples,
             "tokens": m.session_tokens, "device": m.capacity.device, "joined_at": m.joined_at,
             "heartbeat_age_s": max(now - m.last_heartbeat, 0.0), "multiaddrs": list(m.multiaddrs),
+            "quantize": m.capacity.quantize, "pinned": m.pinned, "removed_reason": m.removed_reason,
         })  # fmt: skip
     return snap
 

@@ -51,6 +51,13 @@ def _round_section(r: dict[str, Any] | None) -> str:
         )
     parent = r["parent_adapter"]
     parent_html = f'<a href="#adapter-{_e(parent)}">{_e(parent)}</a>' if parent else "fresh LoRA"
+    removed = "".join(
+        f'<li class="removed" data-peer="{_e(x["peer_id"])}">{_short(x["peer_id"])} {_badge("expelled")} '
+        f"{_e(x['reason'])}</li>"
+        for x in r.get("removed", [])
+    )
+    if removed:
+        bars.append(f'<h3>Removed members</h3><ul class="removed">{removed}</ul>')
     return (
         f'<section id="round" data-round="{_e(r["round_id"])}" data-state="{_e(r["state"])}">'
         f"<h2>Round <code>{_e(r['round_id'])}</code> {_badge(r['state'])}</h2>"

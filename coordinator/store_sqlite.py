@@ -69,6 +69,7 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE members ADD COLUMN max_blocks INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE members ADD COLUMN quantize TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE members ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE members ADD COLUMN removed_reason TEXT NOT NULL DEFAULT ''",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -76,7 +77,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _MEMBER_COLS = (
     "round_id, peer_id, span_index, multiaddrs, memory_bytes, device, capacity_throughput, throughput, "
     "joined_at, last_heartbeat, state, epoch, loss, session_samples, session_tokens, credential_sha256, "
-    "max_blocks, quantize, pinned"
+    "max_blocks, quantize, pinned, removed_reason"
 )
 
 #: A re-join keeps the member's row (and so its place in listings); every other column is replaced.
@@ -108,6 +109,7 @@ def _member(row: Any) -> MemberRecord:
         session_tokens=row[14],
         credential_sha256=row[15],
         pinned=bool(row[18]),
+        removed_reason=row[19],
     )
 
 
@@ -211,12 +213,12 @@ class SqliteStore(CoordinatorStore):
             if c.execute("SELECT 1 FROM rounds WHERE round_id = ?", (m.round_id,)).fetchone() is None:
                 raise NotFound(f"round {m.round_id!r} does not exist")
             c.execute(
-                f"INSERT INTO members ({_MEMBER_COLS}) VALUES ({', '.join('?' * 19)}) "
+                f"INSERT INTO members ({_MEMBER_COLS}) VALUES ({', '.join('?' * 20)}) "
                 f"ON CONFLICT (round_id, peer_id) DO UPDATE SET {_UPSERT_SET}",
                 (m.round_id, m.peer_id, m.span_index, dump_tuple(m.multiaddrs), m.capacity.memory_bytes,
                  m.capacity.device, m.capacity.throughput, m.throughput, m.joined_at, m.last_heartbeat,
                  m.state.value, m.epoch, m.loss, m.session_samples, m.session_tokens, m.credential_sha256,
-                 m.capacity.max_blocks, m.capacity.quantize, int(m.pinned)),
+                 m.capacity.max_blocks, m.capacity.quantize, int(m.pinned), m.removed_reason),
             )  # fmt: skip
             c.execute("INSERT OR IGNORE INTO contributions VALUES (?, ?, 0, 0)", (m.round_id, m.peer_id))
         self._members_changed()

@@ -33,8 +33,9 @@ class JoinRejectedError(ValueError):
 
     @property
     def retriable(self) -> bool:
-        """A closed round is worth waiting out; a wrong base, version or token is not."""
-        return self.code == "round_closed"
+        """A closed round, or one this peer was removed from, is worth waiting out (the next round takes it);
+        a wrong base, version, token or span choice is not."""
+        return self.code in ("round_closed", "expelled")
 
 
 class CoordinatorClient:
@@ -144,7 +145,10 @@ class CoordinatorClient:
         loss: float,
         throughput: float,
         epoch: int,
+        accusations: dict[str, str] | None = None,
     ) -> pb.HeartbeatResponse:
+        """``accusations``: members this peer caught sending bad data (peer id -> what), at most 16 sent."""
+        caught = sorted((accusations or {}).items())[:16]
         return self.stub.Heartbeat(
             pb.HeartbeatRequest(
                 peer_id=peer_id,
@@ -152,6 +156,7 @@ class CoordinatorClient:
                 span=pb.Span(start=span.start, end=span.end),
                 progress=pb.Progress(samples=samples, tokens=tokens, loss=loss, throughput=throughput, epoch=epoch),
                 credential=self._credential(round_id),
+                accusations=[pb.Accusation(peer_id=p, reason=r[:256]) for p, r in caught if p != peer_id],
             ),
             timeout=self.timeout,
         )

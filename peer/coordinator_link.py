@@ -118,6 +118,7 @@ class CoordinatorLink:
             loss=stats.last_loss,
             throughput=stats.throughput,
             epoch=server.epoch,
+            accusations={**server.group.suspects, **stats.caught},  # members caught sending bad data
         )
         if resp.eval_candidate_sha256:
             self._candidate = resp.eval_candidate_sha256

@@ -16,7 +16,13 @@ class PeerStats:
     throughput: float = 0.0  # samples/s of forward+backward on this peer's span (announced for routing)
     bytes_sent: int = 0  # activations and gradients this trainer sent to remote spans
     bytes_received: int = 0
+    caught: dict[str, str] = field(default_factory=dict)  # span servers that answered with bad data -> what
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def bad_output(self, peer_id: str, reason: str) -> None:
+        """A span server answered this trainer with bad data (wrong shape, non-finite, undecodable)."""
+        with self._lock:
+            self.caught[peer_id] = reason[:200]
 
     def wire(self, sent: int, received: int) -> None:
         with self._lock:

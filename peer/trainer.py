@@ -25,7 +25,7 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils.logging import get_logger
 
 from peer.announce import online_servers
-from peer.remote import RemoteCallError, RemoteSpan, RemoteStaleStepError
+from peer.remote import RemoteBadOutputError, RemoteCallError, RemoteSpan, RemoteStaleStepError
 from peer.roster_view import OPEN, Membership
 from peer.server import SpanServer, StaleStepError, expert_uid
 from swarm.config import RoundSpec, SpanRange
@@ -167,11 +167,13 @@ class ChainTrainer:
         span_wait: float = 120.0,
         say: Callable[[str], None] = log.info,
         on_failover: Callable[[], None] | None = None,
+        on_bad_output: Callable[[str, str], None] = lambda peer_id, reason: None,
     ):
         self.spec, self.head, self.router = spec, head, router
         self.me = str(router.dht.peer_id)
         self.max_attempts, self.span_wait, self.say = max_attempts, span_wait, say
         self.on_failover = on_failover or (lambda: None)
+        self.on_bad_output = on_bad_output  # a server answered with bad data: reported to the coordinator
 
     def _remote(
         self, span: SpanRange, call: Callable[[RemoteSpan], torch.Tensor], first: RemoteSpan | None = None
@@ -187,6 +189,8 @@ class ChainTrainer:
                 raise StepOverError(exc.epoch) from exc
             except RemoteCallError as exc:
                 last = exc
+                if isinstance(exc, RemoteBadOutputError):
+                    self.on_bad_output(handle.peer_id, str(exc))
                 self.on_failover()
                 self.say(f"span {span.name}: {exc}; failing over to another replica")
                 self.router.ban(handle.peer_id)

@@ -51,7 +51,8 @@ class TrainingLoop:
             on_wire=self._on_wire,
             members=daemon.members,
         )
-        self.trainer = ChainTrainer(spec, head, self.router, say=log.info, on_failover=daemon.metrics.failovers.inc)
+        self.trainer = ChainTrainer(spec, head, self.router, say=log.info, on_failover=daemon.metrics.failovers.inc,
+                                    on_bad_output=daemon.stats.bad_output)  # fmt: skip
         self.recorder = StepRecorder(daemon.dht, spec.round_id)
         self.slots = slots_per_step(spec.optimizer.target_batch_size, spec.data.micro_batch_size)
         self.started = time.monotonic()

@@ -58,6 +58,7 @@ class RejectCode(str, Enum):
     ROUND_CLOSED = "round_closed"
     JOIN_TOKEN = "join_token"  # answered with PERMISSION_DENIED, counted all the same
     SPAN = "span"  # the span the peer chose is not in the round, or no span fits its --num-blocks
+    EXPELLED = "expelled"  # removed from this round after a quorum of members caught it sending bad data
 
 
 __all__ = ["CANDIDATE_PREFIX", "EVALUATOR_ROLE", "ROUND_START", "SERVICE_NAME", "Action", "RejectCode", "RoundState"]

@@ -160,17 +160,19 @@ class Progress(_message.Message):
     ) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("peer_id", "round_id", "progress", "span", "credential")
+    __slots__ = ("peer_id", "round_id", "progress", "span", "credential", "accusations")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    ACCUSATIONS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     round_id: str
     progress: Progress
     span: Span
     credential: str
+    accusations: _containers.RepeatedCompositeFieldContainer[Accusation]
     def __init__(
         self,
         peer_id: str | None = ...,
@@ -178,7 +180,16 @@ class HeartbeatRequest(_message.Message):
         progress: Progress | _Mapping | None = ...,
         span: Span | _Mapping | None = ...,
         credential: str | None = ...,
+        accusations: _Iterable[Accusation | _Mapping] | None = ...,
     ) -> None: ...
+
+class Accusation(_message.Message):
+    __slots__ = ("peer_id", "reason")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    reason: str
+    def __init__(self, peer_id: str | None = ..., reason: str | None = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = (

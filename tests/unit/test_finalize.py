@@ -220,3 +220,58 @@ def test_eval_gate_is_a_median_of_picked_evaluators_naming_the_candidate() -> No
     assert t.after == {liar: 0.0, honest[0]: 3.5, honest[1]: 3.6} and eval_gate.decide(t, 0, 10)
     with pytest.raises(FinalizeError, match="worse_than_parent.*3.5 is not below.*3"):
         eval_gate.gate(t)  # the median of three ignores one liar: the candidate is worse, not published
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_a_member_a_quorum_caught_is_expelled_and_nothing_of_it_is_published(tmp_path: Path, store: str) -> None:
+    """x (span 0) uploads a poisoned state first; the two other replicas of span 0 report it with their heartbeats:
+    it is removed, named in the round record, refused, and its upload -- which would win a 1-1 tie as the first --
+    is not used."""
+    from coordinator import handlers
+    from coordinator.status_page import status_snapshot
+    from coordinator.validation import HandlerError
+    from swarm.config import EndCondition
+    from swarm.proto import coordinator_pb2 as pb
+
+    swarm = Swarm(tmp_path, store=store, spec=SPEC.model_copy(update={"end": EndCondition(target_epochs=3)}))
+    for peer, span in {"a": 0, "b": 1, "c": 0, "d": 1, "x": 0}.items():
+        assert swarm.join(peer) == span
+    swarm.report("a", 0, 3.0)
+    swarm.clock.now += 5
+    swarm.beat("x", samples=5, epoch=3)
+    poison = {k: v * 100 for k, v in span_state(0).items()}
+    swarm.upload("x", 0, poison)
+
+    def accuse(peer: str) -> pb.HeartbeatResponse:
+        progress = pb.Progress(samples=5, tokens=320, epoch=1)
+        caught = [pb.Accusation(peer_id=pid("x"), reason="gradient norm 62 is 100x the group's median 0.6")]
+        return handlers.heartbeat(swarm.ctx, pb.HeartbeatRequest(
+            peer_id=pid(peer), round_id=swarm.round_id, progress=progress, credential=swarm.peers.credential(peer),
+            accusations=caught))  # fmt: skip
+
+    accuse("a")
+    x = swarm.ctx.store.get_member("r1", pid("x"))
+    assert x is not None and x.live  # one accuser is not enough
+    accuse("c")
+    x = swarm.ctx.store.get_member("r1", pid("x"))
+    assert x is not None and x.state.value == "expelled" and f"{pid('a')}: gradient norm 62" in x.removed_reason
+    assert swarm.ctx.metrics.registry.get_sample_value("swarm_coordinator_members_expelled_total") == 1
+    reply = swarm.beat("x", 5, 3)
+    assert (reply.ok, reply.action) == (False, "stop") and "was removed from round 'r1'" in reply.message
+    rejoin = swarm.peers.join("x")
+    assert not rejoin.accepted and rejoin.reject_code == "expelled"
+    with pytest.raises(HandlerError, match="was removed from round"):
+        swarm.upload("x", 0, poison)
+    removed = status_snapshot(swarm.ctx)["round"]["removed"]
+    assert removed == [{"peer_id": pid("x"), "reason": x.removed_reason}]
+    handlers.leave(swarm.ctx, pb.LeaveRequest(peer_id=pid("c"), round_id="r1", credential=swarm.peers.credential("c")))
+    assert [swarm.beat(p, 5, 3).action for p in "abd"][-1] == "finalize"
+    swarm.upload("a", 0, span_state(0))
+    swarm.upload("b", 1, span_state(1))
+    swarm.upload("d", 1, span_state(1))
+    candidate_step(swarm)
+    swarm.evaluate("a", 2.0)
+    assert finalize_step(swarm.ctx, swarm.key) is Outcome.PUBLISHED
+    manifest, tensors = load_adapter_tensors(swarm.config.adapters_dir / "v1", swarm.key.public_key())
+    assert all(torch.equal(tensors[k], v) for k, v in span_state(0).items()), "the expelled member's state was used"
+    assert pid("x") not in {c.peer_id for c in manifest.contributors}
