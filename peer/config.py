@@ -73,6 +73,11 @@ class PeerConfig(BaseModel):
         1024, description="Memory for forward activations kept for their backward (beyond it: recompute)."
     )
     request_timeout: float = Field(30.0, description="Seconds before a remote span call fails over.")
+    spot_check_rate: float = Field(
+        0.02,
+        description="Share of remote forwards the trainer also sends to up to two other replicas of the span (same "
+        "quantization) and compares; a replica outvoted by two others is reported and failed over (0 = off).",
+    )
     announce_period: float = Field(5.0, description="Seconds between DHT announcements.")
     metrics_port: int = Field(-1, description="Port of /metrics and /health (-1 = off, 0 = ephemeral).")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds.")
@@ -98,6 +103,13 @@ class PeerConfig(BaseModel):
     def _non_negative(cls, v: int) -> int:
         if v < 0:
             raise ValueError(f"must be >= 0, got {v}")
+        return v
+
+    @field_validator("spot_check_rate")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be in [0, 1], got {v}")
         return v
 
     @field_validator("request_timeout", "announce_period")

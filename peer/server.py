@@ -193,7 +193,7 @@ class SpanServer:
         members: Membership = OPEN,
     ):
         spec.span_index(span)
-        self.members = members
+        self.members, self.quantize = members, str(quantize)
         self.refused_callers: set[str] = set()  # callers refused as non-members (peer ids)
         self.spec, self.span, self.dht = spec, span, dht
         self.uid = expert_uid(spec.round_id, span)
@@ -249,6 +249,7 @@ class SpanServer:
             expert_uid=self.uid,
             epoch=self.epoch,
             failed_epoch=self.group.failed_epoch,
+            quantize=self.quantize,
             **fields,
         )
 

@@ -64,6 +64,7 @@ class Router:
     on_wire: Callable[[int, int], None] = lambda sent, received: None
     members: Membership = OPEN  # where a roster decides, only its members for a span are routed to
     _replicas: dict[tuple[int, int], list[Replica]] = field(default_factory=dict)
+    _quantize: dict[str, str] = field(default_factory=dict)  # peer id -> how it stores the base (announced)
     _banned: dict[str, float] = field(default_factory=dict)
     _refreshed: float = 0.0
     _handles: dict[tuple[str, str], RemoteSpan] = field(default_factory=dict)
@@ -75,13 +76,15 @@ class Router:
         if not force and time.monotonic() - self._refreshed < self.refresh_period:
             return
         replicas: dict[tuple[int, int], list[Replica]] = {}
+        quantize: dict[str, str] = {}
         for ann in online_servers(self.dht, self.spec.round_id, self.members):
             throughput = float(ann.throughput)
             if not math.isfinite(throughput):
                 continue
             replicas.setdefault(ann.span, []).append(Replica(ann.peer_id, throughput))
+            quantize[ann.peer_id] = ann.quantize
         with self._lock:
-            self._replicas, self._refreshed = replicas, time.monotonic()
+            self._replicas, self._quantize, self._refreshed = replicas, quantize, time.monotonic()
 
     def peers_seen(self) -> dict[str, int]:
         return {f"{a}-{b}": len(rs) for (a, b), rs in self._replicas.items()}
@@ -114,6 +117,26 @@ class Router:
                 self.stop.wait(min(1.0, max(0.05, deadline - now)))
                 self.refresh(force=True)
 
+    def checkers(self, span: SpanRange, primary: str, n: int, timeout: float) -> list[RemoteSpan]:
+        """Up to ``n`` other replicas of ``span`` that store the base like ``primary`` (not banned, random),
+        with their own ``timeout``: a spot check must not hold a micro-batch for long."""
+        now = time.monotonic()
+        with self._lock:
+            kind = self._quantize.get(primary)
+            mine, banned = str(self.dht.peer_id), {p for p, until in self._banned.items() if until > now}
+            others = [r.peer_id for r in self._replicas.get((span.start, span.end), [])
+                      if r.peer_id not in (primary, mine) and r.peer_id not in banned
+                      and self._quantize.get(r.peer_id) == kind]  # fmt: skip
+            picked = self.rng.sample(others, min(n, len(others)))
+            handles = [self._handle(p, span) for p in picked]
+        uid = expert_uid(self.spec.round_id, span)
+        checks = []
+        for h in handles:
+            check = RemoteSpan(self._p2p, h.peer_id, uid, min(timeout, self.timeout), self.spec.wire.compression)  # type: ignore[arg-type]
+            check.on_wire = self.on_wire
+            checks.append(check)
+        return checks
+
     def _handle(self, peer_id: str, span: SpanRange) -> RemoteSpan:
         uid = expert_uid(self.spec.round_id, span)
         if (peer_id, uid) not in self._handles:
@@ -125,8 +148,13 @@ class Router:
         return self._handles[peer_id, uid]
 
 
-def _forward(h: RemoteSpan, step: int, key: MicroBatchKey, x: torch.Tensor) -> torch.Tensor:
-    return h.forward(step, key, x)
+SPOT_CHECK_TIMEOUT_S = 5.0
+#: relative L2 distance two replicas' activations may have (same weights to fp32 rounding; the wire's rounding)
+SPOT_CHECK_TOLERANCE = {"none": 1e-3, "float16": 1e-2, "bfloat16": 3e-2, "uint8": 0.1}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return bool(torch.linalg.vector_norm(a.float() - b.float()) <= tol * torch.linalg.vector_norm(b.float()) + 1e-6)
 
 
 def _backward(h: RemoteSpan, step: int, key: MicroBatchKey, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -168,12 +196,55 @@ class ChainTrainer:
         say: Callable[[str], None] = log.info,
         on_failover: Callable[[], None] | None = None,
         on_bad_output: Callable[[str, str], None] = lambda peer_id, reason: None,
+        spot_check_rate: float = 0.0,
+        rng: random.Random | None = None,
     ):
         self.spec, self.head, self.router = spec, head, router
         self.me = str(router.dht.peer_id)
         self.max_attempts, self.span_wait, self.say = max_attempts, span_wait, say
         self.on_failover = on_failover or (lambda: None)
         self.on_bad_output = on_bad_output  # a server answered with bad data: reported to the coordinator
+        self.spot_check_rate, self.rng = spot_check_rate, rng or random.Random()
+        self.disagreements = 0  # spot checks where replicas disagreed and nobody could be outvoted
+
+    def _checked_forward(
+        self, span: SpanRange, step: int, key: MicroBatchKey, x: torch.Tensor, handle: RemoteSpan
+    ) -> torch.Tensor:
+        """A remote forward; a ``spot_check_rate`` share is also sent to up to two other replicas of the span, as
+        the same forward (a server cannot tell a check from a request), and compared (same weights: replicas agree
+        to fp32 rounding after every step). Outvoted by two agreeing
+        replicas, the answer is bad output (the caller reports the server and fails over); a checker outvoted by
+        the primary and another checker is reported; one checker against the primary decides nothing (counted)."""
+        out = handle.forward(step, key, x)
+        if self.spot_check_rate <= 0 or self.rng.random() >= self.spot_check_rate:
+            return out
+        refs: list[tuple[str, torch.Tensor]] = []
+        for check in self.router.checkers(span, handle.peer_id, 2, SPOT_CHECK_TIMEOUT_S):
+            try:
+                refs.append((check.peer_id, check.forward(step, key, x)))  # a forward like any: indistinguishable
+            except RemoteCallError:
+                continue  # busy, behind or gone: no vote
+        if not refs:
+            return out
+        tol = SPOT_CHECK_TOLERANCE[self.spec.wire.compression]
+        same = [p for p, r in refs if _close(out, r, tol)]
+        differ = [p for p, r in refs if not _close(out, r, tol)]
+        if not differ:
+            return out
+        if len(differ) == 2 and _close(refs[0][1], refs[1][1], tol):
+            raise RemoteBadOutputError(
+                f"rpc_forward of span {span.name} on {handle.peer_id}: spot check: its activations differ from "
+                f"those of {differ[0]} and {differ[1]}, which agree"
+            )
+        if same:
+            for p in differ:
+                self.on_bad_output(p, f"spot check of span {span.name}: activations differ from {handle.peer_id} "
+                                      f"and {same[0]}, which agree")  # fmt: skip
+                self.router.ban(p)
+            return out
+        self.disagreements += 1
+        self.say(f"span {span.name}: spot check: {handle.peer_id} and {differ[0]} disagree (no third replica)")
+        return out
 
     def _remote(
         self, span: SpanRange, call: Callable[[RemoteSpan], torch.Tensor], first: RemoteSpan | None = None
@@ -212,7 +283,7 @@ class ChainTrainer:
                 if local is not None:
                     hidden, handle = local.forward(step, key, inp), None
                 else:
-                    hidden, handle = self._remote(span, partial(_forward, step=step, key=key, x=inp))
+                    hidden, handle = self._remote(span, partial(self._checked_forward, span, step, key, inp))
                 saved.append((span, inp, handle))
             last = hidden.detach().requires_grad_(True)
             loss = self.head.loss(last, ids)

@@ -47,6 +47,7 @@ class ServerAnnouncement(BaseModel):
     # the last epoch whose all-reduce failed here (-1: none); replicas repairing that epoch wait for this answer
     failed_epoch: conint(strict=True, ge=-1, lt=2**31) = -1  # type: ignore[valid-type]
     maddrs: conlist(constr(strict=True, max_length=256), max_items=16) = []  # type: ignore[valid-type]
+    quantize: constr(strict=True, max_length=16) = ""  # type: ignore[valid-type]  # how the base is stored
 
     class Config:
         extra = Extra.ignore
