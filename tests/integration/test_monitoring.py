@@ -288,7 +288,7 @@ def test_alert_rules_evaluate_on_the_live_swarm(swarm: Swarm) -> None:
     # a healthy swarm: every span served, the round within its deadline, no NaN, nobody expired
     active = json.loads(_get(swarm.prometheus_url + "/api/v1/alerts"))["data"]["alerts"]
     healthy = {"SwarmSpanWithoutServer", "SwarmRoundPastDeadline", "SwarmLossNaN", "SwarmPeersExpired",
-               "SwarmCoordinatorDown"}  # fmt: skip
+               "SwarmCoordinatorDown", "SwarmMemberExpelled"}  # fmt: skip
     wrong = [(a["labels"]["alertname"], a["labels"]) for a in active if a["labels"]["alertname"] in healthy]
     assert not wrong, f"alerts on a healthy swarm: {wrong}"
     # a peer that stops heartbeating (frozen with SIGSTOP) shows up in SwarmPeerMissingHeartbeats within seconds
