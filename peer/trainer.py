@@ -29,7 +29,7 @@ from peer.remote import RemoteBadOutputError, RemoteCallError, RemoteSpan, Remot
 from peer.roster_view import OPEN, Membership
 from peer.server import SpanServer, StaleStepError, expert_uid
 from swarm.config import RoundSpec, SpanRange
-from swarm.routing import NoReplicaError, Replica, choose_replica
+from swarm.routing import NoReplicaError, Replica, RoundRobin
 from swarm.span import TrainerHead
 from swarm.steps import MicroBatchKey
 
@@ -65,6 +65,7 @@ class Router:
     members: Membership = OPEN  # where a roster decides, only its members for a span are routed to
     _replicas: dict[tuple[int, int], list[Replica]] = field(default_factory=dict)
     _quantize: dict[str, str] = field(default_factory=dict)  # peer id -> how it stores the base (announced)
+    _rotation: dict[tuple[int, int], RoundRobin] = field(default_factory=dict)  # per span: who is next
     _banned: dict[str, float] = field(default_factory=dict)
     _refreshed: float = 0.0
     _handles: dict[tuple[str, str], RemoteSpan] = field(default_factory=dict)
@@ -104,7 +105,8 @@ class Router:
                     banned = {p for p, until in self._banned.items() if until > now}
                     mine = str(self.dht.peer_id)
                     candidates = [r for r in self._replicas.get((span.start, span.end), []) if r.peer_id != mine]
-                    choice = choose_replica(candidates, exclude=banned, rng=self.rng)
+                    rotation = self._rotation.setdefault((span.start, span.end), RoundRobin())
+                    choice = rotation.pick(candidates, exclude=banned)
                     return self._handle(choice.peer_id, span)
             except (NoReplicaError, ValueError):
                 if self.stop.is_set():

@@ -106,7 +106,14 @@ class Peer:
     """One ``swarm peer`` process with its own event file and checkpoint dir."""
 
     def __init__(
-        self, workdir: Path, name: str, spec_path: Path, args: list[str], use_spec: bool = True, netns: str = ""
+        self,
+        workdir: Path,
+        name: str,
+        spec_path: Path,
+        args: list[str],
+        use_spec: bool = True,
+        netns: str = "",
+        module: str = "swarm.cli",  # tests.integration.hostile_peer: the same peer, poisoning its gradients
     ):
         self.name, self.dir = name, workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +123,7 @@ class Peer:
         cmd = [
             sys.executable,
             "-m",
-            "swarm.cli",
+            module,
             "peer",
             *spec_args,
             "--host-maddrs",

@@ -1,0 +1,87 @@
+"""A coordinated round where one of three replicas of a span poisons its gradients (x100) publishes what the honest
+swarm trains: the poisoner is caught in the all-reduce, accused by both honest replicas, expelled and named in the
+round record, and the adapter's held-out loss is within 5% of centralized PEFT on the same micro-batches.
+
+Real processes: coordinator (in this process), three span servers of span 2-4 (one of them
+``tests.integration.hostile_peer``: the real peer with its gradients scaled x100 before each all-reduce) and a
+trainer hosting span 0-2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordinator.config import CoordinatorConfig
+from coordinator.server import serve
+from coordinator.state import MemberState
+from tests.integration.harness import Peer, make_spec, wait_for
+from tests.integration.test_swarm_exactness import _trainer_data
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+EPOCHS, TBS = 6, 64
+
+
+@pytest.mark.timeout(480)
+def test_a_poisoning_replica_is_expelled_named_and_the_round_publishes_the_honest_result(
+    tmp_path: Path, demo_base: Path, demo_data: Path
+) -> None:
+    from swarm.adapter import verify_adapter
+    from swarm.keys import load_public_key
+    from swarm.reference import centralized_lora
+
+    spec = make_spec(demo_base, demo_data, "poisoned", [0, 2, 4], epochs=EPOCHS, tbs=TBS)
+    server = serve(
+        CoordinatorConfig(
+            port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
+            heartbeat_interval_s=1.0, heartbeat_timeout_s=30.0, finalize_timeout_s=120.0, roster_interval_s=1.0,
+        )
+    )  # fmt: skip
+    pub_path = tmp_path / "coord" / "coordinator" / "public_key.pem"
+    common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path)]
+    unused = tmp_path / "unused.json"
+    peers: list[Peer] = []
+    try:
+        for name in ("s1a", "s1b", "x"):
+            module = "tests.integration.hostile_peer" if name == "x" else "swarm.cli"
+            peers.append(Peer(tmp_path, name, unused, [*common, "--span-index", "1"], use_spec=False, module=module))
+        ready = {p.name: p.ready() for p in peers}
+        assert all(r["span"] == [2, 4] for r in ready.values()), ready
+        hostile = ready["x"]["peer_id"]
+        train = demo_data / "train.jsonl"
+        trainer = Peer(tmp_path, "t0", unused, [*common, "--span-index", "0", "--data", str(train)], use_spec=False)
+        peers.append(trainer)
+
+        adapter = tmp_path / "coord" / "adapters" / "v1"
+        wait_for(adapter.is_dir, 400, "the published adapter")
+        member = server.ctx.store.get_member(spec.round_id, hostile)
+        assert member is not None and member.state is MemberState.EXPELLED, member
+        assert "gradient norm" in member.removed_reason and ready["s1a"]["peer_id"] in member.removed_reason
+        honest = [server.ctx.store.get_member(spec.round_id, ready[n]["peer_id"]) for n in ("s1a", "s1b")]
+        assert all(m is not None and m.state is not MemberState.EXPELLED for m in honest)
+        manifest = verify_adapter(adapter, load_public_key(pub_path))
+        assert hostile not in {c.peer_id for c in manifest.contributors}
+        assert manifest.eval_loss_after < manifest.eval_loss_before
+
+        # the same micro-batches, grouped into the same steps, trained centrally
+        steps = {e["step"]: e for e in trainer.events("step")}
+        upto = max(mb["batch_no"] for e in steps.values() for mb in e["microbatches"])
+        data, held_out = _trainer_data(spec, train, 0, 1, upto)
+        per_step = [[data[mb["batch_no"]] for mb in steps[s]["microbatches"]] for s in sorted(steps)]
+        _, reference = centralized_lora(spec, per_step, held_out[: 4 * spec.data.micro_batch_size])
+        after = trainer.events("eval")[-1]["loss"]
+        print(f"held-out loss: swarm with a poisoner {after:.4f}, centralized {reference:.4f}, "
+              f"{len(steps)} steps; removed: {member.removed_reason}")  # fmt: skip
+        assert abs(after - reference) <= 0.05 * reference, f"swarm {after:.4f} vs centralized {reference:.4f}"
+        x_log = (peers[2].dir / "log.txt").read_text()
+        assert "was removed from round" in x_log, "the expelled peer was not told why"
+        status = server.ctx.store.list_members(spec.round_id)
+        assert json.dumps([m.peer_id for m in status if m.state is MemberState.EXPELLED]) == json.dumps([hostile])
+    finally:
+        codes = [p.stop() for p in peers]
+        server.stop()
+    assert codes == [0] * len(peers), codes
+    assert torch.isfinite(torch.tensor(after))
