@@ -48,7 +48,9 @@ class Accusations:
     rounds: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
 
     def update(self, round_id: str, accuser: str, accused: dict[str, str]) -> bool:
-        """Replace ``accuser``'s accusations; True when they changed."""
+        """Replace ``accuser``'s accusations; True when they changed. Only the round heartbeats go to is kept."""
+        if set(self.rounds) - {round_id}:
+            self.rounds = {round_id: self.rounds.get(round_id, {})}
         table = self.rounds.setdefault(round_id, {})
         if table.get(accuser, {}) == accused:
             return False
@@ -65,9 +67,6 @@ class Accusations:
             for peer_id, reason in accused.items():
                 out.setdefault(peer_id, {})[accuser] = reason
         return out
-
-    def forget(self, round_id: str) -> None:
-        self.rounds.pop(round_id, None)
 
 
 def quorum(members: list[MemberRecord], accused: MemberRecord) -> int:

@@ -49,3 +49,10 @@ def test_parse_bounds_accusations() -> None:
         parse("me", [pb.Accusation(peer_id=f"p{i}", reason="x") for i in range(17)])
     with pytest.raises(HandlerError, match=r"accusations\[0\].peer_id"):
         parse("me", [pb.Accusation(peer_id="not a name!", reason="x")])
+
+
+def test_only_the_current_round_is_kept() -> None:
+    table = Accusations()
+    table.update("r1", "b", {"a": "x"})
+    table.update("r2", "c", {"d": "y"})
+    assert table.against("r1") == {} and table.against("r2") == {"d": {"c": "y"}}
