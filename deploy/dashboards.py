@@ -219,9 +219,11 @@ def my_peer() -> dict[str, Any]:
                   unit="s", width=8),
             Panel("Bytes on the wire", (Q(f"sum by (direction) ({_rate('swarm_peer_bytes_total', sel)})",
                                           "{{direction}}"),), unit="Bps", width=8),
-            Panel("Memory", (Q(f"swarm_peer_memory_bytes{sel}", "rss"),), unit="bytes", width=12),
+            Panel("Memory", (Q(f"swarm_peer_memory_bytes{sel}", "rss"),), unit="bytes", width=8),
             Panel("Failovers to another replica", (Q(_rate("swarm_peer_failovers_total", sel), "failovers/s"),),
-                  unit="ops", width=12),
+                  unit="ops", width=8),
+            Panel("Activation spot checks", (Q(f"sum by (outcome) ({_rate('swarm_peer_spot_checks_total', sel)})",
+                                               "{{outcome}}"),), unit="ops", width=8),
         ]),
     ]  # fmt: skip
     return _dashboard("swarm-my-peer", "My peer", "One peer daemon: pick it with the Peer variable.", rows,

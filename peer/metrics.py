@@ -61,6 +61,15 @@ class PeerMetrics:
         self.failovers = Counter(
             "swarm_peer_failovers", "Remote calls that failed over to another replica.", registry=r
         )
+        self.spot_checks = Counter(
+            "swarm_peer_spot_checks",
+            "Remote forwards compared with other replicas, by outcome: agree, outvoted (a replica outvoted by two "
+            "agreeing ones: reported), undecided (two replicas disagree, no third to decide).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("agree", "outvoted", "undecided"):
+            self.spot_checks.labels(outcome=outcome)
         self.memory = Gauge("swarm_peer_memory_bytes", "Resident memory of the daemon process.", registry=r)
         self.memory.set_function(lambda: float(psutil.Process().memory_info().rss))
         self.block_bytes = Gauge(

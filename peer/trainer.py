@@ -200,6 +200,7 @@ class ChainTrainer:
         on_bad_output: Callable[[str, str], None] = lambda peer_id, reason: None,
         spot_check_rate: float = 0.0,
         rng: random.Random | None = None,
+        on_spot_check: Callable[[str], None] = lambda outcome: None,
     ):
         self.spec, self.head, self.router = spec, head, router
         self.me = str(router.dht.peer_id)
@@ -208,6 +209,7 @@ class ChainTrainer:
         self.on_bad_output = on_bad_output  # a server answered with bad data: reported to the coordinator
         self.spot_check_rate, self.rng = spot_check_rate, rng or random.Random()
         self.disagreements = 0  # spot checks where replicas disagreed and nobody could be outvoted
+        self.on_spot_check = on_spot_check  # "agree" | "outvoted" | "undecided" (metrics)
 
     def _checked_forward(
         self, span: SpanRange, step: int, key: MicroBatchKey, x: torch.Tensor, handle: RemoteSpan
@@ -232,19 +234,23 @@ class ChainTrainer:
         same = [p for p, r in refs if _close(out, r, tol)]
         differ = [p for p, r in refs if not _close(out, r, tol)]
         if not differ:
+            self.on_spot_check("agree")
             return out
         if len(differ) == 2 and _close(refs[0][1], refs[1][1], tol):
+            self.on_spot_check("outvoted")
             raise RemoteBadOutputError(
                 f"rpc_forward of span {span.name} on {handle.peer_id}: spot check: its activations differ from "
                 f"those of {differ[0]} and {differ[1]}, which agree"
             )
         if same:
+            self.on_spot_check("outvoted")
             for p in differ:
                 self.on_bad_output(p, f"spot check of span {span.name}: activations differ from {handle.peer_id} "
                                       f"and {same[0]}, which agree")  # fmt: skip
                 self.router.ban(p)
             return out
         self.disagreements += 1
+        self.on_spot_check("undecided")
         self.say(f"span {span.name}: spot check: {handle.peer_id} and {differ[0]} disagree (no third replica)")
         return out
 

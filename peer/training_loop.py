@@ -53,7 +53,8 @@ class TrainingLoop:
         )
         self.trainer = ChainTrainer(spec, head, self.router, say=log.info, on_failover=daemon.metrics.failovers.inc,
                                     on_bad_output=daemon.stats.bad_output,
-                                    spot_check_rate=cfg.spot_check_rate)  # fmt: skip
+                                    spot_check_rate=cfg.spot_check_rate,
+                                    on_spot_check=lambda outcome: daemon.metrics.spot_checks.labels(outcome).inc())  # fmt: skip
         self.recorder = StepRecorder(daemon.dht, spec.round_id)
         self.slots = slots_per_step(spec.optimizer.target_batch_size, spec.data.micro_batch_size)
         self.started = time.monotonic()

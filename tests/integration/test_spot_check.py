@@ -59,10 +59,12 @@ def test_a_server_with_wrong_activations_is_outvoted_reported_and_failed_over(
         honest = {swarm.servers[1].peer_id, extra[0][0].peer_id}
 
         caught: dict[str, str] = {}
+        outcomes: list[str] = []
         router = Router(swarm.dhts[0], spec, {spec.spans[0]: swarm.servers[0]}, timeout=30, rng=random.Random(1))
         wait_for(lambda: router.refresh(force=True) or router.peers_seen().get("2-4") == 3, 30, "three replicas")
         trainer = ChainTrainer(spec, load_trainer_head(spec.base.path), router, spot_check_rate=1.0,
-                               on_bad_output=caught.__setitem__, rng=random.Random(2))  # fmt: skip
+                               on_bad_output=caught.__setitem__, rng=random.Random(2),
+                               on_spot_check=outcomes.append)  # fmt: skip
         vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
         for i in range(8):
             ids = torch.randint(0, vocab, (2, 16))
@@ -71,7 +73,8 @@ def test_a_server_with_wrong_activations_is_outvoted_reported_and_failed_over(
         assert hostile.peer_id in caught, f"the hostile replica was not named: {caught}"
         assert not honest & caught.keys(), f"an honest replica was named: {caught}"
         assert "spot check" in caught[hostile.peer_id]
-        assert trainer.disagreements == 0
+        assert trainer.disagreements == 0 and "undecided" not in outcomes
+        assert "outvoted" in outcomes and "agree" in outcomes, outcomes  # once banned, the hostile is not asked
     finally:
         for server, announcer, dht in extra:
             announcer.stop(leave=False)  # type: ignore[attr-defined]
