@@ -139,7 +139,9 @@ def _join_when_open(
             current = client.current_spec()
             local_fp = fingerprint(current.base.path)
             wanted, limit = _span_choice(config, current, device)
-            spec, span, resp = client.join(peer_id, [], local_fp, 0.0, device, psutil.virtual_memory().available,
+            # the memory blocks would use: free accelerator memory on a GPU, available RAM on a CPU
+            memory = torch.cuda.mem_get_info()[0] if device == "cuda" else psutil.virtual_memory().available
+            spec, span, resp = client.join(peer_id, [], local_fp, 0.0, device, memory,
                                            preferred_span=wanted, max_blocks=limit, quantize=config.quantize)  # fmt: skip
             return spec, span, resp, local_fp
         except JoinRejectedError as exc:
