@@ -137,16 +137,11 @@ class RemoteSpan:
         async def request() -> AsyncIterator[Any]:
             yield runtime_pb2.ExpertRequest()
 
-        async def call() -> Any:
-            return [answer async for answer in await self.stub.rpc_info(request())]
-
-        future = RemoteExpertWorker.run_coroutine(call(), return_future=True)
-        try:
-            answers = future.result(timeout=self.timeout)
+        async def call() -> int:
+            answers = [answer async for answer in await self.stub.rpc_info(request())]
             return int(MSGPackSerializer.loads(answers[0].metadata)["epoch"])
-        except Exception as exc:
-            future.cancel()
-            raise RemoteCallError(f"rpc_info on {self.peer_id} failed: {exc!r}") from exc
+
+        return self._with_one_retry(call, f"rpc_info on {self.peer_id}")  # type: ignore[no-any-return]
 
     def state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """The replica's training state (for a replica of the same span that catches up)."""

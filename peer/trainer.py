@@ -130,24 +130,22 @@ class Router:
                       if r.peer_id not in (primary, mine) and r.peer_id not in banned
                       and self._quantize.get(r.peer_id) == kind]  # fmt: skip
             picked = self.rng.sample(others, min(n, len(others)))
-            handles = [self._handle(p, span) for p in picked]
-        uid = expert_uid(self.spec.round_id, span)
-        checks = []
-        for h in handles:
-            check = RemoteSpan(self._p2p, h.peer_id, uid, min(timeout, self.timeout), self.spec.wire.compression)  # type: ignore[arg-type]
-            check.on_wire = self.on_wire
-            checks.append(check)
-        return checks
+            return [self._new_handle(p, span, min(timeout, self.timeout)) for p in picked]
 
     def _handle(self, peer_id: str, span: SpanRange) -> RemoteSpan:
+        """The cached handle of ``peer_id``'s replica of ``span`` (call timeout ``self.timeout``)."""
+        key = (peer_id, expert_uid(self.spec.round_id, span))
+        if key not in self._handles:
+            self._handles[key] = self._new_handle(peer_id, span, self.timeout)
+        return self._handles[key]
+
+    def _new_handle(self, peer_id: str, span: SpanRange, timeout: float) -> RemoteSpan:
+        if self._p2p is None:
+            self._p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
         uid = expert_uid(self.spec.round_id, span)
-        if (peer_id, uid) not in self._handles:
-            if self._p2p is None:
-                self._p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
-            handle = RemoteSpan(self._p2p, peer_id, uid, self.timeout, self.spec.wire.compression)  # type: ignore[arg-type]
-            handle.on_wire = self.on_wire
-            self._handles[peer_id, uid] = handle
-        return self._handles[peer_id, uid]
+        handle = RemoteSpan(self._p2p, peer_id, uid, timeout, self.spec.wire.compression)  # type: ignore[arg-type]
+        handle.on_wire = self.on_wire
+        return handle
 
 
 SPOT_CHECK_TIMEOUT_S = 5.0
@@ -216,9 +214,9 @@ class ChainTrainer:
     ) -> torch.Tensor:
         """A remote forward; a ``spot_check_rate`` share is also sent to up to two other replicas of the span, as
         the same forward (a server cannot tell a check from a request), and compared (same weights: replicas agree
-        to fp32 rounding after every step). Outvoted by two agreeing
-        replicas, the answer is bad output (the caller reports the server and fails over); a checker outvoted by
-        the primary and another checker is reported; one checker against the primary decides nothing (counted)."""
+        to fp32 rounding after every step). Outvoted by two agreeing replicas, the answer is bad output (the caller
+        reports the server and fails over); a checker outvoted by the primary and another checker is reported; one
+        checker against the primary decides nothing (counted)."""
         out = handle.forward(step, key, x)
         if self.spot_check_rate <= 0 or self.rng.random() >= self.spot_check_rate:
             return out
@@ -231,8 +229,9 @@ class ChainTrainer:
         if not refs:
             return out
         tol = SPOT_CHECK_TOLERANCE[self.spec.wire.compression]
-        same = [p for p, r in refs if _close(out, r, tol)]
-        differ = [p for p, r in refs if not _close(out, r, tol)]
+        agrees = {p: _close(out, r, tol) for p, r in refs}
+        same = [p for p, ok in agrees.items() if ok]
+        differ = [p for p, ok in agrees.items() if not ok]
         if not differ:
             self.on_spot_check("agree")
             return out
