@@ -31,7 +31,7 @@ from coordinator.validation import (
     span_index,
     span_message,
 )
-from swarm.config import RoundSpec
+from swarm.config import RoundSpec, SpanRange
 from swarm.proto import EVALUATOR_ROLE, Action, RejectCode, RoundState
 from swarm.proto import coordinator_pb2 as pb
 
@@ -86,15 +86,16 @@ def _preferred_span(spec: RoundSpec, req: pb.JoinRequest, fits: list[int]) -> tu
     limit = f"this peer hosts at most {req.max_blocks} block(s) (its --num-blocks or free GPU memory)"
     if req.HasField("preferred_span"):
         want = req.preferred_span
-        match = [i for i, s in enumerate(spec.spans) if (s.start, s.end) == (want.start, want.end)]
-        if not match:
+        try:
+            index = spec.span_index(SpanRange(start=want.start, end=want.end))
+        except ValueError:  # not a span of the round (or not a span at all: end <= start)
             return None, (
                 f"span {want.start}-{want.end} is not a span of round {spec.round_id!r} (its spans: {names}): "
                 "pass one of them with --span or --span-index, or neither to let the coordinator choose"
             )
-        if match[0] not in fits:
+        if index not in fits:
             return None, f"span {want.start}-{want.end} has {want.end - want.start} blocks but {limit}"
-        return match[0], ""
+        return index, ""
     if not fits:
         return None, f"no span of round {spec.round_id!r} fits: its spans are {names}, and {limit}"
     return None, ""
