@@ -60,21 +60,12 @@ def fetch_trainers(dht: hivemind.DHT, round_id: str, members: Membership = OPEN)
     return [r for r in records if r is not None and members.allows(r.peer_id)]
 
 
-def replica_epochs(
+def replica_status(
     dht: hivemind.DHT, round_id: str, span: tuple[int, int], members: Membership = OPEN
-) -> dict[str, int]:
-    """Peer id -> announced epoch of the online servers of ``span``."""
-    return {a.peer_id: int(a.epoch) for a in online_servers(dht, round_id, members) if a.span == span}
-
-
-def replica_failures(
-    dht: hivemind.DHT, round_id: str, span: tuple[int, int], members: Membership = OPEN
-) -> dict[str, int]:
-    """Peer id -> the last epoch whose all-reduce failed, of the online servers of ``span`` that announce one."""
+) -> dict[str, tuple[int, int]]:
+    """Peer id -> (announced epoch, last epoch whose all-reduce failed or -1) of the online servers of ``span``."""
     return {
-        a.peer_id: int(a.failed_epoch)
-        for a in online_servers(dht, round_id, members)
-        if a.span == span and a.failed_epoch >= 0
+        a.peer_id: (int(a.epoch), int(a.failed_epoch)) for a in online_servers(dht, round_id, members) if a.span == span
     }
 
 

@@ -20,7 +20,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.logging import get_logger
 from safetensors.torch import save_file
 
-from peer.announce import Announcer, fetch_trainers, online_servers, record_validators, replica_epochs, replica_failures
+from peer.announce import Announcer, fetch_trainers, online_servers, record_validators, replica_status
 from peer.config import PeerConfig
 from peer.metrics import MetricsServer, PeerMetrics
 from peer.roster_view import OPEN, Membership, RosterRefresher, RosterView
@@ -178,12 +178,7 @@ class PeerDaemon:
             self.span,
             self.dht,
             step_contents=lambda epoch: step_contents(fetch_trainers(self.dht, spec.round_id, self.members), epoch),
-            replica_epochs=lambda: replica_epochs(
-                self.dht, spec.round_id, (self.span.start, self.span.end), self.members
-            ),
-            replica_failures=lambda: replica_failures(
-                self.dht, spec.round_id, (self.span.start, self.span.end), self.members
-            ),
+            replicas=lambda: replica_status(self.dht, spec.round_id, (self.span.start, self.span.end), self.members),
             device=self.device,
             dtype=self.dtype,
             initial_state=initial_state,

@@ -11,7 +11,7 @@ import hivemind
 import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.announce import Announcer, fetch_trainers, record_validators, replica_epochs, replica_failures
+from peer.announce import Announcer, fetch_trainers, record_validators, replica_status
 from peer.server import SpanServer
 from peer.step_records import StepRecorder
 from peer.trainer import ChainTrainer
@@ -36,8 +36,7 @@ def in_process_server(
         span,
         dht,
         step_contents=lambda epoch: step_contents(fetch_trainers(dht, spec.round_id), epoch),
-        replica_epochs=lambda: replica_epochs(dht, spec.round_id, (span.start, span.end)),
-        replica_failures=lambda: replica_failures(dht, spec.round_id, (span.start, span.end)),
+        replicas=lambda: replica_status(dht, spec.round_id, (span.start, span.end)),
         announce=lambda: _announce(holder["announcer"]),
         **kwargs,
     )

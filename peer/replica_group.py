@@ -84,8 +84,7 @@ class ReplicaGroup:
         *,
         take_gradients: Callable[[StepContents], tuple[list[torch.Tensor], int]],
         step_contents: Callable[[int], StepContents | None],
-        replica_epochs: Callable[[], dict[str, int]],
-        replica_failures: Callable[[], dict[str, int]] = lambda: {},
+        replicas: Callable[[], dict[str, tuple[int, int]]],
         announce: Callable[[], None] = lambda: None,
         on_epoch: Callable[[int], None] = lambda epoch: None,
         on_averaging: Callable[[bool, float], None] = lambda ok, seconds: None,
@@ -96,8 +95,8 @@ class ReplicaGroup:
     ):
         self.dht, self.settings, self.params, self.optimizer = dht, settings, params, optimizer
         self.peer_id = str(dht.peer_id)
-        self.take_gradients, self.step_contents, self.replica_epochs = take_gradients, step_contents, replica_epochs
-        self.replica_failures = replica_failures  # peer id -> the last epoch its all-reduce failed (announced)
+        self.take_gradients, self.step_contents = take_gradients, step_contents
+        self.replicas = replicas  # peer id -> (announced epoch, last failed epoch or -1): one DHT read
         self.failed_epoch = -1  # ours (announced: see repair)
         self.announce, self.on_epoch, self.on_averaging = announce, on_epoch, on_averaging
         self.admits = admits  # the roster lists this peer id for our span (peer.roster_view)
@@ -193,7 +192,7 @@ class ReplicaGroup:
     def catch_up(self) -> bool:
         """Download the state of a replica that is ahead of us, if any (before serving, and when behind).
 
-        The source is chosen here, not by hivemind: replicas the roster admits for this span (``replica_epochs``
+        The source is chosen here, not by hivemind: replicas the roster admits for this span (``replicas``
         is filtered by it) that were not caught sending bad gradients, furthest ahead first. A state that is not
         ahead, does not fit this span or is not finite is refused and the next replica is tried.
         """
@@ -250,10 +249,20 @@ class ReplicaGroup:
         """A micro-batch of the current step was served: the step may close soon, read the records often."""
         self._poked = time.monotonic()
 
-    def _others(self) -> dict[str, int]:
-        """Announced epochs of the other replicas, less those found gone while they still announce the epoch they
-        had then (a killed replica's record outlives it by up to three announce periods)."""
-        return {p: e for p, e in self.replica_epochs().items() if p != self.peer_id and self.gone.get(p) != e}
+    def replica_epochs(self) -> dict[str, int]:
+        """Peer id -> announced epoch of this span's replicas (this one included)."""
+        return {p: e for p, (e, _) in self.replicas().items()}
+
+    def replica_failures(self) -> dict[str, int]:
+        """Peer id -> the last epoch whose all-reduce failed, of the replicas that announce one."""
+        return {p: f for p, (_, f) in self.replicas().items() if f >= 0}
+
+    def _others(self, status: dict[str, tuple[int, int]] | None = None) -> dict[str, int]:
+        """Announced epochs of the other replicas (from ``status``, else read now), less those found gone while
+        they still announce the epoch they had then (a killed replica's record outlives it by up to three
+        announce periods)."""
+        status = self.replicas() if status is None else status
+        return {p: e for p, (e, _) in status.items() if p != self.peer_id and self.gone.get(p) != e}
 
     def end_epoch(self, contents: StepContents) -> None:
         """All-reduce this step's gradients with every live replica, apply them, move to the next epoch."""
@@ -413,10 +422,11 @@ class ReplicaGroup:
         self.announce()
         deadline = time.monotonic() + self.settings.averaging_timeout
         while not self._stop.is_set():
-            epochs = self._others()
+            status = self.replicas()
+            epochs = self._others(status)
             if any(e > epoch for e in epochs.values()) and self.catch_up():
                 return
-            failed = self.replica_failures()
+            failed = {p: f for p, (_, f) in status.items()}
             here = {p for p, e in epochs.items() if e == epoch and p not in self.suspects}
             undecided = [p for p in here if failed.get(p) != epoch]
             if time.monotonic() > deadline:
