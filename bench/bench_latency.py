@@ -42,7 +42,6 @@ from typing import Any
 from coordinator.config import CoordinatorConfig
 from coordinator.server import serve
 from swarm.basemodel import make_base
-from swarm.config import EndCondition
 from swarm.corpus import generate, write_jsonl
 from tests.integration.harness import Peer, make_spec, save_spec, wait_for
 
@@ -114,7 +113,6 @@ def run_round(
     """One coordinated round: server0, trainer0 (first), trainer1 (late) -> adapter v1."""
     workdir = root / f"round{run}"
     spec = make_spec(base, data, f"lat{run}", [0, 2, 4], epochs=args.epochs)
-    spec = spec.model_copy(update={"end": EndCondition(target_epochs=args.epochs)})
     records.rows.clear()
     server = serve(
         CoordinatorConfig(
