@@ -18,6 +18,7 @@ from coordinator.progress import ProgressIndex
 from coordinator.state import Candidate, CoordinatorStore, JoinRejection
 from coordinator.store_memory import MemoryStore
 from coordinator.store_sqlite import SqliteStore
+from swarm.keys import sign_hex, spec_payload
 
 
 @dataclass
@@ -49,9 +50,9 @@ class CoordinatorContext:
     #: what heartbeats read instead of every member of the round (see :mod:`coordinator.progress`)
     progress: ProgressIndex = field(default_factory=ProgressIndex)
 
-    def spec_signature(self, spec_json: str) -> str:
-        """The coordinator's signature of a round spec ('' without a signing key)."""
-        return self.signing_key.sign(spec_json.encode()).hex() if self.signing_key is not None else ""
+    def spec_signature(self, spec_json: str, nonce: bytes) -> str:
+        """The coordinator's signature of a round spec for the asker's ``nonce`` ('' without a signing key)."""
+        return sign_hex(self.signing_key, spec_payload(spec_json, nonce)) if self.signing_key is not None else ""
 
     def __post_init__(self) -> None:
         self.challenges = Challenges(self.config.challenge_ttl_s, self.clock)

@@ -36,7 +36,7 @@ def join_evaluator(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinRespo
         round_spec_json=current.spec_json if current else "",
         heartbeat_interval_s=ctx.config.heartbeat_interval_s,
         credential=credential,
-        round_spec_signature=ctx.spec_signature(current.spec_json) if current else "",
+        round_spec_signature=ctx.spec_signature(current.spec_json, req.spec_nonce) if current else "",
     )
 
 

@@ -25,6 +25,7 @@ from coordinator.validation import (
     HandlerError,
     check_count,
     check_name,
+    check_nonce,
     check_real,
     invalid,
     software_compatible,
@@ -103,6 +104,7 @@ def _preferred_span(spec: RoundSpec, req: pb.JoinRequest, fits: list[int]) -> tu
 
 def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
     check_name("peer_id", req.peer_id)
+    check_nonce(req.spec_nonce)
     if len(req.multiaddrs) > MAX_MULTIADDRS:
         raise invalid(f"multiaddrs: at most {MAX_MULTIADDRS}, got {len(req.multiaddrs)}")
     for i, addr in enumerate(req.multiaddrs):
@@ -183,7 +185,7 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
         round_id=record.round_id,
         dht_initial_peers=list(ctx.dht_initial_peers),
         credential=credential,
-        round_spec_signature=ctx.spec_signature(record.spec_json),
+        round_spec_signature=ctx.spec_signature(record.spec_json, req.spec_nonce),
     )
 
 
@@ -297,6 +299,7 @@ def leave(ctx: CoordinatorContext, req: pb.LeaveRequest) -> pb.LeaveResponse:
 
 
 def get_round_spec(ctx: CoordinatorContext, req: pb.GetRoundSpecRequest) -> pb.GetRoundSpecResponse:
+    check_nonce(req.spec_nonce)
     with ctx.lock:
         now = ctx.clock()
         record = refresh(ctx, resolve_round(ctx, req.round_id), now)
@@ -316,7 +319,7 @@ def get_round_spec(ctx: CoordinatorContext, req: pb.GetRoundSpecRequest) -> pb.G
         adapter_version=published.version if published else "",
         join_challenge=ctx.challenges.issue(),
         candidate_sha256=candidate.sha256 if candidate is not None else "",
-        round_spec_signature=ctx.spec_signature(record.spec_json),
+        round_spec_signature=ctx.spec_signature(record.spec_json, req.spec_nonce),
     )
 
 

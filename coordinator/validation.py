@@ -10,6 +10,7 @@ import struct
 import grpc
 
 from swarm.config import RoundSpec, SpanRange
+from swarm.keys import MAX_SPEC_NONCE
 from swarm.proto import coordinator_pb2 as pb
 
 
@@ -36,6 +37,13 @@ def check_name(field: str, value: str) -> str:
     if not _NAME_RE.match(value) or value in (".", ".."):
         raise invalid(f"{field} {value[:64]!r} may only use letters, digits, '.', '-', '_' (1-128 chars)")
     return value
+
+
+def check_nonce(nonce: bytes) -> bytes:
+    """A request's ``spec_nonce``: at most :data:`swarm.keys.MAX_SPEC_NONCE` bytes."""
+    if len(nonce) > MAX_SPEC_NONCE:
+        raise invalid(f"spec_nonce has {len(nonce)} bytes; at most {MAX_SPEC_NONCE}")
+    return nonce
 
 
 def check_count(field: str, value: int, *, minimum: int = 0) -> int:

@@ -1,14 +1,16 @@
 """The evaluator loop: when the coordinator names a candidate, measure it and the round's start, report both.
 
-It trusts nothing it did not check: the candidate's bytes must hash to the sha256 the coordinator
-named, the parent adapter must carry the coordinator's signature and the round's base fingerprint,
-and the local base model must have that fingerprint.
+It trusts nothing it did not check: the round spec must carry the coordinator's signature over this
+call's nonce, the candidate's bytes must hash to the sha256 the coordinator named, the parent adapter
+must carry the coordinator's signature and the round's base fingerprint, and the local base model must
+have that fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import threading
 from pathlib import Path
@@ -22,6 +24,7 @@ from evaluator.measure import adapter_loss, held_out
 from swarm import __version__
 from swarm.config import RoundSpec
 from swarm.identity import join_payload, load_or_create_identity
+from swarm.keys import load_public_key, verified_spec_json
 from swarm.proto import CANDIDATE_PREFIX, EVALUATOR_ROLE, ROUND_START, RoundState
 from swarm.proto import coordinator_pb2 as pb
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
@@ -37,6 +40,7 @@ class Evaluator:
     def __init__(self, config: EvaluatorConfig) -> None:
         self.config = config
         self.identity = load_or_create_identity(config.identity_path)
+        self.public_key = load_public_key(config.coordinator_public_key)
         options = [("grpc.max_receive_message_length", 512 << 20)]
         self.channel = channel(config.coordinator, config.coordinator_cert or None, options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
@@ -69,9 +73,8 @@ class Evaluator:
             return None
         from swarm.adapter import check_base, load_adapter_tensors
         from swarm.adapter_client import pull_adapter
-        from swarm.keys import load_public_key
 
-        key = load_public_key(self.config.coordinator_public_key)
+        key = self.public_key
         folder = self.work / "adapters" / spec.parent_adapter
         if not folder.exists():
             pull_adapter(self.channel, spec.parent_adapter, folder, key)
@@ -113,11 +116,13 @@ class Evaluator:
 
     def step(self) -> str | None:
         """Evaluate the current round's candidate if there is a new one; its sha256 when reported."""
-        info = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=RPC_TIMEOUT)
+        nonce = os.urandom(16)
+        info = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(spec_nonce=nonce), timeout=RPC_TIMEOUT)
         sha = info.candidate_sha256
         if info.state != RoundState.FINALIZING.value or not sha or sha in self.done:
             return None
-        spec = RoundSpec.from_json(info.round_spec_json)
+        spec = RoundSpec.from_json(verified_spec_json(self.public_key, info.round_spec_json,
+                                                      info.round_spec_signature, nonce))  # fmt: skip
         before, after = self.measure(spec, sha)[:2]
         tokens = self.config.max_sequences * spec.data.seq_len
         self.report(info.round_id, sha, before, after, tokens)

@@ -53,6 +53,7 @@ peer_command = command_from_model(
     doc="Run a peer: host a span of the base model, train its LoRA with the swarm, serve other trainers.",
     flags={
         "data_path": "--data",
+        "eval_data_path": "--eval-data",
         "use_relay": "--use-relay/--no-relay",
         "host_maddrs": "--host-maddrs",
         "check_json": "--json",

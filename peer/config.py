@@ -58,6 +58,12 @@ class PeerConfig(BaseModel):
         "",
         description="Training text for the trainer: JSONL/txt/parquet file or directory (overrides the spec's data).",
     )
+    eval_data_path: str = Field(
+        "",
+        description="Held-out text for the trainer's evaluations, in --data's formats ('' = held out from --data). "
+        "With a coordinator the peer reads only the data files given here and in --data, never paths in the "
+        "round spec.",
+    )
     shard_index: int = Field(0, description="Which data shard this trainer reads (0-based).")
     num_shards: int = Field(1, description="How many shards the training data is cut into.")
     min_replicas: int = Field(1, description="Trainer waits until every span has this many announced servers.")

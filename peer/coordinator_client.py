@@ -7,6 +7,7 @@ that round itself. Over TLS it trusts only the coordinator's certificate file (p
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from safetensors.torch import save
 from swarm import __version__
 from swarm.config import RoundSpec, SpanRange
 from swarm.identity import PeerIdentity, join_payload
+from swarm.keys import verified_spec_json
 from swarm.proto import coordinator_pb2 as pb
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
 from swarm.tls import channel
@@ -69,22 +71,15 @@ class CoordinatorClient:
     def _credential(self, round_id: str) -> str:
         return self.credentials.get(round_id, "")
 
-    def _spec(self, spec_json: str, signature: str) -> RoundSpec:
-        """The round spec, after checking the coordinator's signature on it (when the client has its key)."""
-        if self.public_key is not None:
-            from swarm.keys import verify_hex
-
-            try:
-                ok = verify_hex(self.public_key, spec_json.encode(), signature)
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError("the round spec does not carry the coordinator's signature: refusing it")
-        return RoundSpec.from_json(spec_json)
+    def _spec(self, spec_json: str, signature: str, nonce: bytes) -> RoundSpec:
+        """The round spec, after checking the coordinator's signature on it for this call's ``nonce`` (when the
+        client has the coordinator's key): a forged spec, or an older answer replayed, is refused."""
+        return RoundSpec.from_json(verified_spec_json(self.public_key, spec_json, signature, nonce))
 
     def current_spec(self) -> RoundSpec:
-        resp = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=self.timeout)
-        return self._spec(resp.round_spec_json, resp.round_spec_signature)
+        nonce = os.urandom(16)
+        resp = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(spec_nonce=nonce), timeout=self.timeout)
+        return self._spec(resp.round_spec_json, resp.round_spec_signature, nonce)
 
     def join(
         self,
@@ -105,6 +100,7 @@ class CoordinatorClient:
             raise ValueError(f"joining as {peer_id} needs that peer's identity key (CoordinatorClient(identity=...))")
         challenge = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=self.timeout).join_challenge
         payload = join_payload(peer_id, round_id, challenge, fingerprint, list(maddrs))
+        nonce = os.urandom(16)
         resp = self.stub.Join(
             pb.JoinRequest(
                 peer_id=peer_id,
@@ -120,6 +116,7 @@ class CoordinatorClient:
                 preferred_span=pb.Span(start=preferred_span.start, end=preferred_span.end) if preferred_span else None,
                 max_blocks=max_blocks,
                 quantize=quantize,
+                spec_nonce=nonce,
             ),
             timeout=self.timeout,
         )
@@ -129,7 +126,7 @@ class CoordinatorClient:
             )
         self.credentials[resp.round_id] = resp.credential
         return (
-            self._spec(resp.round_spec_json, resp.round_spec_signature),
+            self._spec(resp.round_spec_json, resp.round_spec_signature, nonce),
             SpanRange(start=resp.span.start, end=resp.span.end),
             resp,
         )

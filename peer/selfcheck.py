@@ -108,9 +108,10 @@ def _round_spec(config: PeerConfig, found: dict[str, RoundSpec]) -> str:
 
 
 def _data(config: PeerConfig) -> str:
-    if not Path(config.data_path).exists():
-        raise _Failed(f"--data {config.data_path} does not exist", "pass a .jsonl/.txt/.parquet file or a directory")
-    return config.data_path
+    for flag, path in (("--data", config.data_path), ("--eval-data", config.eval_data_path)):
+        if path and not Path(path).exists():
+            raise _Failed(f"{flag} {path} does not exist", "pass a .jsonl/.txt/.parquet file or a directory")
+    return ", ".join(p for p in (config.data_path, config.eval_data_path) if p)
 
 
 def _quantize_backend(config: PeerConfig) -> str:
@@ -157,7 +158,7 @@ def local_checks(config: PeerConfig) -> tuple[list[CheckResult], RoundSpec | Non
             results.append(_run("coordinator-tls", lambda: _coordinator_tls(config)))
     if not config.coordinator and config.round_spec:
         results.append(_run("round-spec", lambda: _round_spec(config, found)))
-    if config.data_path:
+    if config.data_path or config.eval_data_path:
         results.append(_run("data", lambda: _data(config)))
     if config.quantize != "none":
         results.append(_run("quantize", lambda: _quantize_backend(config)))

@@ -10,15 +10,41 @@ import torch
 from hivemind.utils.logging import get_logger
 
 from peer.announce import fetch_trainers
+from peer.config import PeerConfig
 from peer.daemon import PeerDaemon
 from peer.step_records import StepRecorder
 from peer.trainer import ChainTrainer, MicroBatch, Router, SpanUnavailableError, StepOverError, StepResult
 from swarm.checkpoint import resolve_checkpoint
+from swarm.config import DataSettings
 from swarm.data import batches, load_round_data
 from swarm.span import load_trainer_head
 from swarm.steps import current_step, participants, share, slots_per_step
 
 log = get_logger(__name__)
+
+
+def trainer_data(data: DataSettings, cfg: PeerConfig) -> DataSettings:
+    """The data files this trainer reads: only those its volunteer named when the spec came from a coordinator.
+
+    A coordinator's spec may name ``train_path`` / ``eval_path`` (its operator's files, e.g. for its own
+    evaluator): a volunteer's peer never opens them, or a hostile spec could make it train on, and report the
+    loss of, any file on the volunteer's machine. A spec file the volunteer passed with ``--round-spec`` is
+    theirs: its paths are used unless ``--data`` / ``--eval-data`` override them.
+    """
+    if cfg.coordinator:
+        named = [p for p in (data.train_path, data.eval_path) if p and p not in (cfg.data_path, cfg.eval_data_path)]
+        if named:
+            log.info(f"the round spec names data files {named}: this peer reads only --data / --eval-data")
+        settings = data.model_copy(update={"train_path": cfg.data_path, "eval_path": cfg.eval_data_path})
+    else:
+        update = {"train_path": cfg.data_path} if cfg.data_path else {}
+        settings = data.model_copy(update=update | ({"eval_path": cfg.eval_data_path} if cfg.eval_data_path else {}))
+    if not settings.train_path:
+        raise ValueError(
+            "the trainer needs data: pass --data FILE"
+            + ("" if cfg.coordinator else " or set data.train_path in the round spec")
+        )
+    return settings
 
 
 class TrainingLoop:
@@ -30,9 +56,7 @@ class TrainingLoop:
         self.daemon = daemon
         cfg, spec = daemon.config, daemon.spec
         tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(spec.base.path))
-        settings = spec.data.model_copy(update={"train_path": cfg.data_path}) if cfg.data_path else spec.data
-        if not settings.train_path:
-            raise ValueError("the trainer needs data: pass --data FILE or set data.train_path in the round spec")
+        settings = trainer_data(spec.data, cfg)
         self.train, held_out = load_round_data(settings, tokenizer, cfg.shard_index, cfg.num_shards)
         if len(self.train) < spec.data.micro_batch_size:
             raise ValueError(

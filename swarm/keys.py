@@ -174,3 +174,37 @@ def verify_hex(pub: Ed25519PublicKey, data: bytes, signature_hex: str) -> bool:
     except InvalidSignature:
         return False
     return True
+
+
+#: longest ``spec_nonce`` a coordinator signs over (JoinRequest / GetRoundSpecRequest)
+MAX_SPEC_NONCE = 64
+
+
+def spec_payload(spec_json: str, nonce: bytes) -> bytes:
+    """What the coordinator signs when it hands out a round spec: the spec bound to the asker's fresh nonce.
+
+    The nonce makes a signed spec single-use: an older response replayed to a peer (an older round, an older
+    parent adapter, other data) carries a signature over another nonce and does not verify.
+    """
+    if len(nonce) > MAX_SPEC_NONCE:
+        raise ValueError(f"spec_nonce has {len(nonce)} bytes; at most {MAX_SPEC_NONCE}")
+    return b"loraswarm-round-spec-v1\0" + len(nonce).to_bytes(1, "big") + nonce + spec_json.encode()
+
+
+def verified_spec_json(pub: Ed25519PublicKey | None, spec_json: str, signature_hex: str, nonce: bytes) -> str:
+    """``spec_json`` when ``signature_hex`` signs it for ``nonce`` with ``pub`` (no check without a key).
+
+    Raises ``ValueError`` naming the problem otherwise.
+    """
+    if pub is None:
+        return spec_json
+    try:
+        ok = verify_hex(pub, spec_payload(spec_json, nonce), signature_hex)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            "the round spec does not carry the coordinator's signature over this request's nonce (forged, or an "
+            "older answer replayed): refusing it"
+        )
+    return spec_json

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dswarm/proto/coordinator.proto\x12\x0cloraswarm.v1\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"D\n\x08\x43\x61pacity\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nthroughput\x18\x03 \x01(\x01\"\xd0\x02\n\x0bJoinRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nmultiaddrs\x18\x02 \x03(\t\x12(\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x16.loraswarm.v1.Capacity\x12\x18\n\x10\x62\x61se_fingerprint\x18\x04 \x01(\t\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12\x12\n\njoin_token\x18\x06 \x01(\t\x12\x10\n\x08round_id\x18\x07 \x01(\t\x12\x12\n\npublic_key\x18\x08 \x01(\x0c\x12\x11\n\tchallenge\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x0c\n\x04role\x18\x0b \x01(\t\x12*\n\x0epreferred_span\x18\x0c \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x12\n\nmax_blocks\x18\r \x01(\r\x12\x10\n\x08quantize\x18\x0e \x01(\t\"\x84\x02\n\x0cJoinResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x17\n\x0fround_spec_json\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\x12\x15\n\rreject_reason\x18\x05 \x01(\t\x12\x10\n\x08round_id\x18\x06 \x01(\t\x12\x13\n\x0breject_code\x18\x07 \x01(\t\x12\x19\n\x11\x64ht_initial_peers\x18\x08 \x03(\t\x12\x12\n\ncredential\x18\t \x01(\t\x12\x1c\n\x14round_spec_signature\x18\n \x01(\t\"\\\n\x08Progress\x12\x0f\n\x07samples\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\"\xc4\x01\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12(\n\x08progress\x18\x03 \x01(\x0b\x32\x16.loraswarm.v1.Progress\x12 \n\x04span\x18\x04 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x12\n\ncredential\x18\x05 \x01(\t\x12-\n\x0b\x61\x63\x63usations\x18\x06 \x03(\x0b\x32\x18.loraswarm.v1.Accusation\"-\n\nAccusation\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xcb\x01\n\x11HeartbeatResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x13\n\x0bround_state\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x15\n\rnext_round_id\x18\x07 \x01(\t\x12\x1d\n\x15\x65val_candidate_sha256\x18\x08 \x01(\t\"E\n\x0cLeaveRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"\x1b\n\rLeaveResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"\'\n\x13GetRoundSpecRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\xa3\x02\n\x14GetRoundSpecResponse\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x17\n\x0fround_spec_json\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x06 \x01(\x01\x12\x0f\n\x07samples\x18\x07 \x01(\x03\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\n \x01(\t\x12\x16\n\x0ejoin_challenge\x18\x0b \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x0c \x01(\t\x12\x1c\n\x14round_spec_signature\x18\r \x01(\t\"\x15\n\x13ListAdaptersRequest\"\xcc\x01\n\x0c\x41\x64\x61pterEntry\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07parents\x18\x02 \x03(\t\x12\x10\n\x08round_id\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x1d\n\x10\x65val_loss_before\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0f\x65val_loss_after\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06sha256\x18\x07 \x01(\tB\x13\n\x11_eval_loss_beforeB\x12\n\x10_eval_loss_after\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.loraswarm.v1.AdapterEntry\")\n\x16\x44ownloadAdapterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"c\n\x0c\x41\x64\x61pterChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tfile_size\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\"\xa6\x01\n\x16UploadSpanStateRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12 \n\x04span\x18\x03 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x13\n\x0bsafetensors\x18\x05 \x01(\x0c\x12\x0f\n\x07samples\x18\x06 \x01(\x03\x12\x12\n\ncredential\x18\x07 \x01(\t\"I\n\x17UploadSpanStateResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\xb4\x01\n\x11ReportEvalRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x13\n\x0b\x65val_tokens\x18\x06 \x01(\x03\x12\x12\n\ncredential\x18\x07 \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x08 \x01(\t\" \n\x12ReportEvalResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x32\x92\x05\n\x0b\x43oordinator\x12=\n\x04Join\x12\x19.loraswarm.v1.JoinRequest\x1a\x1a.loraswarm.v1.JoinResponse\x12L\n\tHeartbeat\x12\x1e.loraswarm.v1.HeartbeatRequest\x1a\x1f.loraswarm.v1.HeartbeatResponse\x12@\n\x05Leave\x12\x1a.loraswarm.v1.LeaveRequest\x1a\x1b.loraswarm.v1.LeaveResponse\x12U\n\x0cGetRoundSpec\x12!.loraswarm.v1.GetRoundSpecRequest\x1a\".loraswarm.v1.GetRoundSpecResponse\x12U\n\x0cListAdapters\x12!.loraswarm.v1.ListAdaptersRequest\x1a\".loraswarm.v1.ListAdaptersResponse\x12U\n\x0f\x44ownloadAdapter\x12$.loraswarm.v1.DownloadAdapterRequest\x1a\x1a.loraswarm.v1.AdapterChunk0\x01\x12^\n\x0fUploadSpanState\x12$.loraswarm.v1.UploadSpanStateRequest\x1a%.loraswarm.v1.UploadSpanStateResponse\x12O\n\nReportEval\x12\x1f.loraswarm.v1.ReportEvalRequest\x1a .loraswarm.v1.ReportEvalResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dswarm/proto/coordinator.proto\x12\x0cloraswarm.v1\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"D\n\x08\x43\x61pacity\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nthroughput\x18\x03 \x01(\x01\"\xe4\x02\n\x0bJoinRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nmultiaddrs\x18\x02 \x03(\t\x12(\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x16.loraswarm.v1.Capacity\x12\x18\n\x10\x62\x61se_fingerprint\x18\x04 \x01(\t\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12\x12\n\njoin_token\x18\x06 \x01(\t\x12\x10\n\x08round_id\x18\x07 \x01(\t\x12\x12\n\npublic_key\x18\x08 \x01(\x0c\x12\x11\n\tchallenge\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x0c\n\x04role\x18\x0b \x01(\t\x12*\n\x0epreferred_span\x18\x0c \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x12\n\nmax_blocks\x18\r \x01(\r\x12\x10\n\x08quantize\x18\x0e \x01(\t\x12\x12\n\nspec_nonce\x18\x0f \x01(\x0c\"\x84\x02\n\x0cJoinResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x17\n\x0fround_spec_json\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\x12\x15\n\rreject_reason\x18\x05 \x01(\t\x12\x10\n\x08round_id\x18\x06 \x01(\t\x12\x13\n\x0breject_code\x18\x07 \x01(\t\x12\x19\n\x11\x64ht_initial_peers\x18\x08 \x03(\t\x12\x12\n\ncredential\x18\t \x01(\t\x12\x1c\n\x14round_spec_signature\x18\n \x01(\t\"\\\n\x08Progress\x12\x0f\n\x07samples\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\"\xc4\x01\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12(\n\x08progress\x18\x03 \x01(\x0b\x32\x16.loraswarm.v1.Progress\x12 \n\x04span\x18\x04 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x12\n\ncredential\x18\x05 \x01(\t\x12-\n\x0b\x61\x63\x63usations\x18\x06 \x03(\x0b\x32\x18.loraswarm.v1.Accusation\"-\n\nAccusation\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xcb\x01\n\x11HeartbeatResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\x13\n\x0bround_state\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x15\n\rnext_round_id\x18\x07 \x01(\t\x12\x1d\n\x15\x65val_candidate_sha256\x18\x08 \x01(\t\"E\n\x0cLeaveRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"\x1b\n\rLeaveResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\";\n\x13GetRoundSpecRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x12\n\nspec_nonce\x18\x02 \x01(\x0c\"\xa3\x02\n\x14GetRoundSpecResponse\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x17\n\x0fround_spec_json\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x06 \x01(\x01\x12\x0f\n\x07samples\x18\x07 \x01(\x03\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\n \x01(\t\x12\x16\n\x0ejoin_challenge\x18\x0b \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x0c \x01(\t\x12\x1c\n\x14round_spec_signature\x18\r \x01(\t\"\x15\n\x13ListAdaptersRequest\"\xcc\x01\n\x0c\x41\x64\x61pterEntry\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07parents\x18\x02 \x03(\t\x12\x10\n\x08round_id\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x1d\n\x10\x65val_loss_before\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0f\x65val_loss_after\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06sha256\x18\x07 \x01(\tB\x13\n\x11_eval_loss_beforeB\x12\n\x10_eval_loss_after\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.loraswarm.v1.AdapterEntry\")\n\x16\x44ownloadAdapterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"c\n\x0c\x41\x64\x61pterChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tfile_size\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\"\xa6\x01\n\x16UploadSpanStateRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12 \n\x04span\x18\x03 \x01(\x0b\x32\x12.loraswarm.v1.Span\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x13\n\x0bsafetensors\x18\x05 \x01(\x0c\x12\x0f\n\x07samples\x18\x06 \x01(\x03\x12\x12\n\ncredential\x18\x07 \x01(\t\"I\n\x17UploadSpanStateResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\xb4\x01\n\x11ReportEvalRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x13\n\x0b\x65val_tokens\x18\x06 \x01(\x03\x12\x12\n\ncredential\x18\x07 \x01(\t\x12\x18\n\x10\x63\x61ndidate_sha256\x18\x08 \x01(\t\" \n\x12ReportEvalResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x32\x92\x05\n\x0b\x43oordinator\x12=\n\x04Join\x12\x19.loraswarm.v1.JoinRequest\x1a\x1a.loraswarm.v1.JoinResponse\x12L\n\tHeartbeat\x12\x1e.loraswarm.v1.HeartbeatRequest\x1a\x1f.loraswarm.v1.HeartbeatResponse\x12@\n\x05Leave\x12\x1a.loraswarm.v1.LeaveRequest\x1a\x1b.loraswarm.v1.LeaveResponse\x12U\n\x0cGetRoundSpec\x12!.loraswarm.v1.GetRoundSpecRequest\x1a\".loraswarm.v1.GetRoundSpecResponse\x12U\n\x0cListAdapters\x12!.loraswarm.v1.ListAdaptersRequest\x1a\".loraswarm.v1.ListAdaptersResponse\x12U\n\x0f\x44ownloadAdapter\x12$.loraswarm.v1.DownloadAdapterRequest\x1a\x1a.loraswarm.v1.AdapterChunk0\x01\x12^\n\x0fUploadSpanState\x12$.loraswarm.v1.UploadSpanStateRequest\x1a%.loraswarm.v1.UploadSpanStateResponse\x12O\n\nReportEval\x12\x1f.loraswarm.v1.ReportEvalRequest\x1a .loraswarm.v1.ReportEvalResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,43 +36,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CAPACITY']._serialized_start=83
   _globals['_CAPACITY']._serialized_end=151
   _globals['_JOINREQUEST']._serialized_start=154
-  _globals['_JOINREQUEST']._serialized_end=490
-  _globals['_JOINRESPONSE']._serialized_start=493
-  _globals['_JOINRESPONSE']._serialized_end=753
-  _globals['_PROGRESS']._serialized_start=755
-  _globals['_PROGRESS']._serialized_end=847
-  _globals['_HEARTBEATREQUEST']._serialized_start=850
-  _globals['_HEARTBEATREQUEST']._serialized_end=1046
-  _globals['_ACCUSATION']._serialized_start=1048
-  _globals['_ACCUSATION']._serialized_end=1093
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1096
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1299
-  _globals['_LEAVEREQUEST']._serialized_start=1301
-  _globals['_LEAVEREQUEST']._serialized_end=1370
-  _globals['_LEAVERESPONSE']._serialized_start=1372
-  _globals['_LEAVERESPONSE']._serialized_end=1399
-  _globals['_GETROUNDSPECREQUEST']._serialized_start=1401
-  _globals['_GETROUNDSPECREQUEST']._serialized_end=1440
-  _globals['_GETROUNDSPECRESPONSE']._serialized_start=1443
-  _globals['_GETROUNDSPECRESPONSE']._serialized_end=1734
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1736
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1757
-  _globals['_ADAPTERENTRY']._serialized_start=1760
-  _globals['_ADAPTERENTRY']._serialized_end=1964
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1966
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2034
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=2036
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=2077
-  _globals['_ADAPTERCHUNK']._serialized_start=2079
-  _globals['_ADAPTERCHUNK']._serialized_end=2178
-  _globals['_UPLOADSPANSTATEREQUEST']._serialized_start=2181
-  _globals['_UPLOADSPANSTATEREQUEST']._serialized_end=2347
-  _globals['_UPLOADSPANSTATERESPONSE']._serialized_start=2349
-  _globals['_UPLOADSPANSTATERESPONSE']._serialized_end=2422
-  _globals['_REPORTEVALREQUEST']._serialized_start=2425
-  _globals['_REPORTEVALREQUEST']._serialized_end=2605
-  _globals['_REPORTEVALRESPONSE']._serialized_start=2607
-  _globals['_REPORTEVALRESPONSE']._serialized_end=2639
-  _globals['_COORDINATOR']._serialized_start=2642
-  _globals['_COORDINATOR']._serialized_end=3300
+  _globals['_JOINREQUEST']._serialized_end=510
+  _globals['_JOINRESPONSE']._serialized_start=513
+  _globals['_JOINRESPONSE']._serialized_end=773
+  _globals['_PROGRESS']._serialized_start=775
+  _globals['_PROGRESS']._serialized_end=867
+  _globals['_HEARTBEATREQUEST']._serialized_start=870
+  _globals['_HEARTBEATREQUEST']._serialized_end=1066
+  _globals['_ACCUSATION']._serialized_start=1068
+  _globals['_ACCUSATION']._serialized_end=1113
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1116
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1319
+  _globals['_LEAVEREQUEST']._serialized_start=1321
+  _globals['_LEAVEREQUEST']._serialized_end=1390
+  _globals['_LEAVERESPONSE']._serialized_start=1392
+  _globals['_LEAVERESPONSE']._serialized_end=1419
+  _globals['_GETROUNDSPECREQUEST']._serialized_start=1421
+  _globals['_GETROUNDSPECREQUEST']._serialized_end=1480
+  _globals['_GETROUNDSPECRESPONSE']._serialized_start=1483
+  _globals['_GETROUNDSPECRESPONSE']._serialized_end=1774
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1776
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1797
+  _globals['_ADAPTERENTRY']._serialized_start=1800
+  _globals['_ADAPTERENTRY']._serialized_end=2004
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2006
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2074
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=2076
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=2117
+  _globals['_ADAPTERCHUNK']._serialized_start=2119
+  _globals['_ADAPTERCHUNK']._serialized_end=2218
+  _globals['_UPLOADSPANSTATEREQUEST']._serialized_start=2221
+  _globals['_UPLOADSPANSTATEREQUEST']._serialized_end=2387
+  _globals['_UPLOADSPANSTATERESPONSE']._serialized_start=2389
+  _globals['_UPLOADSPANSTATERESPONSE']._serialized_end=2462
+  _globals['_REPORTEVALREQUEST']._serialized_start=2465
+  _globals['_REPORTEVALREQUEST']._serialized_end=2645
+  _globals['_REPORTEVALRESPONSE']._serialized_start=2647
+  _globals['_REPORTEVALRESPONSE']._serialized_end=2679
+  _globals['_COORDINATOR']._serialized_start=2682
+  _globals['_COORDINATOR']._serialized_end=3340
 # @@protoc_insertion_point(module_scope)

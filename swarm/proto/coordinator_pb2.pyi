@@ -44,6 +44,7 @@ class JoinRequest(_message.Message):
         "preferred_span",
         "max_blocks",
         "quantize",
+        "spec_nonce",
     )
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MULTIADDRS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +60,7 @@ class JoinRequest(_message.Message):
     PREFERRED_SPAN_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_NONCE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     multiaddrs: _containers.RepeatedScalarFieldContainer[str]
     capacity: Capacity
@@ -73,6 +75,7 @@ class JoinRequest(_message.Message):
     preferred_span: Span
     max_blocks: int
     quantize: str
+    spec_nonce: bytes
     def __init__(
         self,
         peer_id: str | None = ...,
@@ -89,6 +92,7 @@ class JoinRequest(_message.Message):
         preferred_span: Span | _Mapping | None = ...,
         max_blocks: int | None = ...,
         quantize: str | None = ...,
+        spec_nonce: bytes | None = ...,
     ) -> None: ...
 
 class JoinResponse(_message.Message):
@@ -247,10 +251,12 @@ class LeaveResponse(_message.Message):
     def __init__(self, ok: bool | None = ...) -> None: ...
 
 class GetRoundSpecRequest(_message.Message):
-    __slots__ = ("round_id",)
+    __slots__ = ("round_id", "spec_nonce")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_NONCE_FIELD_NUMBER: _ClassVar[int]
     round_id: str
-    def __init__(self, round_id: str | None = ...) -> None: ...
+    spec_nonce: bytes
+    def __init__(self, round_id: str | None = ..., spec_nonce: bytes | None = ...) -> None: ...
 
 class GetRoundSpecResponse(_message.Message):
     __slots__ = (

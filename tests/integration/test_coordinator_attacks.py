@@ -16,7 +16,7 @@ from coordinator.server import CoordinatorConfig, CoordinatorServer, serve
 from coordinator.state import MemberState
 from swarm.adapter import load_adapter_tensors
 from swarm.config import BaseModelRef, EndCondition, RoundSpec, SpanRange
-from swarm.keys import load_public_key
+from swarm.keys import load_public_key, verified_spec_json
 from swarm.proto import coordinator_pb2 as pb
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
 from tests.identities import GrpcPeers, coordinator_channel, pid
@@ -178,7 +178,8 @@ def test_plaintext_clients_cannot_talk_to_a_tls_coordinator(server: CoordinatorS
 
 
 def test_the_peer_client_joins_signed_and_checks_the_spec_signature(server: CoordinatorServer) -> None:
-    """The real client: signed Join, credential kept and attached by itself, spec signature checked."""
+    """The real client: signed Join, credential kept and attached by itself, spec signature checked; a spec is
+    signed over the asker's nonce, so an older answer replayed does not verify."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from peer.coordinator_client import CoordinatorClient
@@ -196,6 +197,15 @@ def test_the_peer_client_joins_signed_and_checks_the_spec_signature(server: Coor
             client.join(pid("b"), [], "sha256:tiny", 1.0, "cpu", 1 << 30)
     finally:
         client.close()
+    with coordinator_channel(server.address, server.tls_cert_path) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        old = stub.GetRoundSpec(pb.GetRoundSpecRequest(spec_nonce=b"first call"), timeout=5)
+        assert verified_spec_json(key, old.round_spec_json, old.round_spec_signature, b"first call")
+        with pytest.raises(ValueError, match="replayed"):  # an older answer replayed to a later call
+            verified_spec_json(key, old.round_spec_json, old.round_spec_signature, b"a later call")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetRoundSpec(pb.GetRoundSpecRequest(spec_nonce=bytes(65)), timeout=5)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "spec_nonce" in (err.value.details() or "")
     impostor = CoordinatorClient(server.address, cert=server.tls_cert_path,
                                  public_key=Ed25519PrivateKey.generate().public_key())  # fmt: skip
     try:

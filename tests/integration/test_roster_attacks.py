@@ -75,7 +75,7 @@ def test_an_outsider_is_not_routed_to_served_or_waited_for(tmp_path: Path, demo_
         outsider.store(roster_key(spec.round_id), sign_roster(forged, Ed25519PrivateKey.generate()),
                        expiration_time=get_dht_time() + 2)  # fmt: skip
 
-        data = ["--data", str(demo_data / "train.jsonl")]
+        data = ["--data", str(demo_data / "train.jsonl"), "--eval-data", str(demo_data / "eval.jsonl")]
         peers.append(Peer(tmp_path, "trainer0", tmp_path / "unused.json", [*common, *data], use_spec=False))
 
         # the outsider calls the honest span server directly: refused before any compute

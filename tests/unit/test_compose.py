@@ -121,6 +121,8 @@ def test_round_spec_matches_what_the_init_services_write() -> None:
     for name in OUR_IMAGE:
         if SERVICES[name]["command"][0] == "peer":
             assert _flag(SERVICES[name], "--data") == spec.data.train_path
+            if _flag(SERVICES[name], "--data"):  # a coordinated peer reads only the data files it is given
+                assert _flag(SERVICES[name], "--eval-data") == spec.data.eval_path
 
 
 def _listen_ports(name: str) -> set[int]:
