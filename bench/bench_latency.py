@@ -139,7 +139,17 @@ def run_round(
         started: dict[str, float] = {}
         trainers: list[Peer] = []
         for i in (0, 1):
-            targs = [*common, "--data", train, "--eval-data", str(data / "eval.jsonl"), "--shard-index", str(i), "--num-shards", "2"]
+            targs = [
+                *common,
+                "--data",
+                train,
+                "--eval-data",
+                str(data / "eval.jsonl"),
+                "--shard-index",
+                str(i),
+                "--num-shards",
+                "2",
+            ]
             started[f"trainer{i}"] = time.time()
             t = Peer(workdir, f"trainer{i}", unused, targs, use_spec=False)
             peers.append(t)

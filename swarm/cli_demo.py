@@ -218,7 +218,17 @@ def demo_command(
                 _Proc.peer(
                     workdir,
                     f"trainer{i}",
-                    [*common, "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"), "--shard-index", str(i), "--num-shards", "2"],
+                    [
+                        *common,
+                        "--data",
+                        str(data / "train.jsonl"),
+                        "--eval-data",
+                        str(data / "eval.jsonl"),
+                        "--shard-index",
+                        str(i),
+                        "--num-shards",
+                        "2",
+                    ],
                 )
             )
         adapter_dir = workdir / "adapters" / version

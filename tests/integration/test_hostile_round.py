@@ -52,7 +52,13 @@ def test_a_poisoning_replica_is_expelled_named_and_the_round_publishes_the_hones
         assert all(r["span"] == [2, 4] for r in ready.values()), ready
         hostile = ready["x"]["peer_id"]
         train = demo_data / "train.jsonl"
-        trainer = Peer(tmp_path, "t0", unused, [*common, "--span-index", "0", "--data", str(train), "--eval-data", str(demo_data / "eval.jsonl")], use_spec=False)
+        trainer = Peer(
+            tmp_path,
+            "t0",
+            unused,
+            [*common, "--span-index", "0", "--data", str(train), "--eval-data", str(demo_data / "eval.jsonl")],
+            use_spec=False,
+        )
         peers.append(trainer)
 
         adapter = tmp_path / "coord" / "adapters" / "v1"

@@ -52,7 +52,18 @@ def test_quantized_round_publishes_adapter_for_the_full_precision_base(
             if name == "server0":  # the first to join would get span 0-2: it asks for 2-4 (Join honours it)
                 args += ["--span-index", "1"]
             if name.startswith("trainer"):  # both trainers train every step (the round waits for the second)
-                args += ["--data", train, "--eval-data", str(demo_data / "eval.jsonl"), "--shard-index", name[-1], "--num-shards", "2", "--min-trainers", "2"]
+                args += [
+                    "--data",
+                    train,
+                    "--eval-data",
+                    str(demo_data / "eval.jsonl"),
+                    "--shard-index",
+                    name[-1],
+                    "--num-shards",
+                    "2",
+                    "--min-trainers",
+                    "2",
+                ]
             peers.append(Peer(tmp_path, name, tmp_path / "unused.json", args, use_spec=False))
         assert peers[0].ready()["span"] == [2, 4]
         assert "span 2-4 (the span this peer asked for)" in (peers[0].dir / "log.txt").read_text()

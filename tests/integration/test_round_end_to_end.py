@@ -49,7 +49,17 @@ def test_round_publishes_adapter_and_next_round_continues(tmp_path: Path, demo_b
         peers.append(Peer(tmp_path, "server0", tmp_path / "unused.json", common, use_spec=False))
         peers[0].ready()
         for i in (0, 1):
-            args = [*common, "--data", train, "--eval-data", str(demo_data / "eval.jsonl"), "--shard-index", str(i), "--num-shards", "2"]
+            args = [
+                *common,
+                "--data",
+                train,
+                "--eval-data",
+                str(demo_data / "eval.jsonl"),
+                "--shard-index",
+                str(i),
+                "--num-shards",
+                "2",
+            ]
             peers.append(Peer(tmp_path, f"trainer{i}", tmp_path / "unused.json", args, use_spec=False))
         adapters = tmp_path / "coord" / "adapters"
         wait_for(lambda: (adapters / "v2").is_dir(), 540, "two published adapters (two rounds)")
