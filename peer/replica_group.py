@@ -37,7 +37,17 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.utils.logging import get_logger
 
-from swarm.sanity import exceeds_bound, global_norm, outliers
+from swarm.sanity import (
+    SKETCH_SIZE,
+    SKETCH_TOLERANCE,
+    against_the_group,
+    exceeds_bound,
+    global_norm,
+    outliers,
+    sketch,
+    sketch_mismatch,
+    sketch_seed,
+)
 from swarm.steps import Behind, StepContents
 
 log = get_logger(__name__)
@@ -291,7 +301,9 @@ class ReplicaGroup:
         with self.averager.get_tensors() as buffers:
             for b, m in zip(buffers, mean, strict=True):
                 b.copy_(m)
-        mine = {"epoch": epoch, "digest": contents.digest(), "samples": samples, "norm": global_norm(mean)}
+        seed = sketch_seed(self.settings.run_id, epoch)
+        mine = {"epoch": epoch, "digest": contents.digest(), "samples": samples, "norm": global_norm(mean),
+                "sketch": sketch(mean, seed).tolist()}  # fmt: skip
         partial_before = self._partial.count.value
         try:
             control = self.averager.step(
@@ -339,7 +351,7 @@ class ReplicaGroup:
         if not all(torch.isfinite(a).all() for a in averaged):
             log.warning(f"{self.settings.run_id} epoch {epoch}: the averaged gradients are not finite; refused")
             return None
-        return averaged if self._consistent(epoch, gathered, averaged) else None
+        return averaged if self._consistent(epoch, gathered, averaged, seed) else None
 
     def _result_unless_alone(self, epoch: int, control: Any) -> Any:
         """The all-reduce's gathered metadata; None once no other replica is left to average with.
@@ -386,24 +398,50 @@ class ReplicaGroup:
             weights[str(peer)] = float(samples) if isinstance(samples, int) and not isinstance(samples, bool) else 0.0
         return norms, weights
 
+    @staticmethod
+    def _sketches(gathered: dict[Any, Any]) -> dict[str, torch.Tensor | None]:
+        """Each member's declared gradient sketch (None when missing or malformed)."""
+        out: dict[str, torch.Tensor | None] = {}
+        for peer, info in gathered.items():
+            found = info.get("sketch") if isinstance(info, dict) else None
+            ok = isinstance(found, list) and len(found) == SKETCH_SIZE
+            ok = ok and all(isinstance(x, float | int) and not isinstance(x, bool) for x in found)  # type: ignore[union-attr]
+            value = torch.tensor(found, dtype=torch.float64) if ok else None
+            out[str(peer)] = value if value is not None and bool(torch.isfinite(value).all()) else None
+        return out
+
     def _name_outliers(self, epoch: int, gathered: dict[Any, Any]) -> bool:
-        """swarm.sanity: name members whose declared gradient is out of line (suspects); False if any is."""
-        named = outliers(*self._declared(gathered))
+        """swarm.sanity: name members whose declared gradient is out of line (suspects); False if any is.
+
+        Out of line: its size (``outliers``), a missing or malformed sketch, or a direction against the others'
+        (``against_the_group``: a sign-flipped gradient)."""
+        norms, weights = self._declared(gathered)
+        sketches = self._sketches(gathered)
+        named = outliers(norms, weights)
+        named |= {p: "declared no valid gradient sketch" for p, s in sketches.items() if s is None and p not in named}
+        valid = {p: s for p, s in sketches.items() if s is not None and p not in named}
+        named |= against_the_group(valid, weights)
         if named:
             self.suspects.update(named)
             log.warning(f"{self.settings.run_id} epoch {epoch}: refused the all-reduce result: {named}")
             return False
         return True
 
-    def _consistent(self, epoch: int, gathered: dict[Any, Any], averaged: list[torch.Tensor]) -> bool:
-        """Refuse a result whose norm exceeds what the group declared (swarm.sanity.exceeds_bound)."""
+    def _consistent(self, epoch: int, gathered: dict[Any, Any], averaged: list[torch.Tensor], seed: int) -> bool:
+        """Refuse a result whose norm exceeds what the group declared (swarm.sanity.exceeds_bound), or whose
+        sketch is not the weighted average of the declared sketches (swarm.sanity.sketch_mismatch)."""
         norms, weights = self._declared(gathered)
+        sketches = {p: s for p, s in self._sketches(gathered).items() if s is not None}
+        why = ""
         if exceeds_bound(global_norm(averaged), norms, weights):
+            why = f"its norm exceeds what the group declared ({norms})"
+        elif (off := sketch_mismatch(sketch(averaged, seed), sketches, weights)) > SKETCH_TOLERANCE:
+            why = f"its sketch is {off:.2g} (relative) away from what the group declared"
+        if why:
             self.inconsistent_epochs += 1
             log.warning(
-                f"{self.settings.run_id} epoch {epoch}: refused the all-reduce result: its norm exceeds what the "
-                f"group declared ({norms}): a member sent larger gradients than it said, or returned a wrong "
-                "average for its part"
+                f"{self.settings.run_id} epoch {epoch}: refused the all-reduce result: {why}: a member sent other "
+                "gradients than it said, or returned a wrong average for its part"
             )
             return False
         return True

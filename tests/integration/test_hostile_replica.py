@@ -1,8 +1,8 @@
 """A hostile replica in a span's all-reduce (one of three, real hivemind averaging in one process).
 
-The honest replicas must never apply a poisoned average: one that declares an inflated gradient is named, one
-that sends more than it declares (or NaN) makes the result refused; an honest group's result is the exact
-weighted average.
+The honest replicas must never apply a poisoned average: one that declares an inflated or sign-flipped gradient
+is named, one that sends other gradients than it declares (larger, NaN, or flipped under an honest sketch) makes
+the result refused; an honest group's result is the exact weighted average.
 """
 
 from __future__ import annotations
@@ -57,21 +57,28 @@ def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]
 
 
 def _all_reduce(
-    servers: list[SpanServer], epoch: int, means: list[list[torch.Tensor]], declared: list[float | None]
+    servers: list[SpanServer],
+    epoch: int,
+    means: list[list[torch.Tensor]],
+    declared: list[float | None],
+    sketched: dict[int, list[torch.Tensor]] | None = None,
 ) -> list[list[torch.Tensor] | None]:
-    """Run one all-reduce on all three replicas at once; ``declared`` overrides the norm a replica announces
-    (a hostile replica: the same protocol, but it says its gradient is smaller than what it sends)."""
+    """Run one all-reduce on all three replicas at once; ``declared`` overrides the norm a replica announces and
+    ``sketched`` (replica -> tensors) what its declared sketch is of (a hostile replica: the same protocol, but
+    what it says of its gradient is not what it sends)."""
     import peer.replica_group as rg
 
     contents = StepContents(epoch, frozenset({("t", 0), ("t", 1), ("t", 2)}), 3 * SAMPLES)
     lies = {id(m): d for m, d in zip(means, declared, strict=True) if d is not None}
+    aliases = {id(means[i]): other for i, other in (sketched or {}).items()}
     results: list[list[torch.Tensor] | None] = [None] * 3
 
     def run(i: int) -> None:
         results[i] = servers[i].group.all_reduce(epoch, means[i], SAMPLES, contents)
 
-    original = rg.global_norm
+    original, original_sketch = rg.global_norm, rg.sketch
     rg.global_norm = lambda tensors: lies.get(id(tensors)) or original(tensors)  # type: ignore[assignment]
+    rg.sketch = lambda tensors, seed: original_sketch(aliases.get(id(tensors), tensors), seed)  # type: ignore[assignment]
     try:
         threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
         for t in threads:
@@ -79,7 +86,7 @@ def _all_reduce(
         for t in threads:
             t.join(timeout=90)
     finally:
-        rg.global_norm = original
+        rg.global_norm, rg.sketch = original, original_sketch
     assert not any(t.is_alive() for t in threads), "an all-reduce did not finish"
     return results
 
@@ -125,3 +132,28 @@ def test_the_honest_replicas_never_apply_a_poisoned_average(replicas: list[SpanS
     means[hostile] = [torch.full_like(t, float("nan")) for t in means[hostile]]
     results = _all_reduce(replicas, 3, means, [None, None, None])
     assert results[0] is None and results[1] is None
+
+    # epoch 4: sign-flipped gradients of honest size (the norm checks pass): named for their direction, refused
+    for r in replicas:
+        r.group.suspects.clear()
+    means = _honest_means(replicas, 4)
+    means[hostile] = [-t for t in means[hostile]]
+    results = _all_reduce(replicas, 4, means, [None, None, None])
+    for i in (0, 1):
+        assert results[i] is None, "an honest replica accepted an average with sign-flipped gradients"
+        assert "against the group" in replicas[i].group.suspects.get(replicas[hostile].peer_id, "")
+        assert replicas[i].peer_id not in replicas[1 - i].group.suspects
+
+    # epoch 5: sign-flipped gradients sent under the sketch and norm of honest ones (the norm bound passes, the
+    # result is smaller than the declared norms allow): the result's sketch is not the declared ones' average
+    for r in replicas:
+        r.group.suspects.clear()
+    means = _honest_means(replicas, 5)
+    honest = means[hostile]
+    means[hostile] = [-t for t in honest]
+    before = [r.group.inconsistent_epochs for r in replicas]
+    results = _all_reduce(replicas, 5, means, [None, None, global_norm(honest)], sketched={hostile: honest})
+    for i in (0, 1):
+        assert results[i] is None, "an honest replica accepted gradients other than their sender declared"
+        assert replicas[i].group.inconsistent_epochs == before[i] + 1
+        assert replicas[hostile].peer_id not in replicas[i].group.suspects  # its declarations looked honest

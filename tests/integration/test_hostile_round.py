@@ -1,10 +1,11 @@
-"""A coordinated round where one of three replicas of a span poisons its gradients (x100) publishes what the honest
-swarm trains: the poisoner is caught in the all-reduce, accused by both honest replicas, expelled and named in the
-round record, and the adapter's held-out loss is within 5% of centralized PEFT on the same micro-batches.
+"""A coordinated round where one of three replicas of a span poisons its gradients (x100, or sign-flipped at their
+honest size) publishes what the honest swarm trains: the poisoner is caught in the all-reduce, accused by both
+honest replicas, expelled and named in the round record, and the adapter's held-out loss is within 5% of
+centralized PEFT on the same micro-batches.
 
 Real processes: coordinator (in this process), three span servers of span 2-4 (one of them
-``tests.integration.hostile_peer``: the real peer with its gradients scaled x100 before each all-reduce) and a
-trainer hosting span 0-2.
+``tests.integration.hostile_peer``: the real peer with its gradients scaled x100 or flipped before each
+all-reduce) and a trainer hosting span 0-2.
 """
 
 from __future__ import annotations
@@ -25,15 +26,21 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EPOCHS, TBS = 6, 64
 
 
+#: how the hostile replica poisons its gradients -> what the honest replicas name it for
+POISONS = {"x100": "gradient norm", "flip": "points against the group"}
+
+
 @pytest.mark.timeout(480)
+@pytest.mark.parametrize("poison", list(POISONS))
 def test_a_poisoning_replica_is_expelled_named_and_the_round_publishes_the_honest_result(
-    tmp_path: Path, demo_base: Path, demo_data: Path
+    tmp_path: Path, demo_base: Path, demo_data: Path, poison: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from swarm.adapter import verify_adapter
     from swarm.keys import load_public_key
     from swarm.reference import centralized_lora
 
-    spec = make_spec(demo_base, demo_data, "poisoned", [0, 2, 4], epochs=EPOCHS, tbs=TBS)
+    monkeypatch.setenv("HOSTILE_GRADIENTS", poison)  # read by tests.integration.hostile_peer only
+    spec = make_spec(demo_base, demo_data, f"poisoned-{poison}", [0, 2, 4], epochs=EPOCHS, tbs=TBS)
     server = serve(
         CoordinatorConfig(
             port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
@@ -65,7 +72,7 @@ def test_a_poisoning_replica_is_expelled_named_and_the_round_publishes_the_hones
         wait_for(adapter.is_dir, 400, "the published adapter")
         member = server.ctx.store.get_member(spec.round_id, hostile)
         assert member is not None and member.state is MemberState.EXPELLED, member
-        assert "gradient norm" in member.removed_reason and ready["s1a"]["peer_id"] in member.removed_reason
+        assert POISONS[poison] in member.removed_reason and ready["s1a"]["peer_id"] in member.removed_reason
         honest = [server.ctx.store.get_member(spec.round_id, ready[n]["peer_id"]) for n in ("s1a", "s1b")]
         assert all(m is not None and m.state is not MemberState.EXPELLED for m in honest)
         manifest = verify_adapter(adapter, load_public_key(pub_path))
@@ -79,7 +86,7 @@ def test_a_poisoning_replica_is_expelled_named_and_the_round_publishes_the_hones
         per_step = [[data[mb["batch_no"]] for mb in steps[s]["microbatches"]] for s in sorted(steps)]
         _, reference = centralized_lora(spec, per_step, held_out[: 4 * spec.data.micro_batch_size])
         after = trainer.events("eval")[-1]["loss"]
-        print(f"held-out loss: swarm with a poisoner {after:.4f}, centralized {reference:.4f}, "
+        print(f"held-out loss: swarm with a {poison} poisoner {after:.4f}, centralized {reference:.4f}, "
               f"{len(steps)} steps; removed: {member.removed_reason}")  # fmt: skip
         assert abs(after - reference) <= 0.05 * reference, f"swarm {after:.4f} vs centralized {reference:.4f}"
         x_log = (peers[2].dir / "log.txt").read_text()

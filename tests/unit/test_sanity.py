@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from swarm.sanity import exceeds_bound, global_norm, outliers
+from swarm.sanity import (
+    SKETCH_TOLERANCE,
+    against_the_group,
+    exceeds_bound,
+    global_norm,
+    outliers,
+    sketch,
+    sketch_mismatch,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,7 +37,44 @@ def test_honest_groups_always_pass(seed: int) -> None:
     weights = [8.0, 16.0, 8.0 * (seed % 3)]
     norms = {f"p{i}": global_norm(g) for i, g in enumerate(grads)}
     assert outliers(norms) == {}
-    assert not exceeds_bound(global_norm(_average(grads, weights)), norms, dict(zip(norms, weights, strict=True)))
+    average = _average(grads, weights)
+    assert not exceeds_bound(global_norm(average), norms, dict(zip(norms, weights, strict=True)))
+    sketches = {p: sketch(g, seed) for p, g in zip(norms, grads, strict=True)}
+    assert against_the_group(sketches, dict(zip(norms, weights, strict=True))) == {}
+    assert sketch_mismatch(sketch(average, seed), sketches, dict(zip(norms, weights, strict=True))) < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_noisy_honest_groups_are_not_named_for_their_direction(seed: int) -> None:
+    """Gradients with no shared direction (pure noise): nobody agrees, so nobody is named."""
+    g = torch.Generator().manual_seed(seed)
+    grads = {f"p{i}": [torch.randn(64, 32, generator=g)] for i in range(4)}
+    assert against_the_group({p: sketch(t, seed) for p, t in grads.items()}, dict.fromkeys(grads, 8.0)) == {}
+
+
+def test_a_sign_flipped_gradient_is_named_and_a_lie_about_it_shows_in_the_result() -> None:
+    grads = _group(3)
+    flipped = [-t for t in grads[2]]
+    weights = {"p0": 8.0, "p1": 8.0, "p2": 8.0}
+    sketches = {"p0": sketch(grads[0], 7), "p1": sketch(grads[1], 7), "p2": sketch(flipped, 7)}
+    named = against_the_group(sketches, weights)
+    assert list(named) == ["p2"] and "against the group" in named["p2"]
+    assert against_the_group(sketches, {**weights, "p2": 0.0}) == {}  # holds no samples: contributes nothing
+    # declared honest, sent flipped: the result's sketch is not the average of the declared ones
+    honest = {**sketches, "p2": sketch(grads[2], 7)}
+    result = sketch(_average([grads[0], grads[1], flipped], [8.0, 8.0, 8.0]), 7)
+    assert sketch_mismatch(result, honest, weights) > 100 * SKETCH_TOLERANCE
+    assert sketch_mismatch(result, sketches, weights) < 1e-6  # what was declared is what was sent
+
+
+def test_a_sketch_keeps_inner_products() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(256, 64, generator=g)]
+    b = [0.6 * a[0] + 0.8 * torch.randn(256, 64, generator=g)]
+    exact = float((a[0] * b[0]).sum() / (a[0].norm() * b[0].norm()))
+    sa, sb = sketch(a, 3), sketch(b, 3)
+    assert abs(float(sa @ sb / (sa.norm() * sb.norm())) - exact) < 0.15
+    assert torch.equal(sketch(a, 3), sa) and not torch.equal(sketch(a, 4), sa)  # seeded
 
 
 def test_a_replica_that_declares_an_inflated_gradient_is_named() -> None:
