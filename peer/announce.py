@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
@@ -24,6 +25,7 @@ from swarm.dht_records import (
     servers_key,
     trainers_key,
 )
+from swarm.identity import PeerIdentity, bound_to_peer, dht_key_binding
 
 log = get_logger(__name__)
 
@@ -36,28 +38,37 @@ def record_validators(round_id: str, private_key: RSAPrivateKey | None = None) -
     return [SchemaValidator(RoundRecordsSchema, prefix=dht_prefix(round_id)), RSASignatureValidator(private_key)]
 
 
+def _owned(round_id: str, subkey: Any, record: ServerAnnouncement | TrainerRecord | None) -> bool:
+    """The record names the peer whose libp2p key signed the record's subkey (swarm.identity.dht_key_binding)."""
+    return (
+        record is not None
+        and isinstance(subkey, bytes)
+        and bound_to_peer(record.peer_id, round_id, subkey, record.identity_key, record.binding)
+    )
+
+
 def fetch_servers(dht: hivemind.DHT, round_id: str, members: Membership = OPEN) -> list[ServerAnnouncement]:
     """All valid, unexpired server announcements of a round by ``members`` for the span they announce (malformed
-    ones and ones the roster does not back are skipped)."""
+    ones, ones not signed in the name of the peer they name and ones the roster does not back are skipped)."""
     found = dht.get(servers_key(round_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
     out = []
-    for item in found.value.values():
+    for subkey, item in found.value.items():
         ann = parse_announcement(item.value)
-        if ann is not None and members.allows(ann.peer_id, ann.span):
+        if ann is not None and _owned(round_id, subkey, ann) and members.allows(ann.peer_id, ann.span):
             out.append(ann)
     return out
 
 
 def fetch_trainers(dht: hivemind.DHT, round_id: str, members: Membership = OPEN) -> list[TrainerRecord]:
-    """All valid, unexpired trainer step records of a round by ``members`` (see swarm.steps); malformed ones are
-    skipped."""
+    """All valid, unexpired trainer step records of a round by ``members`` (see swarm.steps); malformed ones and
+    ones not signed in the name of the peer they name are skipped."""
     found = dht.get(trainers_key(round_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
-    records = (parse_trainer_record(item.value) for item in found.value.values())
-    return [r for r in records if r is not None and members.allows(r.peer_id)]
+    records = ((subkey, parse_trainer_record(item.value)) for subkey, item in found.value.items())
+    return [r for k, r in records if r is not None and _owned(round_id, k, r) and members.allows(r.peer_id)]
 
 
 def replica_status(
@@ -74,8 +85,18 @@ def online_servers(dht: hivemind.DHT, round_id: str, members: Membership = OPEN)
     return [a for a in fetch_servers(dht, round_id, members) if a.state == ONLINE]
 
 
+def signing_binding(dht: hivemind.DHT, identity: PeerIdentity, round_id: str, subkey: bytes) -> dict[str, bytes]:
+    """``identity``'s proof that it owns ``subkey`` in ``round_id``; ValueError unless it is ``dht``'s identity."""
+    if identity.peer_id != str(dht.peer_id):
+        raise ValueError(f"identity {identity.peer_id} is not the DHT node's ({dht.peer_id}): start the DHT with it")
+    return dht_key_binding(identity, round_id, subkey)
+
+
 class Announcer(threading.Thread):
-    """Re-announces ``make_record()`` every ``period`` seconds; records expire after 3 periods."""
+    """Re-announces ``make_record()`` every ``period`` seconds; records expire after 3 periods.
+
+    ``identity`` (the DHT node's libp2p key) signs the record's subkey, so readers know the record is this peer's.
+    """
 
     def __init__(
         self,
@@ -83,11 +104,13 @@ class Announcer(threading.Thread):
         round_id: str,
         make_record: Callable[[], ServerAnnouncement],
         period: float,
+        identity: PeerIdentity,
         private_key: RSAPrivateKey | None = None,
     ):
         super().__init__(name="announcer", daemon=True)
         self.dht, self.round_id, self.make_record, self.period = dht, round_id, make_record, period
         self.subkey = RSASignatureValidator(private_key).local_public_key  # the key the DHT node signs with
+        self.binding = signing_binding(dht, identity, round_id, self.subkey)
         self._stop_event = threading.Event()
 
     def announce_once(self, expiration: float | None = None) -> bool:
@@ -96,7 +119,7 @@ class Announcer(threading.Thread):
             self.dht.store(
                 servers_key(self.round_id),
                 subkey=self.subkey,
-                value=record.dict(),
+                value={**record.dict(), **self.binding},
                 expiration_time=expiration or get_dht_time() + 3 * self.period,
             )
         )

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from peer.stats import PeerStats, RoundSignals
 from swarm import __version__
 from swarm.config import RoundSpec, SpanRange
 from swarm.dht_records import ONLINE, ServerAnnouncement
+from swarm.identity import load_identity
 from swarm.quantize import span_block_nbytes
 from swarm.routing import least_served_span
 from swarm.steps import step_contents
@@ -154,11 +156,13 @@ class PeerDaemon:
         self.device, self.dtype = resolve_device(config.device, config.dtype)
         if config.threads:
             torch.set_num_threads(config.threads)
+        # the libp2p key signs this peer's DHT records in its own name (peer.announce): keep it in a file
+        identity_path = config.identity_path or str(Path(tempfile.mkdtemp(prefix="loraswarm-id-")) / "identity.key")
         self.dht = hivemind.DHT(
             initial_peers=list(config.initial_peers),
             host_maddrs=list(config.host_maddrs),
             announce_maddrs=list(config.announce_maddrs) or None,
-            identity_path=config.identity_path or None,
+            identity_path=identity_path,
             use_relay=config.use_relay,
             use_auto_relay=config.use_auto_relay,
             record_validators=record_validators(spec.round_id),
@@ -166,13 +170,14 @@ class PeerDaemon:
             start=True,
         )
         self.peer_id = str(self.dht.peer_id)
+        self.identity = load_identity(identity_path)
         self.members: Membership = OPEN
         self.roster_refresher: RosterRefresher | None = None
         if roster_key is not None:
             view = RosterView.from_dht(self.dht, spec.round_id, roster_key)
             self.members, self.roster_refresher = view, RosterRefresher(view, period=2.0)
         self.span = self._choose_span()
-        self.announcer = Announcer(self.dht, spec.round_id, self._announcement, config.announce_period)
+        self.announcer = Announcer(self.dht, spec.round_id, self._announcement, config.announce_period, self.identity)
         self.server = SpanServer(
             spec,
             self.span,

@@ -15,8 +15,9 @@ never average together; gathered metadata (epoch, digest of the step's contents,
 the average is used. Catching up and repair after a failed all-reduce are decisions over the epochs replicas
 announce: a replica that is behind, or whose all-reduce failed, copies a replica that has the next epoch. A replica
 whose all-reduce failed says so in its announcement and waits until every replica at its epoch has either reached
-the next epoch (an all-reduce can fail on one side only) or said the same; if all failed, the one with the
-smallest peer id steps on its local gradients and the others copy it. A replica that stops answering (killed: its
+the next epoch (an all-reduce can fail on one side only) or said the same; if all failed, every one of them skips
+the epoch's update alike (its gradients are dropped), so they stay identical without trusting any one replica's
+local gradients. A replica that stops answering (killed: its
 announcement outlives it) is found by asking it directly (``alive``) while an all-reduce waits for it, and is left
 out until it announces a new epoch, so the survivors do not wait hivemind's averaging timeout for it.
 """
@@ -121,6 +122,7 @@ class ReplicaGroup:
         self.epoch = epoch
         self.version = 0  # odd while parameters are being changed (see SpanServer.compute)
         self.incomplete_epochs = 0
+        self.skipped_epochs = 0  # epochs whose all-reduce failed on every replica (see repair)
         self._stop = threading.Event()
         self._poked = 0.0  # monotonic time of the last poke (see poke)
         self._wake = threading.Event()
@@ -453,8 +455,10 @@ class ReplicaGroup:
         (hivemind's "received 75% results": the other side got every part and applies the full average), so a
         replica still at ``epoch`` that has not announced a failure may yet reach the next epoch: wait for each to
         do one or the other. Then copy a replica that reached the next epoch (exact); if none did, every replica
-        at this epoch failed, and the smallest peer id among them steps on its local gradients (the others then
-        copy it). After ``averaging_timeout`` without an answer, step on local gradients.
+        at this epoch failed, and each of them skips the epoch's update (drops its gradients): they stay identical
+        and no replica's local gradients are trusted (a hostile replica's, whose declarations nobody has seen,
+        would be copied by all; with Adam, x100 gradients poison the second moments for many steps). After
+        ``averaging_timeout`` without an answer, step on local gradients.
         """
         self.failed_epoch = epoch
         self.announce()
@@ -470,8 +474,9 @@ class ReplicaGroup:
             if time.monotonic() > deadline:
                 self.apply(epoch, mean, f"all-reduce failed, no answer from {undecided}: stepped on local gradients")
                 return
-            if not undecided and min(here | {self.peer_id}) == self.peer_id:
-                self.apply(epoch, mean, "all-reduce failed: stepped on local gradients, replicas copy this one")
+            if not undecided:
+                self.skip(epoch, f"all-reduce failed on every replica at this epoch ({len(here) + 1}): skipped its "
+                                 "update (its gradients are dropped on every replica alike)")  # fmt: skip
                 return
             self._stop.wait(0.1)
 
@@ -486,6 +491,18 @@ class ReplicaGroup:
             self.optimizer.zero_grad(set_to_none=True)
             self._advance(epoch + 1)
         log.info(f"{self.settings.run_id} epoch {epoch}: {outcome}")
+        self.announce()
+        self.on_epoch(epoch + 1)
+
+    def skip(self, epoch: int, outcome: str) -> None:
+        """Move to the next epoch without an update (parameters and optimizer state unchanged)."""
+        with self.lock:
+            if self.epoch != epoch:
+                return
+            self.skipped_epochs += 1
+            self.version += 1  # even again after _advance: a new epoch, whose requests are served
+            self._advance(epoch + 1)
+        log.warning(f"{self.settings.run_id} epoch {epoch}: {outcome}")
         self.announce()
         self.on_epoch(epoch + 1)
 

@@ -10,7 +10,9 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.logging import get_logger
 
+from peer.announce import signing_binding
 from swarm.dht_records import StepContribution, TrainerRecord, trainers_key
+from swarm.identity import PeerIdentity
 from swarm.steps import KEPT_STEPS
 
 log = get_logger(__name__)
@@ -21,10 +23,21 @@ RECORD_TTL = 6.0
 class StepRecorder:
     """Publishes this trainer's step record on every transition and re-publishes it every ``period`` seconds."""
 
-    def __init__(self, dht: hivemind.DHT, round_id: str, period: float = 1.0, private_key: RSAPrivateKey | None = None):
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        round_id: str,
+        identity: PeerIdentity,
+        period: float = 1.0,
+        private_key: RSAPrivateKey | None = None,
+    ):
+        """``identity`` (the DHT node's libp2p key) signs the record's subkey (peer.announce.signing_binding)."""
         self.dht, self.round_id, self.period = dht, round_id, period
         self.subkey = RSASignatureValidator(private_key).local_public_key
-        self.record = TrainerRecord(peer_id=str(dht.peer_id), step=0)
+        binding = signing_binding(dht, identity, round_id, self.subkey)
+        self.record = TrainerRecord(
+            peer_id=str(dht.peer_id), step=0, identity_key=binding["identity_key"], binding=binding["binding"]
+        )
         self._published = False
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -79,7 +79,7 @@ class TrainingLoop:
                                     on_bad_output=daemon.stats.bad_output,
                                     spot_check_rate=cfg.spot_check_rate,
                                     on_spot_check=lambda outcome: daemon.metrics.spot_checks.labels(outcome).inc())  # fmt: skip
-        self.recorder = StepRecorder(daemon.dht, spec.round_id)
+        self.recorder = StepRecorder(daemon.dht, spec.round_id, daemon.identity)
         self.slots = slots_per_step(spec.optimizer.target_batch_size, spec.data.micro_batch_size)
         self.started = time.monotonic()
         self.microbatches = 0

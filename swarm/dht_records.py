@@ -1,7 +1,8 @@
 """DHT keys and record schemas of a round (hivemind ``SchemaValidator`` + ``RSASignatureValidator``).
 
 Each server announces itself under the round's ``servers`` key with its own signed subkey, so nobody can
-overwrite another peer's record. Readers ignore fields they do not know (forward compatibility, like petals'
+overwrite another peer's record; the peer id a record names must have signed that subkey (``identity_key`` and
+``binding``, see swarm.identity.dht_key_binding), so nobody can write a record in another peer's name. Readers ignore fields they do not know (forward compatibility, like petals'
 ``ServerInfo``). hivemind validates schemas with pydantic v1, hence ``pydantic.v1`` here.
 """
 
@@ -9,7 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic.v1 import BaseModel, Extra, StrictBool, StrictStr, ValidationError, confloat, conint, conlist, constr
+from pydantic.v1 import (
+    BaseModel,
+    Extra,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    conbytes,
+    confloat,
+    conint,
+    conlist,
+    constr,
+)
 
 ONLINE = "online"  # the only state announced today; readers skip others
 
@@ -28,6 +40,8 @@ def trainers_key(round_id: str) -> str:
 
 
 MAX_LAYERS = 10_000
+#: a libp2p public key protobuf (RSA 4096: ~550 bytes) or a signature
+MAX_KEY_BYTES = 1024
 MAX_THROUGHPUT = 1e7  # samples/s: far above any real span server
 
 
@@ -48,6 +62,9 @@ class ServerAnnouncement(BaseModel):
     failed_epoch: conint(strict=True, ge=-1, lt=2**31) = -1  # type: ignore[valid-type]
     maddrs: conlist(constr(strict=True, max_length=256), max_items=16) = []  # type: ignore[valid-type]
     quantize: constr(strict=True, max_length=16) = ""  # type: ignore[valid-type]  # how the base is stored
+    # swarm.identity.dht_key_binding: peer_id's libp2p key and its signature over the record's signing key
+    identity_key: conbytes(strict=True, max_length=MAX_KEY_BYTES) = b""  # type: ignore[valid-type]
+    binding: conbytes(strict=True, max_length=MAX_KEY_BYTES) = b""  # type: ignore[valid-type]
 
     class Config:
         extra = Extra.ignore
@@ -80,6 +97,8 @@ class TrainerRecord(BaseModel):
     closed: StrictBool = False
     done: StrictBool = False
     closed_steps: list[StepContribution] = []
+    identity_key: conbytes(strict=True, max_length=MAX_KEY_BYTES) = b""  # type: ignore[valid-type]
+    binding: conbytes(strict=True, max_length=MAX_KEY_BYTES) = b""  # type: ignore[valid-type]
 
     class Config:
         extra = Extra.ignore

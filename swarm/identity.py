@@ -12,6 +12,7 @@ this module needs neither torch nor hivemind.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -197,3 +198,25 @@ def join_payload(peer_id: str, round_id: str, challenge: str, base_fingerprint: 
     """The bytes a peer signs to Join: bound to the coordinator's single-use challenge and to the request."""
     fields = ["loraswarm-join-v1", peer_id, round_id, challenge, base_fingerprint, *multiaddrs]
     return "\n".join(f.replace("\n", " ") for f in fields).encode()
+
+
+def dht_key_payload(round_id: str, subkey: bytes) -> bytes:
+    """What a peer's libp2p key signs to own the DHT record key (``subkey``) it signs its round records with."""
+    return b"loraswarm-dht-key-v1\n" + round_id.encode() + b"\n" + subkey
+
+
+def dht_key_binding(identity: PeerIdentity, round_id: str, subkey: bytes) -> dict[str, bytes]:
+    """The fields a peer adds to its DHT records (``identity_key``, ``binding``): proof that the peer id the record
+    names is the one whose key signs it (hivemind signs records with a separate RSA key: the subkey's owner)."""
+    return {"identity_key": identity.public_key_pb, "binding": identity.sign(dht_key_payload(round_id, subkey))}
+
+
+@functools.lru_cache(maxsize=4096)
+def bound_to_peer(peer_id: str, round_id: str, subkey: bytes, identity_key: bytes, binding: bytes) -> bool:
+    """True if ``binding`` is ``peer_id``'s signature (its key is ``identity_key``) over its ownership of
+    ``subkey`` in ``round_id`` (cached: records are re-read many times a second)."""
+    try:
+        verify_peer_signature(peer_id, identity_key, dht_key_payload(round_id, subkey), binding)
+    except ValueError:  # IdentityError, or a key that does not parse
+        return False
+    return True

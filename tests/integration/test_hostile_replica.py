@@ -11,19 +11,16 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import hivemind
 import pytest
 import torch
-from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.announce import record_validators
+from peer.inprocess import InProcessNode
 from peer.server import SpanServer
 from swarm.sanity import global_norm
 from swarm.steps import StepContents
 from tests.integration.harness import in_process_server, one_span_spec, wait_for
 
 pytestmark = pytest.mark.integration
-LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 SAMPLES = 8
 
 
@@ -31,16 +28,11 @@ SAMPLES = 8
 def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]:
     ckpt = tiny_checkpoint("llama", layers=2)
     spec = one_span_spec(ckpt, "hostile", layers=2)
-    keys = [RSAPrivateKey() for _ in range(3)]
-    dhts: list[hivemind.DHT] = []
-    for key in keys:
-        peers = dhts[0].get_visible_maddrs() if dhts else []
-        dhts.append(
-            hivemind.DHT(
-                start=True, host_maddrs=LOCAL, initial_peers=peers, record_validators=record_validators("hostile", key)
-            )
-        )
-    built = [in_process_server(spec, spec.spans[0], dht, key) for dht, key in zip(dhts, keys, strict=True)]
+    nodes: list[InProcessNode] = []
+    for _ in range(3):
+        nodes.append(InProcessNode.start("hostile", nodes[0].dht.get_visible_maddrs() if nodes else []))
+    dhts = [n.dht for n in nodes]
+    built = [in_process_server(spec, spec.spans[0], node) for node in nodes]
     servers = [s for s, _ in built]
     for server, announcer in built:
         server.group.averager.wait_until_ready()  # no epoch thread: the test drives the groups itself

@@ -9,9 +9,8 @@ import hivemind
 import pytest
 import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.announce import record_validators
+from peer.inprocess import InProcessNode
 from peer.remote import RemoteCallError, RemoteSpan, RemoteStaleStepError
 from peer.roster_view import Membership
 from swarm.lora import export_lora_state
@@ -37,10 +36,10 @@ class _OnlyListed(Membership):
 def test_malformed_requests_are_refused(tiny_checkpoint: Callable[..., Path]) -> None:
     ckpt = tiny_checkpoint("llama", layers=4)
     spec = one_span_spec(ckpt, "bad", layers=4)
-    key = RSAPrivateKey()
-    dht = hivemind.DHT(start=True, host_maddrs=LOCAL, record_validators=record_validators("bad", key))
+    node = InProcessNode.start("bad")
+    dht = node.dht
     client = hivemind.DHT(start=True, host_maddrs=LOCAL, initial_peers=dht.get_visible_maddrs())
-    server, announcer = in_process_server(spec, spec.spans[0], dht, key, request_wait=1.0)
+    server, announcer = in_process_server(spec, spec.spans[0], node, request_wait=1.0)
     server.start(catch_up=False)
     try:
         p2p = RemoteExpertWorker.run_coroutine(client.replicate_p2p())

@@ -13,27 +13,25 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import hivemind
 import pytest
 import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
 
 from coordinator.config import CoordinatorConfig
 from coordinator.server import serve
+from peer.inprocess import InProcessNode
 from swarm.config import SpanRange
 from tests.integration.harness import Peer, in_process_server, make_spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 
 
 @pytest.mark.timeout(420)
 def test_an_outsider_is_not_routed_to_served_or_waited_for(tmp_path: Path, demo_base: Path, demo_data: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from peer.announce import Announcer, record_validators
+    from peer.announce import Announcer
     from peer.remote import RemoteCallError, RemoteSpan
     from peer.step_records import StepRecorder
     from swarm.adapter import verify_adapter
@@ -43,8 +41,8 @@ def test_an_outsider_is_not_routed_to_served_or_waited_for(tmp_path: Path, demo_
     spec = make_spec(demo_base, demo_data, "outsider", [0, 2, 4], epochs=3)
     # The outsider's node starts before the coordinator: hivemind forks a DHT's process, and forking this test
     # process while the coordinator's threads run can hang the child. The coordinator's DHT joins it.
-    key = RSAPrivateKey()
-    outsider = hivemind.DHT(start=True, host_maddrs=LOCAL, record_validators=record_validators(spec.round_id, key))
+    node = InProcessNode.start(spec.round_id)
+    outsider = node.dht
     server = serve(
         CoordinatorConfig(
             port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
@@ -60,9 +58,10 @@ def test_an_outsider_is_not_routed_to_served_or_waited_for(tmp_path: Path, demo_
         ready = peers[0].ready()
         span = spec.spans[spec.span_index(SpanRange(start=ready["span"][0], end=ready["span"][1]))]
         # the outsider claims the same span (the one the trainer needs from the network)
-        fake, _ = in_process_server(spec, span, outsider, key, request_wait=5.0)
-        announcer = Announcer(outsider, spec.round_id, partial(fake.announcement, 1e6), period=1.0, private_key=key)
-        recorder = StepRecorder(outsider, spec.round_id, private_key=key)
+        fake, _ = in_process_server(spec, span, node, request_wait=5.0)
+        announcer = Announcer(outsider, spec.round_id, partial(fake.announcement, 1e6), period=1.0,
+                              identity=node.identity, private_key=node.key)  # fmt: skip
+        recorder = StepRecorder(outsider, spec.round_id, node.identity, private_key=node.key)
         served: list[int] = []
         fake.on_served = lambda kind, n, seconds: served.append(n)
         fake.start(catch_up=False)

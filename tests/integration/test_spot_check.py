@@ -16,10 +16,8 @@ from pathlib import Path
 import hivemind
 import pytest
 import torch
-from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.announce import record_validators
-from peer.inprocess import InProcessSwarm
+from peer.inprocess import InProcessNode, InProcessSwarm
 from peer.server import SpanServer
 from peer.trainer import ChainTrainer, MicroBatch, Router
 from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
@@ -27,7 +25,6 @@ from swarm.span import load_trainer_head
 from tests.integration.harness import in_process_server, wait_for
 
 pytestmark = pytest.mark.integration
-LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 
 
 @pytest.mark.timeout(180)
@@ -46,13 +43,11 @@ def test_a_server_with_wrong_activations_is_outvoted_reported_and_failed_over(
     extra: list[tuple[SpanServer, object, hivemind.DHT]] = []
     try:
         for _ in range(2):  # a second honest replica, then the hostile one
-            key = RSAPrivateKey()
-            dht = hivemind.DHT(start=True, host_maddrs=LOCAL, initial_peers=swarm.dhts[0].get_visible_maddrs(),
-                               record_validators=record_validators(spec.round_id, key))  # fmt: skip
-            server, announcer = in_process_server(spec, spec.spans[1], dht, key)
+            node = InProcessNode.start(spec.round_id, swarm.dhts[0].get_visible_maddrs())
+            server, announcer = in_process_server(spec, spec.spans[1], node)
             server.start(catch_up=False)
             announcer.start()
-            extra.append((server, announcer, dht))
+            extra.append((server, announcer, node.dht))
         hostile = extra[1][0]
         honest_forward = hostile.forward
         hostile.forward = lambda step, key, hidden: honest_forward(step, key, hidden) * 3  # type: ignore[method-assign]
