@@ -15,6 +15,8 @@ import sys
 from types import FrameType
 
 import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils.crypto import RSAPrivateKey
 
 from coordinator.config import CoordinatorConfig
 
@@ -43,15 +45,22 @@ class OwnedDHT(hivemind.DHT):
         super().run()
 
 
-def start_dht(config: CoordinatorConfig) -> hivemind.DHT:
-    """Start the DHT node; call before the gRPC server starts threads (the node is a forked process)."""
+def start_dht(config: CoordinatorConfig) -> tuple[hivemind.DHT, bytes]:
+    """Start the DHT node; call before the gRPC server starts threads (the node is a forked process).
+
+    Returns the node and the subkey (owner marker) of the RSA key it signs its records with: what it stores
+    under that subkey, nobody else can overwrite (hivemind's ``RSASignatureValidator``).
+    """
+    validator = RSASignatureValidator(RSAPrivateKey())
     try:
-        return OwnedDHT(
+        dht = OwnedDHT(
             start=True,
             host_maddrs=list(config.effective_dht_host_maddrs),
             announce_maddrs=list(config.dht_announce_maddrs) or None,
             initial_peers=list(config.dht_initial_peers),
+            record_validators=[validator],
         )
+        return dht, validator.local_public_key
     except Exception as e:  # hivemind raises several types for bad maddrs or unreachable peers
         raise OSError(
             f"cannot start the DHT node on {list(config.effective_dht_host_maddrs)} with initial peers "

@@ -105,9 +105,9 @@ class CoordinatorServer:
             from coordinator.dht_node import start_dht, visible_maddrs
             from coordinator.roster import RosterPublisher
 
-            self.dht = start_dht(cfg)
+            self.dht, subkey = start_dht(cfg)
             self.ctx.dht_initial_peers = visible_maddrs(self.dht)
-            roster = RosterPublisher(self.ctx, key, self.dht)
+            roster = RosterPublisher(self.ctx, key, self.dht, subkey)
             self._threads.append(Periodic("coordinator-roster", cfg.roster_interval_s, roster.publish_once))
         self._threads.append(
             Periodic("coordinator-finalize", cfg.finalize_poll_s, lambda: finalize_step(self.ctx, key))

@@ -66,6 +66,22 @@ def _parse_members(roster: dict[str, Any]) -> dict[str, Span]:
     return members
 
 
+#: subkeys of the roster key read per refresh (anyone may add subkeys: the latest-expiring are read)
+MAX_ROSTER_CANDIDATES = 16
+
+
+def roster_records(value: Any) -> list[Any]:
+    """The roster records in a DHT value: the entries of the roster key's dictionary (each under its writer's
+    subkey; the coordinator's is one of them), latest-expiring first; a bare record is its own candidate."""
+    if value is None:
+        return []
+    if isinstance(value, dict) and not {"roster", "signature"} <= value.keys():
+        entries = [v for v in value.values() if hasattr(v, "value") and hasattr(v, "expiration_time")]
+        entries.sort(key=lambda v: v.expiration_time, reverse=True)
+        return [v.value for v in entries[:MAX_ROSTER_CANDIDATES]]
+    return [value]
+
+
 class RosterView(Membership):
     """The latest verified roster of ``round_id`` read from the DHT; :meth:`refresh` reads it again.
 
@@ -127,15 +143,20 @@ class RosterView(Membership):
         except Exception as exc:  # DHT shutting down or unreachable: keep the last roster
             self._say(f"could not read the roster of round {self.round_id}: {exc!r}")
             return False
-        if value is None:
+        newest: dict[str, Any] | None = None
+        for candidate in roster_records(value):
+            try:
+                roster = verify_roster(candidate, self.public_key, round_id=self.round_id, max_age_s=self.max_age_s,
+                                       now=self.clock())  # fmt: skip
+            except RosterError as exc:
+                self.refused += 1
+                self._say(f"refused a roster record of round {self.round_id}: {exc}")
+                continue
+            if newest is None or float(roster["time"]) > float(newest["time"]):
+                newest = roster
+        if newest is None:
             return False
-        try:
-            roster = verify_roster(value, self.public_key, round_id=self.round_id, max_age_s=self.max_age_s,
-                                   now=self.clock())  # fmt: skip
-        except RosterError as exc:
-            self.refused += 1
-            self._say(f"refused a roster record of round {self.round_id}: {exc}")
-            return False
+        roster = newest
         stamp = float(roster["time"])
         with self._lock:
             if stamp <= self._time:  # the same record again, or an older one replayed

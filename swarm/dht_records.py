@@ -104,14 +104,28 @@ class TrainerRecord(BaseModel):
         extra = Extra.ignore
 
 
+class SignedRoster(BaseModel):
+    """The coordinator's signed roster (swarm.roster.sign_roster), stored under its DHT node's own subkey."""
+
+    roster: constr(strict=True, max_length=8_000_000)  # type: ignore[valid-type]
+    signature: constr(strict=True, max_length=256)  # type: ignore[valid-type]
+
+    class Config:
+        extra = Extra.ignore
+
+
 class RoundRecordsSchema(BaseModel):
-    """Schema of the DHT keys under :func:`dht_prefix`; subkeys carry the owner's public key."""
+    """Schema of the DHT keys under :func:`dht_prefix`; subkeys carry the owner's public key.
+
+    ``roster`` is a dictionary too: the coordinator stores under its own (signed) subkey, which nobody else can
+    overwrite, and a regular value (which, with a later expiration, would replace the whole dictionary on a node)
+    is refused by every node and reader that installs this schema. Readers take the newest roster whose
+    Ed25519 signature verifies (swarm.roster.verify_roster), whatever subkey it came under.
+    """
 
     servers: dict[bytes, ServerAnnouncement] | None = None
     trainers: dict[bytes, TrainerRecord] | None = None
-    # <prefix>_roster (swarm.roster) is deliberately not a field: its value is a plain dict, which hivemind's
-    # SchemaValidator refuses as a regular (subkey-less) value; it is allowed as an extra key and is protected
-    # end to end by the coordinator's Ed25519 signature inside it (swarm.roster.verify_roster).
+    roster: dict[bytes, SignedRoster] | None = None
 
 
 def parse_trainer_record(value: Any) -> TrainerRecord | None:
@@ -134,6 +148,7 @@ __all__ = [
     "ONLINE",
     "RoundRecordsSchema",
     "ServerAnnouncement",
+    "SignedRoster",
     "StepContribution",
     "TrainerRecord",
     "dht_prefix",

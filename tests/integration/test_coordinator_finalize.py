@@ -150,11 +150,18 @@ def test_round_is_published_pulled_verified_and_continued(
 def test_roster_is_signed_in_the_dht(tmp_path: Path, spec: RoundSpec) -> None:
     import hivemind
 
+    from peer.announce import record_validators
+    from peer.roster_view import roster_records
     from swarm.roster import roster_key, verify_roster
+
+    def found_subkeys(dht: hivemind.DHT) -> list[bytes]:
+        found = dht.get(roster_key("r1"), latest=True)
+        return list(found.value) if found is not None and isinstance(found.value, dict) else []
 
     # The reading node starts first: hivemind forks a DHT's process, and forking this test process while the
     # coordinator's RPC and roster threads run has hung the child (CI). It joins the coordinator's DHT below.
-    client = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    # a reader installs what every peer does: hivemind strips the record signatures the roster's subkey carries
+    client = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators("r1"))
     server = serve(CoordinatorConfig(host="127.0.0.1", port=0, metrics_port=None, workdir=tmp_path, round_spec=spec,
                                      roster_interval_s=0.2,
                                      dht_initial_peers=tuple(str(m) for m in client.get_visible_maddrs())))  # fmt: skip
@@ -164,15 +171,17 @@ def test_roster_is_signed_in_the_dht(tmp_path: Path, spec: RoundSpec) -> None:
         assert reply.dht_initial_peers and all("/p2p/" in m for m in reply.dht_initial_peers)
         key = load_public_key(server.public_key_path)
 
-        def roster_with_peer() -> dict[str, Any] | None:
+        def roster_with_peer() -> list[dict[str, Any]] | None:
             found = client.get(roster_key("r1"), latest=True)
-            if found is None:
+            if found is None:  # stored under the coordinator node's own subkey, signed by its Ed25519 key
                 return None
-            roster = verify_roster(found.value, key, round_id="r1", max_age_s=30)
-            return roster if roster["peers"] else None
+            records = [verify_roster(r, key, round_id="r1", max_age_s=30) for r in roster_records(found.value)]
+            return [r for r in records if r["peers"]] or None
 
-        roster = poll(roster_with_peer, 20, "the roster in the DHT")
-        assert roster is not None and [(p["peer_id"], p["span"]) for p in roster["peers"]] == [(pid("peerA"), [0, 1])]
+        rosters = poll(roster_with_peer, 20, "the roster in the DHT")
+        assert rosters is not None and len(rosters) == 1
+        assert all(k.startswith(b"[owner:") for k in found_subkeys(client))  # the coordinator node's own subkey
+        assert [(p["peer_id"], p["span"]) for p in rosters[0]["peers"]] == [(pid("peerA"), [0, 1])]
         published = server.ctx.metrics.registry.get_sample_value(
             "swarm_coordinator_roster_publishes_total", {"result": "ok"}
         )

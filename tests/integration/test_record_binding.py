@@ -7,6 +7,7 @@ public). Real hivemind DHT nodes in one process.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -66,3 +67,38 @@ def test_records_in_another_peers_name_are_ignored(nodes: tuple[InProcessNode, I
                        expiration_time=get_dht_time() + 60)  # fmt: skip
     wait_for(lambda: attacker.peer_id in {s.peer_id for s in fetch_servers(honest.dht, ROUND)}, 20, "its own record")
     recorder.finish()
+
+
+@pytest.mark.timeout(120)
+def test_the_roster_cannot_be_shadowed_by_a_far_expiring_record(nodes: tuple[InProcessNode, InProcessNode]) -> None:
+    """The coordinator's roster lives under its node's own subkey; a forged or replayed roster with a far
+    expiration, stored by another node (as a plain value, or under the attacker's subkey), hides nothing."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from peer.roster_view import RosterView
+    from swarm.roster import roster_key, sign_roster
+
+    publisher, attacker = nodes
+    coordinator_key = Ed25519PrivateKey.generate()
+    key = roster_key(ROUND)
+    mine, theirs = (RSASignatureValidator(n.key).local_public_key for n in (publisher, attacker))
+
+    def roster(t: float, peer: str, signer: Ed25519PrivateKey = coordinator_key) -> dict[str, str]:
+        body = {"format": 1, "round_id": ROUND, "state": "training", "time": t, "spans": [[0, 2]],
+                "peers": [{"peer_id": peer, "span": [0, 2], "throughput": 1.0, "epoch": 0, "multiaddrs": []}]}  # fmt: skip
+        return sign_roster(body, signer)
+
+    now = time.time()
+    old = roster(now - 5, "old-member")
+    publisher.dht.store(key, old, subkey=mine, expiration_time=get_dht_time() + 30)
+    far = get_dht_time() + 10**6
+    assert not attacker.dht.store(key, roster(now + 60, "forged", Ed25519PrivateKey.generate()), expiration_time=far)
+    attacker.dht.store(
+        key, roster(now + 60, "forged", Ed25519PrivateKey.generate()), subkey=theirs, expiration_time=far
+    )
+    attacker.dht.store(key, old, subkey=theirs, expiration_time=far)  # a genuine older roster, replayed
+    publisher.dht.store(key, roster(now, "member"), subkey=mine, expiration_time=get_dht_time() + 30)
+
+    view = RosterView.from_dht(attacker.dht, ROUND, coordinator_key.public_key())
+    wait_for(lambda: view.refresh() or view.known and view.members() == frozenset({"member"}), 20, "the new roster")
+    assert view.members() == frozenset({"member"})

@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.mark.timeout(420)
 def test_an_outsider_is_not_routed_to_served_or_waited_for(tmp_path: Path, demo_base: Path, demo_data: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from hivemind.dht.crypto import RSASignatureValidator
 
     from peer.announce import Announcer
     from peer.remote import RemoteCallError, RemoteSpan
@@ -72,6 +73,7 @@ def test_an_outsider_is_not_routed_to_served_or_waited_for(tmp_path: Path, demo_
                   "peers": [{"peer_id": str(outsider.peer_id), "span": list(ready["span"]), "throughput": 1e6,
                              "epoch": 0, "multiaddrs": []}]}  # fmt: skip
         outsider.store(roster_key(spec.round_id), sign_roster(forged, Ed25519PrivateKey.generate()),
+                       subkey=RSASignatureValidator(node.key).local_public_key,
                        expiration_time=get_dht_time() + 2)  # fmt: skip
 
         data = ["--data", str(demo_data / "train.jsonl"), "--eval-data", str(demo_data / "eval.jsonl")]
