@@ -1,12 +1,12 @@
 """The coordinator's signed roster of a round, as stored in the hivemind DHT.
 
-Every few seconds the coordinator stores, under :func:`roster_key`, a value
-``{"roster": <json text>, "signature": <hex Ed25519 signature of the json bytes>}``. Anyone can read
-it; a peer trusts it only after :func:`verify_roster` with the coordinator's public key (given out of
-band): the signature, not a DHT validator, is what protects it (hivemind's ``SchemaValidator`` refuses a
-plain dict as a subkey-less value, so the key is left out of :class:`~swarm.dht_records.RoundRecordsSchema`,
-whose validator lets it through as an extra key). The JSON is canonical (sorted keys, compact, ASCII), so signing is deterministic. Roster fields
-(readers ignore ones they do not know)::
+Every few seconds the coordinator stores, under :func:`roster_key` and its DHT node's own signed subkey, a
+value ``{"roster": <json text>, "signature": <hex Ed25519 signature of the json bytes>}``
+(:class:`~swarm.dht_records.SignedRoster`). Anyone can read it; a peer trusts it only after
+:func:`verify_roster` with the coordinator's public key (given out of band): the signature is what protects
+its content, the owner-signed subkey keeps others from overwriting or shadowing it (see
+:class:`~swarm.dht_records.RoundRecordsSchema`). The JSON is canonical (sorted keys, compact, ASCII), so
+signing is deterministic. Roster fields (readers ignore ones they do not know)::
 
     {"format": 1, "round_id": "r1", "state": "training", "time": 1700000000.0,
      "spans": [[0, 2], [2, 4]],

@@ -54,7 +54,7 @@ def test_wrong_round_stale_and_non_object_rosters() -> None:
         verify_roster(listed, KEY.public_key())
 
 
-def test_peers_dht_validators_accept_the_roster_record() -> None:
+def test_peers_dht_validators_accept_the_roster_only_under_a_subkey() -> None:
     from hivemind.dht.crypto import RSASignatureValidator
     from hivemind.dht.protocol import DHTProtocol
     from hivemind.dht.routing import DHTID
@@ -66,12 +66,15 @@ def test_peers_dht_validators_accept_the_roster_record() -> None:
 
     validator = SchemaValidator(RoundRecordsSchema, prefix=dht_prefix("r1"))
 
-    def record(value: object) -> DHTRecord:
-        return DHTRecord(key=DHTID.generate(source=roster_key("r1")).to_bytes(), subkey=DHTProtocol.IS_REGULAR_VALUE,
+    def record(value: object, subkey: bytes = DHTProtocol.IS_REGULAR_VALUE) -> DHTRecord:
+        return DHTRecord(key=DHTID.generate(source=roster_key("r1")).to_bytes(), subkey=subkey,
                          value=MSGPackSerializer.dumps(value), expiration_time=1e10)  # fmt: skip
 
-    assert validator.validate(record(sign_roster(ROSTER, KEY)))  # peers' nodes store it (an extra key)
-    assert RSASignatureValidator().validate(record(sign_roster(ROSTER, KEY)))  # no owner marker: not theirs to refuse
+    owner = RSASignatureValidator().local_public_key  # the coordinator node's subkey
+    assert validator.validate(record(sign_roster(ROSTER, KEY), MSGPackSerializer.dumps(owner)))
+    # a subkey-less value would replace the whole dictionary (every subkey) on a node if it expired later: refused
+    assert not validator.validate(record(sign_roster(ROSTER, KEY)))
+    assert not validator.validate(record({"roster": 1}, MSGPackSerializer.dumps(owner)))  # not a signed roster
 
 
 def test_build_roster_lists_live_members_with_their_spans() -> None:
