@@ -326,7 +326,8 @@ class ReplicaGroup:
                 "are not roster members of this span"
             )
             return None
-        if not self._name_outliers(epoch, gathered):  # from what each member declared: even if the rest failed
+        declared = self._declared(gathered)
+        if not self._name_outliers(epoch, *declared):  # from what each member declared: even if the rest failed
             return None
         if self._partial.count.value != partial_before:
             log.warning(f"{self.settings.run_id} epoch {epoch}: the all-reduce returned only part of the results")
@@ -353,7 +354,7 @@ class ReplicaGroup:
         if not all(torch.isfinite(a).all() for a in averaged):
             log.warning(f"{self.settings.run_id} epoch {epoch}: the averaged gradients are not finite; refused")
             return None
-        return averaged if self._consistent(epoch, gathered, averaged, seed) else None
+        return averaged if self._consistent(epoch, averaged, seed, declared) else None
 
     def _result_unless_alone(self, epoch: int, control: Any) -> Any:
         """The all-reduce's gathered metadata; None once no other replica is left to average with.
@@ -389,36 +390,38 @@ class ReplicaGroup:
                 return None
 
     @staticmethod
-    def _declared(gathered: dict[Any, Any]) -> tuple[dict[str, float], dict[str, float]]:
-        """Each member's declared gradient norm (NaN when missing or not a number) and sample weight."""
-        norms, weights = {}, {}
+    def _declared(
+        gathered: dict[Any, Any],
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor | None]]:
+        """Each member's declared gradient norm (NaN when missing or not a number), sample weight and gradient
+        sketch (None when missing or malformed)."""
+        norms: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        sketches: dict[str, torch.Tensor | None] = {}
         for peer, info in gathered.items():
             info = info if isinstance(info, dict) else {}
             norm = info.get("norm")
             norms[str(peer)] = float(norm) if isinstance(norm, float | int) and not isinstance(norm, bool) else math.nan
             samples = info.get("samples", 0)
             weights[str(peer)] = float(samples) if isinstance(samples, int) and not isinstance(samples, bool) else 0.0
-        return norms, weights
-
-    @staticmethod
-    def _sketches(gathered: dict[Any, Any]) -> dict[str, torch.Tensor | None]:
-        """Each member's declared gradient sketch (None when missing or malformed)."""
-        out: dict[str, torch.Tensor | None] = {}
-        for peer, info in gathered.items():
-            found = info.get("sketch") if isinstance(info, dict) else None
+            found = info.get("sketch")
             ok = isinstance(found, list) and len(found) == SKETCH_SIZE
             ok = ok and all(isinstance(x, float | int) and not isinstance(x, bool) for x in found)  # type: ignore[union-attr]
             value = torch.tensor(found, dtype=torch.float64) if ok else None
-            out[str(peer)] = value if value is not None and bool(torch.isfinite(value).all()) else None
-        return out
+            sketches[str(peer)] = value if value is not None and bool(torch.isfinite(value).all()) else None
+        return norms, weights, sketches
 
-    def _name_outliers(self, epoch: int, gathered: dict[Any, Any]) -> bool:
+    def _name_outliers(
+        self,
+        epoch: int,
+        norms: dict[str, float],
+        weights: dict[str, float],
+        sketches: dict[str, torch.Tensor | None],
+    ) -> bool:
         """swarm.sanity: name members whose declared gradient is out of line (suspects); False if any is.
 
         Out of line: its size (``outliers``), a missing or malformed sketch, or a direction against the others'
         (``against_the_group``: a sign-flipped gradient)."""
-        norms, weights = self._declared(gathered)
-        sketches = self._sketches(gathered)
         named = outliers(norms, weights)
         named |= {p: "declared no valid gradient sketch" for p, s in sketches.items() if s is None and p not in named}
         valid = {p: s for p, s in sketches.items() if s is not None and p not in named}
@@ -429,15 +432,21 @@ class ReplicaGroup:
             return False
         return True
 
-    def _consistent(self, epoch: int, gathered: dict[Any, Any], averaged: list[torch.Tensor], seed: int) -> bool:
+    def _consistent(
+        self,
+        epoch: int,
+        averaged: list[torch.Tensor],
+        seed: int,
+        declared: tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor | None]],
+    ) -> bool:
         """Refuse a result whose norm exceeds what the group declared (swarm.sanity.exceeds_bound), or whose
         sketch is not the weighted average of the declared sketches (swarm.sanity.sketch_mismatch)."""
-        norms, weights = self._declared(gathered)
-        sketches = {p: s for p, s in self._sketches(gathered).items() if s is not None}
+        norms, weights, sketches = declared
+        valid = {p: s for p, s in sketches.items() if s is not None}  # all are: _name_outliers refused the rest
         why = ""
         if exceeds_bound(global_norm(averaged), norms, weights):
             why = f"its norm exceeds what the group declared ({norms})"
-        elif (off := sketch_mismatch(sketch(averaged, seed), sketches, weights)) > SKETCH_TOLERANCE:
+        elif (off := sketch_mismatch(sketch(averaged, seed), valid, weights)) > SKETCH_TOLERANCE:
             why = f"its sketch is {off:.2g} (relative) away from what the group declared"
         if why:
             self.inconsistent_epochs += 1
@@ -475,34 +484,27 @@ class ReplicaGroup:
                 self.apply(epoch, mean, f"all-reduce failed, no answer from {undecided}: stepped on local gradients")
                 return
             if not undecided:
-                self.skip(epoch, f"all-reduce failed on every replica at this epoch ({len(here) + 1}): skipped its "
-                                 "update (its gradients are dropped on every replica alike)")  # fmt: skip
+                self.apply(epoch, None, f"all-reduce failed on every replica at this epoch ({len(here) + 1}): "
+                                        "skipped its update (its gradients are dropped on every replica alike)")  # fmt: skip
                 return
             self._stop.wait(0.1)
 
-    def apply(self, epoch: int, grads: list[torch.Tensor], outcome: str) -> None:
+    def apply(self, epoch: int, grads: list[torch.Tensor] | None, outcome: str) -> None:
+        """Step on ``grads`` and move to the next epoch; ``None`` skips the update (parameters and optimizer state
+        unchanged: see :meth:`repair`)."""
         with self.lock:
             if self.epoch != epoch:
                 return
             self.version += 1
-            for p, g in zip(self.params, grads, strict=True):
-                p.grad = g.to(p.device, p.dtype)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if grads is None:
+                self.skipped_epochs += 1
+            else:
+                for p, g in zip(self.params, grads, strict=True):
+                    p.grad = g.to(p.device, p.dtype)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self._advance(epoch + 1)
-        log.info(f"{self.settings.run_id} epoch {epoch}: {outcome}")
-        self.announce()
-        self.on_epoch(epoch + 1)
-
-    def skip(self, epoch: int, outcome: str) -> None:
-        """Move to the next epoch without an update (parameters and optimizer state unchanged)."""
-        with self.lock:
-            if self.epoch != epoch:
-                return
-            self.skipped_epochs += 1
-            self.version += 1  # even again after _advance: a new epoch, whose requests are served
-            self._advance(epoch + 1)
-        log.warning(f"{self.settings.run_id} epoch {epoch}: {outcome}")
+        (log.info if grads is not None else log.warning)(f"{self.settings.run_id} epoch {epoch}: {outcome}")
         self.announce()
         self.on_epoch(epoch + 1)
 

@@ -31,14 +31,14 @@ def trainer_data(data: DataSettings, cfg: PeerConfig) -> DataSettings:
     loss of, any file on the volunteer's machine. A spec file the volunteer passed with ``--round-spec`` is
     theirs: its paths are used unless ``--data`` / ``--eval-data`` override them.
     """
+    chosen = {"train_path": cfg.data_path, "eval_path": cfg.eval_data_path}
     if cfg.coordinator:
-        named = [p for p in (data.train_path, data.eval_path) if p and p not in (cfg.data_path, cfg.eval_data_path)]
+        named = [p for p in (data.train_path, data.eval_path) if p and p not in chosen.values()]
         if named:
             log.info(f"the round spec names data files {named}: this peer reads only --data / --eval-data")
-        settings = data.model_copy(update={"train_path": cfg.data_path, "eval_path": cfg.eval_data_path})
-    else:
-        update = {"train_path": cfg.data_path} if cfg.data_path else {}
-        settings = data.model_copy(update=update | ({"eval_path": cfg.eval_data_path} if cfg.eval_data_path else {}))
+    else:  # the volunteer's own spec: its paths stand where no flag overrides them
+        chosen = {field: path for field, path in chosen.items() if path}
+    settings = data.model_copy(update=chosen)
     if not settings.train_path:
         raise ValueError(
             "the trainer needs data: pass --data FILE"
