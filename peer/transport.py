@@ -9,6 +9,7 @@ compression (``hivemind.compression``), split into parts for streaming.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +100,25 @@ def parse_metadata(raw: bytes) -> dict[str, Any]:
     return {"step": step, "trainer": trainer, "mb": mb, "compression": compression}
 
 
+#: what a refused call's unread request parts may cost before the answer goes out anyway
+DRAIN_BYTES, DRAIN_SECONDS = 16 << 20, 2.0
+
+
+async def _drain(requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
+    """Read and drop what is left of a refused request (at most ``DRAIN_BYTES`` / ``DRAIN_SECONDS``; nothing is
+    decoded or computed), so that the caller finishes sending and reads the refusal."""
+
+    async def read() -> None:
+        size = 0
+        async for request in requests:
+            size += sum(len(part.buffer) for part in request.tensors)
+            if size > DRAIN_BYTES:
+                return
+
+    with contextlib.suppress(Exception):  # the stream closed or failed: nothing left to drain
+        await asyncio.wait_for(read(), DRAIN_SECONDS)
+
+
 class SpanServicer(ServicerBase):
     """p2p handlers of one span: forward, backward and eval, each a stream of ``ExpertRequest`` parts."""
 
@@ -176,6 +196,7 @@ class SpanServicer(ServicerBase):
                 out = await self._compute(server.evaluate, meta["step"], tensors[0])
         except (BadRequestError, MissingActivationsError, NotMemberError, StaleStepError, TimeoutError) as exc:
             error = {"error": type(exc).__name__, "message": str(exc), "epoch": server.epoch}
+            await _drain(requests)  # else the caller's next write fails ("Broken pipe") before it reads the answer
             yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps(error))
             return
         for part in encode(out, meta["compression"]):
