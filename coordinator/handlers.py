@@ -7,6 +7,7 @@ into a gRPC status. Tests call these directly, without sockets.
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Callable
 
 import grpc
@@ -320,6 +321,8 @@ def get_round_spec(ctx: CoordinatorContext, req: pb.GetRoundSpecRequest) -> pb.G
         join_challenge=ctx.challenges.issue(),
         candidate_sha256=candidate.sha256 if candidate is not None else "",
         round_spec_signature=ctx.spec_signature(record.spec_json, req.spec_nonce),
+        server_time=time.time(),
+        software_version=ctx.config.software_version,
     )
 
 

@@ -57,6 +57,12 @@ class CoordinatorMetrics:
                                         ["result"], registry=r)  # fmt: skip
         for result in ("ok", "error"):
             self.roster_publishes.labels(result=result)
+        self.reachability_checks = Counter(
+            P + "reachability_checks", "Peers dialed back for their self-check, by outcome (reached or not).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        for outcome in ("reached", "unreached"):
+            self.reachability_checks.labels(outcome=outcome)
 
     def watch(self, store: CoordinatorStore, clock: Callable[[], float] = time.time) -> None:
         """Export the state metrics of ``store`` (call once)."""

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from coordinator import handlers, handlers_data
+from coordinator import handlers, handlers_data, reachability
 from coordinator.context import CoordinatorContext
 from coordinator.validation import HandlerError
 from swarm.proto import SERVICE_NAME
@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 class Method:
     name: str
     request: type[Message]
-    handler: Callable[[CoordinatorContext, Any], Any]
+    handler: Callable[..., Any]  # (ctx, request), or (ctx, request, caller address) when ``caller``
     large: bool = False  # may use the whole max_message_mb (UploadSpanState)
     stream: bool = False  # server-streaming response
+    caller: bool = False  # the handler also gets the caller's address (grpc context.peer())
 
 
 METHODS = (
@@ -44,6 +45,7 @@ METHODS = (
     Method("DownloadAdapter", pb.DownloadAdapterRequest, handlers_data.download_adapter, stream=True),
     Method("UploadSpanState", pb.UploadSpanStateRequest, handlers_data.upload_span_state, large=True),
     Method("ReportEval", pb.ReportEvalRequest, handlers_data.report_eval),
+    Method("CheckReachability", pb.CheckReachabilityRequest, reachability.check_reachability, caller=True),
 )
 
 
@@ -88,7 +90,10 @@ class CoordinatorServicer:
         metrics = self.ctx.metrics
         start = time.perf_counter()
         try:
-            return method.handler(self.ctx, self._parse(method, raw, context))
+            request = self._parse(method, raw, context)
+            if method.caller:
+                return method.handler(self.ctx, request, str(context.peer() or ""))
+            return method.handler(self.ctx, request)
         except HandlerError as e:
             code, message = e.code, e.message
         except Exception as e:  # a bug: say so to the caller, keep serving

@@ -8,6 +8,7 @@ that round itself. Over TLS it trusts only the coordinator's certificate file (p
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,24 @@ class CoordinatorClient:
                                  credential=self._credential(round_id), candidate_sha256=candidate_sha256),
             timeout=self.timeout,
         )  # fmt: skip
+
+    def clock(self) -> tuple[float, float, str]:
+        """``(offset, round_trip, version)``: the coordinator's clock minus this machine's at the call's midpoint
+        (seconds), the call's round trip (the offset's uncertainty is half of it), and the loraswarm version the
+        coordinator requires. ValueError when the coordinator does not send its clock (an older version)."""
+        sent = time.time()
+        resp = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=self.timeout)
+        received = time.time()
+        if resp.server_time <= 0:
+            raise ValueError("the coordinator does not send its clock (an older loraswarm version)")
+        return resp.server_time - (sent + received) / 2, received - sent, resp.software_version
+
+    def check_reachability(
+        self, peer_id: str, maddrs: list[str], timeout: float = 40.0
+    ) -> pb.CheckReachabilityResponse:
+        """Ask the coordinator to dial this peer back from a fresh libp2p node (coordinator.reachability)."""
+        request = pb.CheckReachabilityRequest(peer_id=peer_id, multiaddrs=list(maddrs)[:16])
+        return self.stub.CheckReachability(request, timeout=timeout)
 
     def leave(self, peer_id: str, round_id: str) -> None:
         request = pb.LeaveRequest(peer_id=peer_id, round_id=round_id, credential=self._credential(round_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import threading
 from pathlib import Path
@@ -96,7 +97,8 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event, checks: lis
                                 self_check=checks)  # fmt: skip
             link.attach(daemon.server, daemon.stats, daemon.signals, resp.heartbeat_interval_s or 2.0)
             daemon.on_eval.append(link.report_eval)
-            _run_round(daemon, on_start=link.start)
+
+            _run_round(daemon, on_start=functools.partial(_started, link, client, daemon))
             link.stop()
             if stop.is_set():  # a signal, not a round change
                 try:
@@ -105,6 +107,31 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event, checks: lis
                     log.warning(f"could not tell the coordinator we leave: {exc}")
     finally:
         client.close()
+
+
+def _started(link: Any, client: CoordinatorClient, daemon: PeerDaemon) -> None:
+    link.start()
+    _check_reachability_soon(client, daemon)
+
+
+def _check_reachability_soon(client: CoordinatorClient, daemon: PeerDaemon) -> None:
+    """Let the coordinator dial this peer's libp2p node back (peer.reachability), in the background; the answer
+    goes to the log and to /health's self_check. A failed check is logged, never fatal."""
+    from peer.reachability import check_with
+    from peer.selfcheck import CheckResult
+
+    def run() -> None:
+        try:
+            maddrs = [str(m) for m in daemon.dht.get_visible_maddrs()]
+            found = check_with(client, daemon.peer_id, maddrs, daemon.config.host_maddrs)
+            detail = f"{found.reach}: {found.detail}"
+            result = CheckResult("reachability", "ok" if found.reach == "direct" else "warn", detail, found.advice)
+        except Exception as exc:  # the coordinator is busy, old, or gone: say so, keep serving
+            result = CheckResult("reachability", "skip", f"not checked: {type(exc).__name__}: {exc}"[:300])
+        daemon.self_check.append(result)
+        (log.info if result.status == "ok" else log.warning)(f"self-check {result.line()}")
+
+    threading.Thread(target=run, name="reachability-check", daemon=True).start()
 
 
 def _span_choice(config: PeerConfig, spec: RoundSpec, device: str) -> tuple[SpanRange | None, int]:

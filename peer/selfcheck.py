@@ -2,8 +2,10 @@
 
 ``local_checks`` reads only this machine (files, keys, the base checkpoint): ``run_peer`` calls it before any network
 wait, so a typo fails at once. ``check`` adds the rest: package versions, device and memory against the span
-(how many blocks fit, with ``--quantize``), that hivemind's p2pd starts, and that the coordinator answers (gRPC
-health, then its open round). Every network step has a timeout. ``swarm peer --check`` prints
+(how many blocks fit, with ``--quantize``), that hivemind's p2pd starts, that the coordinator answers (gRPC
+health, then its open round), the coordinator's required version and this machine's clock offset from it, and this
+peer's reachability as another peer sees it (the coordinator dials it back: direct / relayed / unreachable, with the
+port to forward; :mod:`peer.reachability`). Every network step has a timeout. ``swarm peer --check`` prints
 :func:`render_table` (people) or :func:`render_json` (tools).
 """
 
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from peer.config import PeerConfig
 from swarm.config import RoundSpec, SpanRange
@@ -285,20 +287,24 @@ def _p2pd(config: PeerConfig, timeout: float) -> str:
         ) from None
 
 
-def _coordinator(config: PeerConfig, timeout: float, found: dict[str, RoundSpec]) -> str:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+def _client(config: PeerConfig, timeout: float) -> Any:
     from peer.coordinator_client import CoordinatorClient
     from swarm.keys import load_public_key
 
-    client = CoordinatorClient(
+    return CoordinatorClient(
         config.coordinator,
         config.join_token,
         timeout=timeout,
         cert=config.coordinator_cert_path,
         public_key=load_public_key(config.coordinator_public_key),  # the round spec's signature is checked too
     )
+
+
+def _coordinator(config: PeerConfig, timeout: float, found: dict[str, Any]) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    client = _client(config, timeout)
     try:
         try:
             grpc.channel_ready_future(client.channel).result(timeout=timeout)
@@ -310,6 +316,7 @@ def _coordinator(config: PeerConfig, timeout: float, found: dict[str, RoundSpec]
             ) from None
         if health.status != health_pb2.HealthCheckResponse.SERVING:
             raise _Failed(f"coordinator {config.coordinator} answers but is not serving (shutting down?)")
+        found["reachable"] = True
         try:
             found["spec"] = spec = client.current_spec()
         except ValueError as exc:  # a spec whose signature does not verify with --coordinator-public-key
@@ -325,6 +332,71 @@ def _coordinator(config: PeerConfig, timeout: float, found: dict[str, RoundSpec]
         client.close()
 
 
+CLOCK_WARN_S, CLOCK_FAIL_S = 5.0, 30.0  # DHT records expire by wall clock; rosters older than 120 s are refused
+
+
+def _clock(config: PeerConfig, timeout: float) -> str:
+    """The coordinator's required version, and this machine's clock offset from the coordinator's."""
+    import grpc
+
+    from swarm import __version__
+
+    client = _client(config, timeout)
+    try:
+        offset, rtt, required = client.clock()
+    except grpc.RpcError as exc:
+        raise _Failed(f"not measured: the coordinator has no round to ask about ({exc.code().name})",
+                      status="skip") from None  # fmt: skip
+    except ValueError as exc:
+        raise _Failed(f"not measured: {exc}", status="skip") from None
+    finally:
+        client.close()
+    if required.split(".")[:2] != __version__.split(".")[:2]:
+        raise _Failed(
+            f"the coordinator requires loraswarm {required} (same major.minor); this is {__version__}",
+            f"install loraswarm {'.'.join(required.split('.')[:2])}.x",
+        )
+    detail = f"offset {offset:+.2f} s from the coordinator's clock (+/- {rtt / 2:.2f} s); version {__version__} ok"
+    if abs(offset) > CLOCK_WARN_S:
+        advice = "synchronise the clock (e.g. timedatectl set-ntp true): DHT records expire by wall clock"
+        raise _Failed(detail, advice, status="fail" if abs(offset) > CLOCK_FAIL_S else "warn")
+    return detail
+
+
+def _reachability(config: PeerConfig, timeout: float) -> str:
+    """Start libp2p as the daemon would (same listen, announce and relay options) and let the coordinator dial it."""
+    import asyncio
+
+    import grpc
+    from hivemind.p2p import P2P
+
+    from peer.reachability import check_with
+
+    async def listen_and_ask() -> Any:
+        p2p = await P2P.create(host_maddrs=list(config.host_maddrs), announce_maddrs=list(config.announce_maddrs) or None,
+                               initial_peers=list(config.initial_peers), use_relay=config.use_relay,
+                               use_auto_relay=config.use_auto_relay, startup_timeout=timeout)  # fmt: skip
+        try:
+            maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
+            client = _client(config, timeout)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    None, check_with, client, str(p2p.peer_id), maddrs, config.host_maddrs
+                )
+            finally:
+                client.close()
+        finally:
+            await p2p.shutdown()
+
+    try:
+        found = asyncio.run(listen_and_ask())
+    except grpc.RpcError as exc:
+        raise _Failed(f"the coordinator could not check ({exc.code().name}: {exc.details()})", status="skip") from None
+    if found.reach == "direct":
+        return f"direct: {found.detail}"
+    raise _Failed(f"{found.reach}: {found.detail}", found.advice, status="warn")
+
+
 def check(config: PeerConfig, timeout: float = 5.0) -> list[CheckResult]:
     """Every check, local ones first; when one of those fails, the slower ones are skipped (fix that first)."""
     results, spec = local_checks(config)
@@ -334,12 +406,17 @@ def check(config: PeerConfig, timeout: float = 5.0) -> list[CheckResult]:
     results.append(_run("device", lambda: _device(config)))
     results.append(_run("p2pd", lambda: _p2pd(config, timeout)))
     if config.coordinator:
-        found: dict[str, RoundSpec] = {}
+        found: dict[str, Any] = {}
         results.append(_run("coordinator", lambda: _coordinator(config, timeout, found)))
         spec = found.get("spec")
         if spec is not None:
             results.append(_run("base-model", lambda: _base(spec)))
-        results.append(CheckResult("clock", "skip", "not measured: the coordinator API carries no clock"))
+        if found.get("reachable"):
+            results.append(_run("clock", lambda: _clock(config, timeout)))
+            results.append(_run("reachability", lambda: _reachability(config, timeout)))
+        else:
+            results.append(CheckResult("reachability", "skip", "not checked: the coordinator dials back, and it is "
+                                       "unreachable"))  # fmt: skip
     if spec is not None:
         results.append(memory_check(config, spec))
     return results

@@ -273,6 +273,8 @@ class GetRoundSpecResponse(_message.Message):
         "join_challenge",
         "candidate_sha256",
         "round_spec_signature",
+        "server_time",
+        "software_version",
     )
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +289,8 @@ class GetRoundSpecResponse(_message.Message):
     JOIN_CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     ROUND_SPEC_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     round_spec_json: str
     state: str
@@ -300,6 +304,8 @@ class GetRoundSpecResponse(_message.Message):
     join_challenge: str
     candidate_sha256: str
     round_spec_signature: str
+    server_time: float
+    software_version: str
     def __init__(
         self,
         round_id: str | None = ...,
@@ -315,6 +321,34 @@ class GetRoundSpecResponse(_message.Message):
         join_challenge: str | None = ...,
         candidate_sha256: str | None = ...,
         round_spec_signature: str | None = ...,
+        server_time: float | None = ...,
+        software_version: str | None = ...,
+    ) -> None: ...
+
+class CheckReachabilityRequest(_message.Message):
+    __slots__ = ("peer_id", "multiaddrs")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    MULTIADDRS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    multiaddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_id: str | None = ..., multiaddrs: _Iterable[str] | None = ...) -> None: ...
+
+class CheckReachabilityResponse(_message.Message):
+    __slots__ = ("observed_ip", "reached", "tried", "detail")
+    OBSERVED_IP_FIELD_NUMBER: _ClassVar[int]
+    REACHED_FIELD_NUMBER: _ClassVar[int]
+    TRIED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    observed_ip: str
+    reached: _containers.RepeatedScalarFieldContainer[str]
+    tried: _containers.RepeatedScalarFieldContainer[str]
+    detail: str
+    def __init__(
+        self,
+        observed_ip: str | None = ...,
+        reached: _Iterable[str] | None = ...,
+        tried: _Iterable[str] | None = ...,
+        detail: str | None = ...,
     ) -> None: ...
 
 class ListAdaptersRequest(_message.Message):

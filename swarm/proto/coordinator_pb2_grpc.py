@@ -74,6 +74,11 @@ class CoordinatorStub:
                 request_serializer=swarm_dot_proto_dot_coordinator__pb2.ReportEvalRequest.SerializeToString,
                 response_deserializer=swarm_dot_proto_dot_coordinator__pb2.ReportEvalResponse.FromString,
                 _registered_method=True)
+        self.CheckReachability = channel.unary_unary(
+                '/loraswarm.v1.Coordinator/CheckReachability',
+                request_serializer=swarm_dot_proto_dot_coordinator__pb2.CheckReachabilityRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_coordinator__pb2.CheckReachabilityResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -127,6 +132,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckReachability(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +180,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportEval,
                     request_deserializer=swarm_dot_proto_dot_coordinator__pb2.ReportEvalRequest.FromString,
                     response_serializer=swarm_dot_proto_dot_coordinator__pb2.ReportEvalResponse.SerializeToString,
+            ),
+            'CheckReachability': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachability,
+                    request_deserializer=swarm_dot_proto_dot_coordinator__pb2.CheckReachabilityRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_coordinator__pb2.CheckReachabilityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +403,33 @@ class Coordinator:
             '/loraswarm.v1.Coordinator/ReportEval',
             swarm_dot_proto_dot_coordinator__pb2.ReportEvalRequest.SerializeToString,
             swarm_dot_proto_dot_coordinator__pb2.ReportEvalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraswarm.v1.Coordinator/CheckReachability',
+            swarm_dot_proto_dot_coordinator__pb2.CheckReachabilityRequest.SerializeToString,
+            swarm_dot_proto_dot_coordinator__pb2.CheckReachabilityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,14 @@ def test_quantized_round_publishes_adapter_for_the_full_precision_base(
             assert health["self_check"]["ok"], health["self_check"]
             assert any(c["name"] == "quantize" and c["status"] == "ok" for c in health["self_check"]["checks"])
             assert health["roster"]["enforced"] and health["roster"]["listed"], health["roster"]
+
+            def reachability(port: int = port) -> dict[str, str] | None:
+                health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
+                return next((c for c in health["self_check"]["checks"] if c["name"] == "reachability"), None)
+
+            # at every start the coordinator dials the peer back (peer.reachability): 127.0.0.1 is direct
+            found = wait_for(reachability, 60, f"{peer.name}'s reachability check in /health")
+            assert found["status"] == "ok" and found["detail"].startswith("direct: the coordinator dialed"), found
         adapter = tmp_path / "coord" / "adapters" / "v1"
         wait_for(adapter.is_dir, 540, "the published adapter")
 

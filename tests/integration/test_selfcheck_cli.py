@@ -91,6 +91,13 @@ def test_check_against_a_real_coordinator(demo_base: Path, demo_data: Path, tmp_
         by_name = {c["name"]: c for c in report["checks"]}
         assert by_name["coordinator"]["status"] == "ok", by_name["coordinator"]
         assert by_name["coordinator"]["detail"].endswith("open round r-coord")
+        # the clock is compared with the coordinator's (same machine: well under a second apart)
+        assert by_name["clock"]["status"] == "ok" and "version" in by_name["clock"]["detail"], by_name["clock"]
+        offset = float(by_name["clock"]["detail"].split()[1])
+        assert abs(offset) < 1.0, by_name["clock"]
+        # the coordinator dialed the check's p2pd back at the caller's address (127.0.0.1 here)
+        reach = by_name["reachability"]
+        assert reach["status"] == "ok" and reach["detail"].startswith("direct: the coordinator dialed /ip4/127.0.0.1/")
         assert report["ok"] is expect_ok and done.returncode == (0 if expect_ok else 1)
         if not expect_ok:
             assert "the round expects sha256:111111111111" in by_name["base-model"]["detail"]

@@ -133,6 +133,18 @@ table inet filter {
         return home
 
     @staticmethod
+    def forward(home: Home, port: int) -> None:
+        """Port forwarding on ``home``'s router, as a volunteer sets it up: TCP ``port`` of its public address goes
+        to the same port of the host behind it (DNAT, and the forward chain lets those connections in)."""
+        rules = f"""
+table ip nat {{
+  chain prerouting {{ type nat hook prerouting priority dstnat; iifname "wan0" tcp dport {port} dnat to {home.lan_ip}; }}
+}}
+add rule inet filter forward iifname "wan0" oifname "lan0" ip daddr {home.lan_ip} tcp dport {port} accept
+"""
+        subprocess.run(["ip", "netns", "exec", home.router, "nft", "-f", "-"], input=rules, text=True, check=True)
+
+    @staticmethod
     def limit(ns: str, dev: str, mbit: float) -> None:
         """Egress rate limit of ``dev`` in ``ns`` with a token bucket (tbf): ``mbit`` Mbit/s, 32 KiB burst."""
         run("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst", "32kb",
