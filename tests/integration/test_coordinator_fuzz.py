@@ -28,8 +28,16 @@ from tests.identities import coordinator_channel
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 SPEC = RoundSpec(round_id="r1", base=BaseModelRef(path="/m", fingerprint="fp", num_layers=4), spans=split_even(4, 2),
                  end=EndCondition(target_samples=1000))  # fmt: skip
-METHODS = ("Join", "Heartbeat", "Leave", "GetRoundSpec", "ListAdapters", "UploadSpanState", "ReportEval",
-           "CheckReachability")
+METHODS = (
+    "Join",
+    "Heartbeat",
+    "Leave",
+    "GetRoundSpec",
+    "ListAdapters",
+    "UploadSpanState",
+    "ReportEval",
+    "CheckReachability",
+)
 
 
 @pytest.fixture
