@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from coordinator.lifecycle import lower_median
 from coordinator.state import MemberRecord, RoundRecord, SpanStateUpload
 from swarm.adapter_tensors import merge_span_states, validate_lora_tensors
+from swarm.proto import NO_SPAN
 
 
 class Outcome(str, Enum):
@@ -104,7 +105,11 @@ def collect(record: RoundRecord, members: list[MemberRecord], uploads: list[Span
             missing.append(f"span {span.name} (epoch {targets[i]})")
     waiting = list(missing)
     uploaded = {(u.peer_id, u.span_index) for u in uploads}
-    waiting += [f"upload from {m.peer_id}" for m in members if m.live and (m.peer_id, m.span_index) not in uploaded]
+    waiting += [
+        f"upload from {m.peer_id}"
+        for m in members
+        if m.live and m.span_index != NO_SPAN and (m.peer_id, m.span_index) not in uploaded
+    ]
     return Collected(targets, chosen, missing, waiting)
 
 

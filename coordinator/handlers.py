@@ -34,7 +34,7 @@ from coordinator.validation import (
     span_message,
 )
 from swarm.config import RoundSpec, SpanRange
-from swarm.proto import EVALUATOR_ROLE, Action, RejectCode, RoundState
+from swarm.proto import EVALUATOR_ROLE, NO_SPAN, TRAINER_ROLE, Action, RejectCode, RoundState
 from swarm.proto import coordinator_pb2 as pb
 
 
@@ -117,8 +117,9 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
         raise invalid(f"quantize must be one of none, nf4, int8; got {req.quantize[:32]!r}")
     if req.role == EVALUATOR_ROLE:
         return join_evaluator(ctx, req)
-    if req.role:
-        raise invalid(f"role {req.role[:32]!r} is unknown: use '' (a member) or {EVALUATOR_ROLE!r}")
+    if req.role not in ("", TRAINER_ROLE):
+        raise invalid(f"role {req.role[:32]!r} is unknown: use '' (a member), {TRAINER_ROLE!r} or {EVALUATOR_ROLE!r}")
+    trainer_only = req.role == TRAINER_ROLE
     if ctx.config.join_token and not hmac.compare_digest(req.join_token.encode(), ctx.config.join_token.encode()):
         why = "join_token is wrong or missing: ask the coordinator's operator for the round's token"
         _reject(ctx, req, req.round_id, RejectCode.JOIN_TOKEN, why)
@@ -154,7 +155,7 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
             return _refuse(ctx, req, record, RejectCode.SOFTWARE_VERSION, why)
 
         fits = [i for i, s in enumerate(spec.spans) if not req.max_blocks or len(s) <= req.max_blocks]
-        preferred, why = _preferred_span(spec, req, fits)
+        preferred, why = (None, "") if trainer_only else _preferred_span(spec, req, fits)
         if why:
             return _refuse(ctx, req, record, RejectCode.SPAN, why)
         previous = ctx.store.get_member(record.round_id, req.peer_id)
@@ -163,7 +164,9 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
                 f"this peer was removed from round {record.round_id!r} ({previous.removed_reason}): join the next round"
             )
             return _refuse(ctx, req, record, RejectCode.EXPELLED, why)
-        if preferred is not None:
+        if trainer_only:
+            index, epoch = NO_SPAN, 0
+        elif preferred is not None:
             kept = previous is not None and previous.live and previous.span_index == preferred
             index, epoch = preferred, previous.epoch if kept and previous else 0
         elif previous is not None and previous.live and previous.span_index in fits:
@@ -180,7 +183,7 @@ def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
         advance(ctx.store, record, now)
     return pb.JoinResponse(
         accepted=True,
-        span=span_message(spec.spans[index]),
+        span=span_message(spec.spans[index]) if index != NO_SPAN else None,
         round_spec_json=record.spec_json,
         heartbeat_interval_s=ctx.config.heartbeat_interval_s,
         round_id=record.round_id,
@@ -277,7 +280,7 @@ def heartbeat(ctx: CoordinatorContext, req: pb.HeartbeatRequest) -> pb.Heartbeat
         record = advance(ctx.store, record, now, _indexed_progress(ctx))
     return pb.HeartbeatResponse(
         ok=True,
-        span=span_message(spec.spans[member.span_index]),
+        span=span_message(spec.spans[member.span_index]) if member.span_index != NO_SPAN else None,
         round_state=record.state.value,
         action=action_for(record.state).value,
         heartbeat_interval_s=interval,

@@ -17,6 +17,7 @@ from hivemind.dht.schema import SchemaValidator
 from coordinator.context import CoordinatorContext
 from coordinator.state import CoordinatorStore, MemberState, RoundRecord
 from swarm.dht_records import RoundRecordsSchema, dht_prefix
+from swarm.proto import NO_SPAN
 from swarm.roster import ROSTER_FORMAT, roster_key, sign_roster
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def build_roster(store: CoordinatorStore, record: RoundRecord, now: float) -> di
     peers = [
         {
             "peer_id": m.peer_id,
-            "span": [spans[m.span_index].start, spans[m.span_index].end],
+            "span": [spans[m.span_index].start, spans[m.span_index].end] if m.span_index != NO_SPAN else None,
             "throughput": m.throughput,
             "epoch": m.epoch,
             "multiaddrs": list(m.multiaddrs),

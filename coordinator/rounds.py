@@ -22,7 +22,7 @@ from coordinator.lifecycle import (
 )
 from coordinator.state import AlreadyExists, CoordinatorStore, MemberRecord, MemberState, RoundRecord
 from swarm.config import RoundSpec, SpanRange
-from swarm.proto import RoundState
+from swarm.proto import NO_SPAN, RoundState
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,12 @@ def allowed_spans(spans: Sequence[SpanRange], member: MemberRecord) -> frozenset
 
 
 def live_replicas(store: CoordinatorStore, round_id: str, spans: Sequence[SpanRange] = ()) -> list[Replica]:
-    """The round's live members as :class:`Replica`; with the round's ``spans``, each says where it may move."""
+    """The round's live span hosts as :class:`Replica` (trainer-only members host none); with the round's ``spans``,
+    each says where it may move."""
     return [
         Replica(m.peer_id, m.span_index, m.throughput, allowed_spans(spans, m) if spans else None)
         for m in store.list_members(round_id, MemberState.LIVE)
+        if m.span_index != NO_SPAN
     ]
 
 

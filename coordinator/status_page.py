@@ -105,7 +105,7 @@ def status_snapshot(ctx: CoordinatorContext) -> dict[str, Any]:
             "throughput": load.throughput, "peers": [m.peer_id for m in members if m.span_index == i and m.live],
         })  # fmt: skip
     for m in members:
-        span_name = spec.spans[m.span_index].name if 0 <= m.span_index < len(spec.spans) else "?"
+        span_name = spec.spans[m.span_index].name if 0 <= m.span_index < len(spec.spans) else "trainer only"
         snap["peers"].append({
             "peer_id": m.peer_id, "span": span_name, "span_index": m.span_index, "state": m.state.value,
             "throughput": m.throughput, "epoch": m.epoch, "loss": _finite(m.loss), "samples": m.session_samples,

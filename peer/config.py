@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from swarm.config import SpanRange
 from swarm.quantize import Quantize
@@ -54,6 +54,11 @@ class PeerConfig(BaseModel):
     )
     check_json: bool = Field(False, description="With --check: print the results as JSON (for tools).")
     trainer: bool | None = Field(None, description="Drive training batches (default: on when --data is given).")
+    trainer_only: bool = Field(
+        False,
+        description="Host no span: only train, through the span servers of others (a GPU too small for any span, "
+        "or a volunteer who brings data). Needs --data; not with --span, --span-index or --no-trainer.",
+    )
     data_path: str = Field(
         "",
         description="Training text for the trainer: JSONL/txt/parquet file or directory (overrides the spec's data).",
@@ -141,6 +146,16 @@ class PeerConfig(BaseModel):
             )
         return str(beside)
 
+    @model_validator(mode="after")
+    def _trainer_only_hosts_nothing(self) -> PeerConfig:
+        if self.trainer_only and (self.span is not None or self.span_index >= 0):
+            raise ValueError("--trainer-only hosts no span: drop --span / --span-index")
+        if self.trainer_only and self.trainer is False:
+            raise ValueError("--trainer-only with --no-trainer would do nothing: drop one of them")
+        return self
+
     @property
     def is_trainer(self) -> bool:
+        if self.trainer_only:
+            return True
         return bool(self.data_path) if self.trainer is None else self.trainer

@@ -20,6 +20,7 @@ from swarm import __version__
 from swarm.config import RoundSpec, SpanRange
 from swarm.identity import PeerIdentity, join_payload
 from swarm.keys import verified_spec_json
+from swarm.proto import TRAINER_ROLE
 from swarm.proto import coordinator_pb2 as pb
 from swarm.proto import coordinator_pb2_grpc as pb_grpc
 from swarm.tls import channel
@@ -94,9 +95,11 @@ class CoordinatorClient:
         preferred_span: SpanRange | None = None,
         max_blocks: int = 0,
         quantize: str = "",
-    ) -> tuple[RoundSpec, SpanRange, pb.JoinResponse]:
+        trainer_only: bool = False,
+    ) -> tuple[RoundSpec, SpanRange | None, pb.JoinResponse]:
         """Join (the open round, or ``round_id``); ``preferred_span`` / ``max_blocks`` are the volunteer's choices
-        (the coordinator honours them or refuses with reject code ``span``), ``quantize`` is recorded."""
+        (the coordinator honours them or refuses with reject code ``span``), ``quantize`` is recorded. With
+        ``trainer_only`` the peer joins as a member that hosts no span (role "trainer"): the span returned is None."""
         if self.identity is None or self.identity.peer_id != peer_id:
             raise ValueError(f"joining as {peer_id} needs that peer's identity key (CoordinatorClient(identity=...))")
         challenge = self.stub.GetRoundSpec(pb.GetRoundSpecRequest(), timeout=self.timeout).join_challenge
@@ -118,6 +121,7 @@ class CoordinatorClient:
                 max_blocks=max_blocks,
                 quantize=quantize,
                 spec_nonce=nonce,
+                role=TRAINER_ROLE if trainer_only else "",
             ),
             timeout=self.timeout,
         )
@@ -128,7 +132,7 @@ class CoordinatorClient:
         self.credentials[resp.round_id] = resp.credential
         return (
             self._spec(resp.round_spec_json, resp.round_spec_signature, nonce),
-            SpanRange(start=resp.span.start, end=resp.span.end),
+            SpanRange(start=resp.span.start, end=resp.span.end) if resp.HasField("span") else None,
             resp,
         )
 
@@ -136,7 +140,7 @@ class CoordinatorClient:
         self,
         peer_id: str,
         round_id: str,
-        span: SpanRange,
+        span: SpanRange | None,
         *,
         samples: int,
         tokens: int,
@@ -145,13 +149,14 @@ class CoordinatorClient:
         epoch: int,
         accusations: dict[str, str] | None = None,
     ) -> pb.HeartbeatResponse:
-        """``accusations``: members this peer caught sending bad data (peer id -> what), at most 16 sent."""
+        """``span`` None: a trainer-only member. ``accusations``: members this peer caught sending bad data (peer
+        id -> what), at most 16 sent."""
         caught = sorted((accusations or {}).items())[:16]
         return self.stub.Heartbeat(
             pb.HeartbeatRequest(
                 peer_id=peer_id,
                 round_id=round_id,
-                span=pb.Span(start=span.start, end=span.end),
+                span=pb.Span(start=span.start, end=span.end) if span is not None else None,
                 progress=pb.Progress(samples=samples, tokens=tokens, loss=loss, throughput=throughput, epoch=epoch),
                 credential=self._credential(round_id),
                 accusations=[pb.Accusation(peer_id=p, reason=r[:256]) for p, r in caught if p != peer_id],

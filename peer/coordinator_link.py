@@ -49,8 +49,9 @@ class CoordinatorLink:
         log.info(f"Starting from verified adapter {manifest.version} (parent {manifest.parent_version})")
         return tensors
 
-    def attach(self, server: SpanServer, stats: PeerStats, signals: RoundSignals, interval: float) -> None:
-        """What the link needs of its peer: the span (state to upload, epoch), what it did, and how to stop it.
+    def attach(self, server: SpanServer | None, stats: PeerStats, signals: RoundSignals, interval: float) -> None:
+        """What the link needs of its peer: the span (state to upload, epoch; None for a trainer-only peer), what it
+        did, and how to stop it.
 
         The peer calls :meth:`report_eval` after each held-out evaluation.
         """
@@ -107,8 +108,8 @@ class CoordinatorLink:
 
     def _beat(self) -> None:
         server, stats, signals = self.server, self.stats, self.signals
-        assert server is not None
-        span = server.span
+        span = server.span if server is not None else None
+        suspects = dict(server.group.suspects) if server is not None else {}
         resp = self.client.heartbeat(
             self.peer_id,
             self.spec.round_id,
@@ -117,8 +118,8 @@ class CoordinatorLink:
             tokens=stats.tokens,
             loss=stats.last_loss,
             throughput=stats.throughput,
-            epoch=server.epoch,
-            accusations={**server.group.suspects, **stats.caught},  # members caught sending bad data
+            epoch=server.epoch if server is not None else 0,
+            accusations={**suspects, **stats.caught},  # members caught sending bad data
         )
         if resp.eval_candidate_sha256:
             self._candidate = resp.eval_candidate_sha256
@@ -128,14 +129,14 @@ class CoordinatorLink:
         if resp.action == "finalize":
             signals.finalize.set()
             busy = self._uploader is not None and self._uploader.is_alive()
-            if server.epoch != self._uploaded_epoch and not busy:
+            if server is not None and server.epoch != self._uploaded_epoch and not busy:
                 # Off the heartbeat thread: reading the state waits for the span lock (an all-reduce may hold it)
                 # and heartbeats must keep flowing meanwhile.
                 self._uploader = threading.Thread(
                     target=self._upload_safely, args=(server.epoch,), name="span-upload", daemon=True
                 )
                 self._uploader.start()
-        elif resp.HasField("span") and (resp.span.start, resp.span.end) != (span.start, span.end):
+        elif span is not None and resp.HasField("span") and (resp.span.start, resp.span.end) != (span.start, span.end):
             # Rebalanced (a span lost its last server): leave this span and Join again to load the new one.
             log.info(f"The coordinator moved this peer to span {resp.span.start}-{resp.span.end}: reloading")
             signals.finalize.set()

@@ -176,14 +176,20 @@ class PeerDaemon:
         if roster_key is not None:
             view = RosterView.from_dht(self.dht, spec.round_id, roster_key)
             self.members, self.roster_refresher = view, RosterRefresher(view, period=2.0)
-        self.span = self._choose_span()
+        self.metrics_server: MetricsServer | None = None
+        # a trainer-only peer (--trainer-only) hosts no span: no server, nothing announced; it only trains
+        self.span: SpanRange | None = None if config.trainer_only else self._choose_span()
+        self.server: SpanServer | None = None
+        if self.span is None:
+            return
+        span = self.span
         self.announcer = Announcer(self.dht, spec.round_id, self._announcement, config.announce_period, self.identity)
         self.server = SpanServer(
             spec,
-            self.span,
+            span,
             self.dht,
             step_contents=lambda epoch: step_contents(fetch_trainers(self.dht, spec.round_id, self.members), epoch),
-            replicas=lambda: replica_status(self.dht, spec.round_id, (self.span.start, self.span.end), self.members),
+            replicas=lambda: replica_status(self.dht, spec.round_id, (span.start, span.end), self.members),
             device=self.device,
             dtype=self.dtype,
             initial_state=initial_state,
@@ -197,7 +203,6 @@ class PeerDaemon:
             quantize=config.quantize,
             members=self.members,
         )
-        self.metrics_server: MetricsServer | None = None
 
     def max_blocks(self) -> int | None:
         return max_blocks(self.config, self.spec, self.device, self.dtype)
@@ -226,6 +231,7 @@ class PeerDaemon:
         return least_served_span(fitting, served)
 
     def _announcement(self) -> ServerAnnouncement:
+        assert self.server is not None
         return self.server.announcement(
             float(self.stats.throughput),
             state=ONLINE,
@@ -236,7 +242,7 @@ class PeerDaemon:
 
     def _announce_now(self) -> None:
         """Re-announce at once (a new epoch), so replicas deciding over announced epochs see it."""
-        if self.announcer.is_alive():
+        if self.server is not None and self.announcer.is_alive():
             try:
                 self.announcer.announce_once()
             except Exception as exc:
@@ -245,6 +251,7 @@ class PeerDaemon:
     def measure_throughput(self, repeats: int = 2) -> float:
         """Samples/s of forward+backward of one micro-batch on this span (announced for routing)."""
         batch = self.spec.data.micro_batch_size
+        assert self.server is not None
         x = torch.randn(batch, self.spec.data.seq_len, self.server.hidden, dtype=self.dtype, device=self.device)
         module = self.server.module
         started = time.perf_counter()
@@ -257,11 +264,12 @@ class PeerDaemon:
         return self.stats.throughput
 
     def health(self) -> dict[str, Any]:
+        server = self.server
         return {
             "ok": not self.stop_event.is_set(),
             "peer_id": self.peer_id,
-            "span": self.span.name,
-            "epoch": self.server.epoch,
+            "span": self.span.name if self.span is not None else None,  # None: a trainer-only peer
+            "epoch": server.epoch if server is not None else None,
             "round_id": self.spec.round_id,
             "self_check": {
                 "ok": all(c.status != "fail" for c in self.self_check),
@@ -269,8 +277,8 @@ class PeerDaemon:
             },
             "roster": self._roster_health(),
             # peers this one refused: all-reduce partners caught sending bad data, callers outside the roster
-            "suspects": dict(self.server.group.suspects),
-            "refused_callers": sorted(self.server.refused_callers)[:32],
+            "suspects": dict(server.group.suspects) if server is not None else {},
+            "refused_callers": sorted(server.refused_callers)[:32] if server is not None else [],
         }
 
     def _roster_health(self) -> dict[str, Any]:
@@ -297,11 +305,14 @@ class PeerDaemon:
                     f"{ROSTER_WAIT_S:.0f} s: the other peers will not work with it until it is"
                 )
             self.roster_refresher.start()
-        self.server.start(catch_up=True)
-        self.measure_throughput()
-        self.metrics.set_identity(self.peer_id, self.spec.round_id, (self.span.start, self.span.end), self.device)
-        self.metrics.set_block_bytes(self.config.quantize, span_block_nbytes(self.server.module))
-        self.announcer.start()
+        if self.server is not None and self.span is not None:
+            self.server.start(catch_up=True)
+            self.measure_throughput()
+            self.metrics.set_identity(self.peer_id, self.spec.round_id, (self.span.start, self.span.end), self.device)
+            self.metrics.set_block_bytes(self.config.quantize, span_block_nbytes(self.server.module))
+            self.announcer.start()
+        else:
+            self.metrics.set_identity(self.peer_id, self.spec.round_id, None, self.device)
         if self.config.metrics_port >= 0:
             self.metrics_server = MetricsServer(
                 self.metrics.registry, self.config.metrics_host, self.config.metrics_port, self.health
@@ -309,24 +320,28 @@ class PeerDaemon:
         self.events.write(
             "ready",
             peer_id=self.peer_id,
-            span=[self.span.start, self.span.end],
+            span=[self.span.start, self.span.end] if self.span is not None else None,
             maddrs=[str(m) for m in self.dht.get_visible_maddrs()],
             metrics_port=self.metrics_server.port if self.metrics_server else None,
             throughput=self.stats.throughput,
-            epoch=self.server.epoch,
+            epoch=self.server.epoch if self.server is not None else None,
         )
-        log.info(
-            f"Peer {self.peer_id} serves span {self.span.name} of round {self.spec.round_id} "
-            f"({self.stats.throughput:.1f} samples/s)"
-        )
+        if self.span is None:
+            log.info(f"Peer {self.peer_id} trains in round {self.spec.round_id} and hosts no span (--trainer-only)")
+        else:
+            log.info(
+                f"Peer {self.peer_id} serves span {self.span.name} of round {self.spec.round_id} "
+                f"({self.stats.throughput:.1f} samples/s)"
+            )
 
     def tick(self) -> None:
         """Periodic upkeep (metrics)."""
-        self.metrics.epoch.set(self.server.epoch)
+        if self.server is not None:
+            self.metrics.epoch.set(self.server.epoch)
 
     def snapshot(self, epoch: int, state: dict[str, torch.Tensor]) -> None:
         """Write this span's LoRA state as settled at ``epoch`` (called by the span's epoch thread; atomic rename)."""
-        if not self.config.checkpoint_dir:
+        if not self.config.checkpoint_dir or self.span is None:
             return
         out = Path(self.config.checkpoint_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -342,11 +357,12 @@ class PeerDaemon:
         """
         self.round_over.set()
         started = time.perf_counter()
-        if self.announcer.is_alive():
+        if self.server is not None and self.announcer.is_alive():
             self.announcer.stop(leave=True)
         if self.roster_refresher is not None:
             self.roster_refresher.stop()
-        self.server.shutdown()
+        if self.server is not None:
+            self.server.shutdown()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         daemons = _p2pd_children(self.dht.pid)

@@ -86,11 +86,12 @@ class PeerMetrics:
         for direction in ("sent", "received"):
             self.bytes.labels(direction)
 
-    def set_identity(self, peer_id: str, round_id: str, span: tuple[int, int], device: str) -> None:
+    def set_identity(self, peer_id: str, round_id: str, span: tuple[int, int] | None, device: str) -> None:
+        """``span`` None: a trainer-only peer (span label "none", span start and end -1)."""
         self.info.clear()
-        self.info.labels(peer_id, round_id, f"{span[0]}-{span[1]}", __version__, device).set(1)
-        self.span_start.set(span[0])
-        self.span_end.set(span[1])
+        self.info.labels(peer_id, round_id, f"{span[0]}-{span[1]}" if span else "none", __version__, device).set(1)
+        self.span_start.set(span[0] if span else -1)
+        self.span_end.set(span[1] if span else -1)
 
     def set_block_bytes(self, quantize: str, nbytes: int) -> None:
         self.block_bytes.clear()

@@ -48,6 +48,9 @@ class Membership:
 
 
 OPEN = Membership()
+#: the "span" of a trainer-only member (roster ``"span": null``): listed, so it is served and its step records
+#: count, but it is no member of any span's replica group
+TRAINER_ONLY: Span = (-1, -1)
 
 
 def _parse_members(roster: dict[str, Any]) -> dict[str, Span]:
@@ -56,7 +59,9 @@ def _parse_members(roster: dict[str, Any]) -> dict[str, Span]:
         if not isinstance(entry, dict):
             continue
         peer_id, span = entry.get("peer_id"), entry.get("span")
-        if (
+        if isinstance(peer_id, str) and "span" in entry and span is None:
+            members[peer_id] = TRAINER_ONLY
+        elif (
             isinstance(peer_id, str)
             and isinstance(span, list)
             and len(span) == 2

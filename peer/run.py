@@ -80,10 +80,15 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event, checks: lis
             if joined is None:
                 break
             spec, span, resp, local_fp = joined
-            chosen = (
-                "the span this peer asked for" if config.span or config.span_index >= 0 else "chosen by the coordinator"
-            )
-            log.info(f"Joined round {spec.round_id} as {peer_id}: span {span.name} ({chosen})")
+            if span is None:
+                log.info(f"Joined round {spec.round_id} as {peer_id}: a trainer that hosts no span (--trainer-only)")
+            else:
+                chosen = (
+                    "the span this peer asked for"
+                    if config.span or config.span_index >= 0
+                    else "chosen by the coordinator"
+                )
+                log.info(f"Joined round {spec.round_id} as {peer_id}: span {span.name} ({chosen})")
             link = CoordinatorLink(client, config, peer_id, spec, local_fp)
             initial = link.parent_state()
             peer_config = config.model_copy(
@@ -155,7 +160,7 @@ def _span_choice(config: PeerConfig, spec: RoundSpec, device: str) -> tuple[Span
 
 def _join_when_open(
     client: CoordinatorClient, config: PeerConfig, peer_id: str, stop: threading.Event, period: float = 2.0
-) -> tuple[RoundSpec, SpanRange, Any, str] | None:
+) -> tuple[RoundSpec, SpanRange | None, Any, str] | None:
     """Join the coordinator's open round; wait (saying so once) while it is unreachable or has no open round."""
     from swarm.checkpoint import fingerprint
 
@@ -165,11 +170,12 @@ def _join_when_open(
         try:
             current = client.current_spec()
             local_fp = fingerprint(current.base.path)
-            wanted, limit = _span_choice(config, current, device)
+            wanted, limit = (None, 0) if config.trainer_only else _span_choice(config, current, device)
             # the memory blocks would use: free accelerator memory on a GPU, available RAM on a CPU
             memory = torch.cuda.mem_get_info()[0] if device == "cuda" else psutil.virtual_memory().available
             spec, span, resp = client.join(peer_id, [], local_fp, 0.0, device, memory,
-                                           preferred_span=wanted, max_blocks=limit, quantize=config.quantize)  # fmt: skip
+                                           preferred_span=wanted, max_blocks=limit, quantize=config.quantize,
+                                           trainer_only=config.trainer_only)  # fmt: skip
             return spec, span, resp, local_fp
         except JoinRejectedError as exc:
             if not exc.retriable:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from hivemind.utils.logging import get_logger
 
-from peer.announce import fetch_trainers
+from peer.announce import fetch_trainers, online_servers
 from peer.config import PeerConfig
 from peer.daemon import PeerDaemon
 from peer.step_records import StepRecorder
@@ -68,7 +68,7 @@ class TrainingLoop:
         self.router = Router(
             daemon.dht,
             spec,
-            {daemon.span: daemon.server},
+            {daemon.span: daemon.server} if daemon.span is not None and daemon.server is not None else {},
             timeout=cfg.request_timeout,
             rng=random.Random(cfg.seed),
             stop=daemon.stop_event,
@@ -168,7 +168,7 @@ class TrainingLoop:
 
     def run(self) -> None:
         records = fetch_trainers(self.daemon.dht, self.daemon.spec.round_id, self.daemon.members)
-        self.step = current_step(records, floor=self.daemon.server.epoch)
+        self.step = current_step(records, floor=self._epoch_floor())
         self.recorder.open(self.step)  # visible before the wait, so the others count this trainer in
         try:
             self.wait_for_peers()
@@ -183,6 +183,15 @@ class TrainingLoop:
                 self.evaluate("after")
         finally:
             self.recorder.finish()
+
+    def _epoch_floor(self) -> int:
+        """The step the swarm's spans are at: this peer's own span's epoch, or for a trainer-only peer the lower
+        median of the epochs the round's servers announce (one server announcing a wrong epoch does not move it)."""
+        daemon = self.daemon
+        if daemon.server is not None:
+            return int(daemon.server.epoch)
+        epochs = sorted(a.epoch for a in online_servers(daemon.dht, daemon.spec.round_id, daemon.members))
+        return epochs[(len(epochs) - 1) // 2] if epochs else 0
 
     def train_until_done(self) -> None:
         """Swarm-wide steps until the round's end: this trainer's share of each step, then the next step."""

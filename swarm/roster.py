@@ -11,6 +11,9 @@ signing is deterministic. Roster fields (readers ignore ones they do not know)::
     {"format": 1, "round_id": "r1", "state": "training", "time": 1700000000.0,
      "spans": [[0, 2], [2, 4]],
      "peers": [{"peer_id": "...", "span": [0, 2], "throughput": 12.5, "epoch": 3, "multiaddrs": [...]}]}
+
+A trainer-only member (``swarm peer --trainer-only``) is listed with ``"span": null``: peers serve it and count its
+step records, but it belongs to no span's replica group.
 """
 
 from __future__ import annotations

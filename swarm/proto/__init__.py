@@ -17,6 +17,10 @@ SERVICE_NAME = "loraswarm.v1.Coordinator"
 ROUND_START = "round-start"
 #: ``JoinRequest.role`` of an evaluator the operator runs.
 EVALUATOR_ROLE = "evaluator"
+#: ``JoinRequest.role`` of a member that hosts no span and only trains (``swarm peer --trainer-only``).
+TRAINER_ROLE = "trainer"
+#: ``span_index`` of a trainer-only member in the coordinator's records (it hosts no span).
+NO_SPAN = -1
 #: ``DownloadAdapterRequest.version`` prefix of a finalizing round's candidate.
 CANDIDATE_PREFIX = "candidate-"
 

@@ -12,14 +12,16 @@ import pytest
 from coordinator import handlers
 from coordinator.config import CoordinatorConfig
 from coordinator.context import CoordinatorContext
+from coordinator.finalize import collect
 from coordinator.membership import sweep
-from coordinator.rounds import RoundConflict, open_round
+from coordinator.roster import build_roster
+from coordinator.rounds import RoundConflict, live_replicas, open_round
 from coordinator.state import AdapterRecord, MemberState
 from coordinator.store_memory import MemoryStore
 from coordinator.store_sqlite import SqliteStore
 from coordinator.validation import HandlerError
 from swarm.config import BaseModelRef, EndCondition, RoundSpec, SpanRange, split_even
-from swarm.proto import RoundState
+from swarm.proto import NO_SPAN, RoundState
 from swarm.proto import coordinator_pb2 as pb
 from tests.identities import Peers, pid
 
@@ -96,6 +98,29 @@ def test_join_assigns_spans_and_starts_training(ctx: CoordinatorContext) -> None
     assert r3.span.start == 0  # tie on throughput -> lowest index
     assert join(ctx, "c").span.start == 0  # a live member re-joining keeps its span
     assert beat(ctx, "a").action == "continue"
+
+
+def test_a_trainer_only_member_hosts_no_span_and_holds_up_nothing(ctx: CoordinatorContext) -> None:
+    trainer = join(ctx, "t", role="trainer")
+    assert trainer.accepted and not trainer.HasField("span") and trainer.credential
+    member = ctx.store.get_member("r1", pid("t"))
+    assert member is not None and member.span_index == NO_SPAN and member.live
+    assert ctx.store.get_round("r1").state is RoundState.OPEN  # type: ignore[union-attr]  # no span is served yet
+    a, b = join(ctx, "a"), join(ctx, "b")
+    assert [(r.span.start, r.span.end) for r in (a, b)] == [(0, 2), (2, 4)]  # the trainer took no span's place
+    assert ctx.store.get_round("r1").state is RoundState.TRAINING  # type: ignore[union-attr]
+    answer = beat(ctx, "t", samples=4)
+    assert answer.ok and not answer.HasField("span") and answer.action == "continue"
+    record = ctx.store.get_round("r1")
+    assert record is not None
+    roster = build_roster(ctx.store, record, ctx.clock())
+    assert {p["peer_id"]: p["span"] for p in roster["peers"]} == {pid("t"): None, pid("a"): [0, 2], pid("b"): [2, 4]}
+    assert [r.peer_id for r in live_replicas(ctx.store, "r1")] == [pid("a"), pid("b")]
+    collected = collect(record, ctx.store.list_members("r1"), [])  # finalize waits for span uploads only
+    assert not any(pid("t") in w for w in collected.waiting_for), collected.waiting_for
+    assert collected.waiting_for == ["span 0-2 (epoch 0)", "span 2-4 (epoch 0)", f"upload from {pid('a')}",
+                                     f"upload from {pid('b')}"]  # fmt: skip
+    assert error(join, ctx, "x", role="trainer-ish").code is grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])

@@ -50,6 +50,18 @@ def test_members_per_span_from_a_verified_roster() -> None:
     assert OPEN.allows("stranger", (0, 2)) and not OPEN.enforced and view.enforced
 
 
+def test_a_trainer_only_member_is_served_but_in_no_replica_group() -> None:
+    dht = FakeDHT()
+    view = _view(dht)
+    roster = _roster(999.0, {"a": [0, 2], "t": None})  # type: ignore[dict-item]
+    roster["peers"].append({"peer_id": "no-span-key", "throughput": 1.0})  # "span" missing: not a trainer entry
+    dht.value = sign_roster(roster, KEY)
+    assert view.refresh()
+    assert view.allows("t") and view.members() == {"a", "t"}  # span servers answer it, its step records count
+    assert not view.allows("t", (0, 2)) and not view.allows("t", (2, 4)) and view.members((0, 2)) == {"a"}
+    assert view.wait_listed("t", timeout=0.1) and not view.allows("no-span-key")
+
+
 @pytest.mark.parametrize(
     "value",
     [
