@@ -28,7 +28,7 @@ from swarm.proto import coordinator_pb2 as pb
 MAX_MULTIADDRS, MAX_MULTIADDR_CHARS = 16, 256
 MAX_TARGETS = 4  # addresses dialed per call
 PROBE_TIMEOUT_S = 5.0  # per address: a NAT that drops inbound SYNs never answers, so each dial waits this long
-MAX_CONCURRENT = 2  # probes in flight at once (each runs its own p2pd)
+MAX_CONCURRENT = 4  # probes in flight at once (each runs its own p2pd, ~30 MB)
 _slots = threading.BoundedSemaphore(MAX_CONCURRENT)
 
 

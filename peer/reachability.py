@@ -13,6 +13,8 @@ Three answers, each with what to do:
 
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,8 +70,22 @@ def classify(answer: Any, maddrs: list[str], host_maddrs: tuple[str, ...] = ()) 
     )
 
 
-def check_with(client: Any, peer_id: str, maddrs: list[str], host_maddrs: tuple[str, ...] = ()) -> Reachability:
-    """Ask the coordinator (a ``CoordinatorClient``) to dial this peer (``peer_id`` at ``maddrs``) back."""
+def check_with(
+    client: Any, peer_id: str, maddrs: list[str], host_maddrs: tuple[str, ...] = (), attempts: int = 8
+) -> Reachability:
+    """Ask the coordinator (a ``CoordinatorClient``) to dial this peer (``peer_id`` at ``maddrs``) back.
+
+    The coordinator runs only a few checks at once and answers ``RESOURCE_EXHAUSTED`` beyond (peers that start
+    together): this retries after 1-4 s with jitter, ``attempts`` times in all; other errors raise."""
+    import grpc
+
+    for _ in range(attempts - 1):
+        try:
+            return classify(client.check_reachability(peer_id, maddrs), maddrs, host_maddrs)
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            time.sleep(random.uniform(1.0, 4.0))
     return classify(client.check_reachability(peer_id, maddrs), maddrs, host_maddrs)
 
 

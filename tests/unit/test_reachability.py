@@ -131,3 +131,29 @@ def test_advice_names_the_port_to_forward_or_asks_to_pin_one() -> None:
     assert relayed.reach == "relayed" and "through a relay: /ip4/198.51.100.2/tcp/4001/p2p/R/p2p-circuit" in (
         relayed.detail
     )
+
+
+def test_peers_starting_together_wait_for_a_free_prober(tmp_path: Path, listening_peer: tuple[str, list[str]]) -> None:
+    """A real coordinator with every probe slot taken: the peer's check retries until one frees up."""
+    from coordinator.server import serve
+    from peer.coordinator_client import CoordinatorClient
+    from peer.reachability import check_with
+
+    server = serve(CoordinatorConfig(host="127.0.0.1", port=0, metrics_port=None, workdir=tmp_path, dht=False))
+    client = CoordinatorClient(server.address, cert=server.tls_cert_path)
+    taken = [reachability._slots.acquire(blocking=False) for _ in range(reachability.MAX_CONCURRENT)]
+    release = threading.Timer(2.5, lambda: [reachability._slots.release() for _ in taken])
+    try:
+        assert all(taken)
+        release.start()
+        peer_id, maddrs = listening_peer
+        found = check_with(client, peer_id, maddrs)
+        assert found.reach == "direct", found
+        busy = server.ctx.metrics.registry.get_sample_value(
+            "swarm_coordinator_rpc_errors_total", {"method": "CheckReachability", "code": "RESOURCE_EXHAUSTED"}
+        )
+        assert busy is not None and busy >= 1  # it was turned away at least once before it got through
+    finally:
+        release.join()
+        client.close()
+        server.stop(grace=0)
