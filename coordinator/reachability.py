@@ -2,9 +2,9 @@
 
 ``CheckReachability`` names a peer id and the peer's own multiaddrs. The coordinator starts a fresh libp2p node
 (its own p2pd: no connection the peer opened earlier can be reused, unlike the coordinator's DHT node) whose
-only bootstrap peer is one address of the caller; the node starts only when it reached that address and the
-libp2p handshake proved ``peer_id`` there (hivemind's ``P2P.create`` fails with "failed to connect to bootstrap
-peers" otherwise). Nothing else is exchanged.
+only bootstrap peer is one address of the caller (hivemind's p2pd binary, run directly): it starts only when it
+reached that address and the libp2p handshake proved ``peer_id`` there, and exits with "failed to connect to
+bootstrap peers" otherwise. Nothing else is exchanged.
 
 What is dialed is bounded so that the coordinator cannot be made to probe anyone else: only the IP address the
 gRPC call came from (for a peer behind NAT, its router's public side), with each TCP port among the peer's
@@ -15,10 +15,14 @@ multiaddrs (a port forwarded as is) and the ports of the peer's multiaddrs annou
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
+import os
+import select
+import subprocess
+import tempfile
 import threading
+import time
 
 import grpc
 
@@ -29,10 +33,6 @@ from swarm.proto import coordinator_pb2 as pb
 MAX_MULTIADDRS, MAX_MULTIADDR_CHARS = 16, 256
 MAX_TARGETS = 4  # addresses dialed per call
 PROBE_TIMEOUT_S = 5.0  # per address: a NAT that drops inbound SYNs never answers, so each dial waits this long
-#: what a probe reports when its own p2pd exited before printing anything (hivemind: "Daemon failed to start:
-#: None"; seen twice in test runs where other swarm tests ran first in the same process, cause not found). It says
-#: nothing about the dialed peer, so that probe is retried (twice).
-SILENT_DEATH = "the probe's p2pd exited before it started"
 MAX_CONCURRENT = 4  # probes in flight at once (each runs its own p2pd, ~30 MB)
 _slots = threading.BoundedSemaphore(MAX_CONCURRENT)
 log = logging.getLogger(__name__)
@@ -75,54 +75,69 @@ def probe_targets(ip: str, peer_id: str, multiaddrs: list[str]) -> list[str]:
     return [f"/{proto}/{ip}/tcp/{port}/p2p/{peer_id}" for port in unique]
 
 
-async def _dial(target: str, timeout: float) -> str:
-    """'' when a fresh libp2p node reached ``target`` (and the peer id in it), else the reason it did not."""
-    from hivemind.p2p import P2P
+def _p2pd_path() -> str:
+    from importlib.resources import files
 
-    try:
-        node = await asyncio.wait_for(
-            P2P.create(
-                initial_peers=[target],
-                host_maddrs=["/ip4/127.0.0.1/tcp/0"],  # it only dials out
-                use_relay=False,
-                auto_nat=False,
-                nat_port_map=False,
-                startup_timeout=timeout,
-            ),
-            timeout + 1.0,
-        )
-    except asyncio.TimeoutError:
-        return f"no answer within {timeout:.0f} s"
-    except Exception as exc:  # P2PDaemonError "failed to connect to bootstrap peers", a refused dial, ...
-        text = str(exc).strip()
-        if "failed to connect to bootstrap peers" in text:
-            return "no libp2p handshake with that peer there (refused, dropped, or another peer id)"
-        if text.endswith("failed to start: None"):  # hivemind: p2pd's output ended before its first line
-            return SILENT_DEATH
-        return (text.splitlines() or [""])[-1][-200:] or type(exc).__name__
-    await node.shutdown()
-    return ""
+    return str(files("hivemind") / "hivemind_cli" / "p2pd")
+
+
+def _dial(target: str, timeout: float) -> str:
+    """'' when a fresh libp2p node reached ``target`` (and the peer id in it), else the reason it did not.
+
+    The node is hivemind's p2pd binary, started directly with ``subprocess`` (fork + exec with no Python code in
+    between) and told to bootstrap from ``target`` only: it prints its "Peer ID:" line once it connected, or exits
+    with "failed to connect to bootstrap peers". Not through ``hivemind.p2p.P2P``: that forks through the running
+    event loop, and under uvloop in a process with many threads (gRPC workers, torch) the forked child ran Python
+    code and crashed (seen as "Daemon failed to start: None", then as a segfault of the child).
+    """
+    with tempfile.TemporaryDirectory(prefix="loraswarm-probe-") as tmp:
+        argv = [_p2pd_path(), "-b=1", f"-bootstrapPeers={target}", "-hostAddrs=/ip4/127.0.0.1/tcp/0",
+                f"-listen=/unix{tmp}/p2pd.sock", "-autonat=0", "-natPortMap=0", "-relay=0", "-autoRelay=0",
+                "-connManager=0", f"-idleTimeout={timeout + 5:.0f}s", "-tls=1"]  # fmt: skip
+        env = dict(os.environ, GOLOG_LOG_LEVEL="error")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=env)  # fmt: skip
+        assert proc.stdout is not None
+        fd, out, ended, deadline = proc.stdout.fileno(), b"", False, time.monotonic() + timeout
+        try:
+            # raw reads (no buffered readline: select() would not see lines already read into Python's buffer)
+            while b"Peer ID:" not in out and len(out) < 65536 and (left := deadline - time.monotonic()) > 0:
+                if not select.select([fd], [], [], left)[0]:
+                    break
+                chunk = os.read(fd, 4096)
+                if not chunk:  # p2pd exited (or is exiting)
+                    ended = True
+                    break
+                out += chunk
+            if b"Peer ID:" in out:
+                return ""
+            last = (out.decode(errors="replace").strip().splitlines() or [""])[-1]
+            if not ended:
+                return f"no answer within {timeout:.0f} s"
+            if "failed to connect to bootstrap peers" in last:
+                return "no libp2p handshake with that peer there (refused, dropped, or another peer id)"
+            return f"probe exited: {last[-200:]}"
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            proc.stdout.close()
 
 
 def dial_all(targets: list[str], timeout: float = PROBE_TIMEOUT_S) -> tuple[list[str], str]:
     """The targets reached and the first failure's reason (dialed one after another, fresh node each)."""
-
-    async def run() -> tuple[list[str], str]:
-        reached, why = [], ""
-        for target in targets:
-            error = await _dial(target, timeout)
-            for _ in range(2):  # a probe p2pd that died before saying a word failed, not the dial: try again
-                if error != SILENT_DEATH:
-                    break
-                log.warning(f"reachability probe of {target}: {error}; retrying")
-                error = await _dial(target, timeout)
-            if not error:
-                reached.append(target)
-            elif not why:
-                why = f"{target}: {error}"
-        return reached, why
-
-    return asyncio.run(run())
+    reached, why = [], ""
+    for target in targets:
+        error = _dial(target, timeout)
+        if not error:
+            reached.append(target)
+        elif not why:
+            why = f"{target}: {error}"
+    return reached, why
 
 
 def check_reachability(
