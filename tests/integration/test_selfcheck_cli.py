@@ -97,7 +97,9 @@ def test_check_against_a_real_coordinator(demo_base: Path, demo_data: Path, tmp_
         assert abs(offset) < 1.0, by_name["clock"]
         # the coordinator dialed the check's p2pd back at the caller's address (127.0.0.1 here)
         reach = by_name["reachability"]
-        assert reach["status"] == "ok" and reach["detail"].startswith("direct: the coordinator dialed /ip4/127.0.0.1/"), reach["detail"]
+        assert reach["status"] == "ok" and reach["detail"].startswith(
+            "direct: the coordinator dialed /ip4/127.0.0.1/"
+        ), reach["detail"]
         assert report["ok"] is expect_ok and done.returncode == (0 if expect_ok else 1)
         if not expect_ok:
             assert "the round expects sha256:111111111111" in by_name["base-model"]["detail"]
