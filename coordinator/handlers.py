@@ -25,6 +25,7 @@ from coordinator.state import Conflict as StoreConflict
 from coordinator.validation import (
     HandlerError,
     check_count,
+    check_multiaddrs,
     check_name,
     check_nonce,
     check_real,
@@ -78,7 +79,6 @@ def _refuse(
     return pb.JoinResponse(accepted=False, reject_reason=why, reject_code=code.value, round_id=record.round_id)
 
 
-MAX_MULTIADDRS, MAX_MULTIADDR_CHARS = 16, 256
 QUANTIZE_KINDS = ("", "none", "nf4", "int8")
 
 
@@ -106,12 +106,7 @@ def _preferred_span(spec: RoundSpec, req: pb.JoinRequest, fits: list[int]) -> tu
 def join(ctx: CoordinatorContext, req: pb.JoinRequest) -> pb.JoinResponse:
     check_name("peer_id", req.peer_id)
     check_nonce(req.spec_nonce)
-    if len(req.multiaddrs) > MAX_MULTIADDRS:
-        raise invalid(f"multiaddrs: at most {MAX_MULTIADDRS}, got {len(req.multiaddrs)}")
-    for i, addr in enumerate(req.multiaddrs):
-        if not addr.strip() or len(addr) > MAX_MULTIADDR_CHARS:
-            raise invalid(f"multiaddrs[{i}] must be a multiaddr such as /ip4/1.2.3.4/tcp/31337 "
-                          f"(1-{MAX_MULTIADDR_CHARS} chars)")  # fmt: skip
+    check_multiaddrs(req.multiaddrs)
     check_real("capacity.throughput", req.capacity.throughput, minimum=0.0)
     if req.quantize not in QUANTIZE_KINDS:
         raise invalid(f"quantize must be one of none, nf4, int8; got {req.quantize[:32]!r}")

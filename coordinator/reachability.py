@@ -27,10 +27,9 @@ import time
 import grpc
 
 from coordinator.context import CoordinatorContext
-from coordinator.validation import HandlerError, check_name, invalid
+from coordinator.validation import HandlerError, check_multiaddrs, check_name, invalid
 from swarm.proto import coordinator_pb2 as pb
 
-MAX_MULTIADDRS, MAX_MULTIADDR_CHARS = 16, 256
 MAX_TARGETS = 4  # addresses dialed per call
 PROBE_TIMEOUT_S = 5.0  # per address: a NAT that drops inbound SYNs never answers, so each dial waits this long
 MAX_CONCURRENT = 4  # probes in flight at once (each runs its own p2pd, ~30 MB)
@@ -144,12 +143,7 @@ def check_reachability(
     ctx: CoordinatorContext, req: pb.CheckReachabilityRequest, peer: str
 ) -> pb.CheckReachabilityResponse:
     check_name("peer_id", req.peer_id)
-    if len(req.multiaddrs) > MAX_MULTIADDRS:
-        raise invalid(f"multiaddrs: at most {MAX_MULTIADDRS}, got {len(req.multiaddrs)}")
-    for i, addr in enumerate(req.multiaddrs):
-        if not addr.strip() or len(addr) > MAX_MULTIADDR_CHARS:
-            raise invalid(f"multiaddrs[{i}] must be a multiaddr such as /ip4/1.2.3.4/tcp/31337 "
-                          f"(1-{MAX_MULTIADDR_CHARS} chars)")  # fmt: skip
+    check_multiaddrs(req.multiaddrs)
     from hivemind.p2p import PeerID
 
     try:

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import struct
+from collections.abc import Sequence
 
 import grpc
 
@@ -37,6 +38,19 @@ def check_name(field: str, value: str) -> str:
     if not _NAME_RE.match(value) or value in (".", ".."):
         raise invalid(f"{field} {value[:64]!r} may only use letters, digits, '.', '-', '_' (1-128 chars)")
     return value
+
+
+MAX_MULTIADDRS, MAX_MULTIADDR_CHARS = 16, 256
+
+
+def check_multiaddrs(addrs: Sequence[str], field: str = "multiaddrs") -> None:
+    """At most :data:`MAX_MULTIADDRS` entries, each non-blank and at most :data:`MAX_MULTIADDR_CHARS` chars."""
+    if len(addrs) > MAX_MULTIADDRS:
+        raise invalid(f"{field}: at most {MAX_MULTIADDRS}, got {len(addrs)}")
+    for i, addr in enumerate(addrs):
+        if not addr.strip() or len(addr) > MAX_MULTIADDR_CHARS:
+            raise invalid(f"{field}[{i}] must be a multiaddr such as /ip4/1.2.3.4/tcp/31337 "
+                          f"(1-{MAX_MULTIADDR_CHARS} chars)")  # fmt: skip
 
 
 def check_nonce(nonce: bytes) -> bytes:
