@@ -30,10 +30,10 @@ from coordinator.validation import (
     check_nonce,
     check_real,
     invalid,
-    software_compatible,
     span_index,
     span_message,
 )
+from swarm import software_compatible
 from swarm.config import RoundSpec, SpanRange
 from swarm.proto import EVALUATOR_ROLE, NO_SPAN, TRAINER_ROLE, Action, RejectCode, RoundState
 from swarm.proto import coordinator_pb2 as pb

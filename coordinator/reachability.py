@@ -28,6 +28,7 @@ import grpc
 
 from coordinator.context import CoordinatorContext
 from coordinator.validation import HandlerError, check_multiaddrs, check_name, invalid
+from swarm.maddrs import tcp_endpoint
 from swarm.proto import coordinator_pb2 as pb
 
 MAX_TARGETS = 4  # addresses dialed per call
@@ -52,23 +53,11 @@ def caller_ip(peer: str) -> str:
         return ""
 
 
-def _tcp(addr: str) -> tuple[str, str, int] | None:
-    """``(ip4|ip6, host, port)`` of a plain TCP multiaddr (no relay circuit), else None."""
-    parts = addr.strip("/").split("/")
-    if len(parts) < 4 or parts[0] not in ("ip4", "ip6") or parts[2] != "tcp" or "p2p-circuit" in parts:
-        return None
-    try:
-        port = int(parts[3])
-    except ValueError:
-        return None
-    return (parts[0], parts[1], port) if 0 < port < 65536 else None
-
-
 def probe_targets(ip: str, peer_id: str, multiaddrs: list[str]) -> list[str]:
     """The multiaddrs to dial: ``ip`` (the caller's) with each TCP port of ``multiaddrs``, those announced at ``ip``
     first; at most :data:`MAX_TARGETS`."""
     proto = "ip6" if ":" in ip else "ip4"
-    parsed = [t for t in map(_tcp, multiaddrs) if t is not None]
+    parsed = [t for t in map(tcp_endpoint, multiaddrs) if t is not None]
     ports = [port for _, host, port in parsed if host == ip] + [port for _, _, port in parsed]
     unique = list(dict.fromkeys(ports))[:MAX_TARGETS]
     return [f"/{proto}/{ip}/tcp/{port}/p2p/{peer_id}" for port in unique]

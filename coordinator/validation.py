@@ -87,11 +87,6 @@ def span_message(span: SpanRange) -> pb.Span:
     return pb.Span(start=span.start, end=span.end)
 
 
-def software_compatible(peer_version: str, required: str) -> bool:
-    """Same major.minor (``0.1.3`` works with ``0.1.0``; ``0.2.0`` does not)."""
-    return peer_version.split(".")[:2] == required.split(".")[:2] and peer_version.count(".") >= 1
-
-
 _SAFETENSORS_DTYPES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from swarm.maddrs import tcp_endpoint
+
 Reach = Literal["direct", "relayed", "unreachable"]
 
 
@@ -29,13 +31,9 @@ class Reachability:
 
 
 def _listen_ports(maddrs: list[str]) -> list[int]:
-    ports = []
-    for addr in maddrs:
-        parts = addr.strip("/").split("/")
-        plain_tcp = len(parts) >= 4 and parts[0] in ("ip4", "ip6") and parts[2] == "tcp" and "p2p-circuit" not in parts
-        if plain_tcp and parts[1] not in ("127.0.0.1", "::1") and parts[3].isdigit():
-            ports.append(int(parts[3]))
-    return list(dict.fromkeys(ports))
+    """The TCP ports this peer listens on outside loopback (what a router would forward)."""
+    endpoints = [t for t in map(tcp_endpoint, maddrs) if t is not None and t[1] not in ("127.0.0.1", "::1")]
+    return list(dict.fromkeys(port for _, _, port in endpoints))
 
 
 def classify(answer: Any, maddrs: list[str], host_maddrs: tuple[str, ...] = ()) -> Reachability:

@@ -339,7 +339,7 @@ def _clock(config: PeerConfig, timeout: float) -> str:
     """The coordinator's required version, and this machine's clock offset from the coordinator's."""
     import grpc
 
-    from swarm import __version__
+    from swarm import __version__, software_compatible
 
     client = _client(config, timeout)
     try:
@@ -351,7 +351,7 @@ def _clock(config: PeerConfig, timeout: float) -> str:
         raise _Failed(f"not measured: {exc}", status="skip") from None
     finally:
         client.close()
-    if required.split(".")[:2] != __version__.split(".")[:2]:
+    if not software_compatible(__version__, required):
         raise _Failed(
             f"the coordinator requires loraswarm {required} (same major.minor); this is {__version__}",
             f"install loraswarm {'.'.join(required.split('.')[:2])}.x",

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli import register
 from coordinator.config import CoordinatorConfig
-from coordinator.validation import software_compatible
+from swarm import software_compatible
 
 pytestmark = pytest.mark.timeout(30)
 
