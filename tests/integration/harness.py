@@ -55,6 +55,20 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, period: fl
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def coordinated_round(tmp_path: Path, spec: RoundSpec, **config: Any) -> tuple[Any, Path, list[str]]:
+    """A coordinator in this process serving one round of ``spec`` (workdir ``tmp_path/coord``, 1 s heartbeats,
+    30 s heartbeat timeout, 120 s to finalize; ``config`` overrides), its public key file, and the flags a peer
+    joins it with. Stop it with ``server.stop()``."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.server import serve
+
+    settings: dict[str, Any] = dict(port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
+                                    heartbeat_interval_s=1.0, heartbeat_timeout_s=30.0, finalize_timeout_s=120.0)  # fmt: skip
+    server = serve(CoordinatorConfig(**{**settings, **config}))
+    pub_path = tmp_path / "coord" / "coordinator" / "public_key.pem"
+    return server, pub_path, ["--coordinator", server.address, "--coordinator-public-key", str(pub_path)]
+
+
 def make_spec(
     base: Path, data: Path, round_id: str, cuts: list[int], *, epochs: int = 8, tbs: int = 32, lr: float = 3e-3
 ) -> RoundSpec:

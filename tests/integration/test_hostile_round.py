@@ -16,10 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.config import CoordinatorConfig
-from coordinator.server import serve
 from coordinator.state import MemberState
-from tests.integration.harness import Peer, make_spec, wait_for
+from tests.integration.harness import Peer, coordinated_round, make_spec, wait_for
 from tests.integration.test_swarm_exactness import _trainer_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -41,14 +39,7 @@ def test_a_poisoning_replica_is_expelled_named_and_the_round_publishes_the_hones
 
     monkeypatch.setenv("HOSTILE_GRADIENTS", poison)  # read by tests.integration.hostile_peer only
     spec = make_spec(demo_base, demo_data, f"poisoned-{poison}", [0, 2, 4], epochs=EPOCHS, tbs=TBS)
-    server = serve(
-        CoordinatorConfig(
-            port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
-            heartbeat_interval_s=1.0, heartbeat_timeout_s=30.0, finalize_timeout_s=120.0, roster_interval_s=1.0,
-        )
-    )  # fmt: skip
-    pub_path = tmp_path / "coord" / "coordinator" / "public_key.pem"
-    common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path)]
+    server, pub_path, common = coordinated_round(tmp_path, spec, roster_interval_s=1.0)
     unused = tmp_path / "unused.json"
     peers: list[Peer] = []
     try:

@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.config import CoordinatorConfig
-from coordinator.server import serve
-from tests.integration.harness import Peer, make_spec, wait_for
+from tests.integration.harness import Peer, coordinated_round, make_spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,16 +33,10 @@ def test_quantized_round_publishes_adapter_for_the_full_precision_base(
     from swarm.quantize import block_nbytes_quantized, check_quantize
 
     spec = make_spec(demo_base, demo_data, "quantized", [0, 2, 4], epochs=3)
-    server = serve(
-        CoordinatorConfig(
-            port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
-            heartbeat_interval_s=1.0, heartbeat_timeout_s=30.0, finalize_timeout_s=120.0,
-        )
-    )  # fmt: skip
-    pub_path = tmp_path / "coord" / "coordinator" / "public_key.pem"
+    server, pub_path, joins = coordinated_round(tmp_path, spec)
     peers: list[Peer] = []
     try:
-        common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path), "--metrics-port", "0"]
+        common = [*joins, "--metrics-port", "0"]
         train = str(demo_data / "train.jsonl")
         modes = {"server0": "nf4", "trainer0": "nf4", "trainer1": "int8"}
         for name, mode in modes.items():

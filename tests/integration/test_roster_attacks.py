@@ -18,11 +18,9 @@ import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils import get_dht_time
 
-from coordinator.config import CoordinatorConfig
-from coordinator.server import serve
 from peer.inprocess import InProcessNode
 from swarm.config import SpanRange
-from tests.integration.harness import Peer, in_process_server, make_spec, wait_for
+from tests.integration.harness import Peer, coordinated_round, in_process_server, make_spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,15 +42,9 @@ def test_an_outsider_is_not_routed_to_served_or_waited_for(tmp_path: Path, demo_
     # process while the coordinator's threads run can hang the child. The coordinator's DHT joins it.
     node = InProcessNode.start(spec.round_id)
     outsider = node.dht
-    server = serve(
-        CoordinatorConfig(
-            port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
-            heartbeat_interval_s=1.0, heartbeat_timeout_s=30.0, finalize_timeout_s=120.0, roster_interval_s=1.0,
-            dht_initial_peers=tuple(str(m) for m in outsider.get_visible_maddrs()),
-        )
-    )  # fmt: skip
-    pub_path = tmp_path / "coord" / "coordinator" / "public_key.pem"
-    common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path)]
+    server, pub_path, common = coordinated_round(
+        tmp_path, spec, roster_interval_s=1.0, dht_initial_peers=tuple(str(m) for m in outsider.get_visible_maddrs())
+    )
     peers: list[Peer] = [Peer(tmp_path, "server0", tmp_path / "unused.json", common, use_spec=False)]
     cleanup: list = []
     try:

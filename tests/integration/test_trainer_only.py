@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import CoordinatorConfig
-from coordinator.server import serve
-from tests.integration.harness import Peer, make_spec, wait_for
+from tests.integration.harness import Peer, coordinated_round, make_spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,16 +22,10 @@ def test_a_trainer_that_hosts_no_span_trains_a_round_to_publication(
     from swarm.keys import load_public_key
 
     spec = make_spec(demo_base, demo_data, "trainer-only", [0, 2, 4], epochs=3)
-    server = serve(
-        CoordinatorConfig(
-            port=0, metrics_port=None, workdir=tmp_path / "coord", round_spec=spec, rounds=1,
-            heartbeat_interval_s=1.0, heartbeat_timeout_s=30.0, finalize_timeout_s=120.0,
-        )
-    )  # fmt: skip
-    pub_path = tmp_path / "coord" / "coordinator" / "public_key.pem"
+    server, pub_path, joins = coordinated_round(tmp_path, spec)
     peers: list[Peer] = []
     try:
-        common = ["--coordinator", server.address, "--coordinator-public-key", str(pub_path), "--metrics-port", "0"]
+        common = [*joins, "--metrics-port", "0"]
         for name in ("server0", "server1"):  # span hosts that train nothing
             peers.append(Peer(tmp_path, name, tmp_path / "unused.json", [*common, "--no-trainer"], use_spec=False))
         data = ["--data", str(demo_data / "train.jsonl"), "--eval-data", str(demo_data / "eval.jsonl")]
