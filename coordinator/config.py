@@ -72,6 +72,11 @@ class CoordinatorConfig(BaseModel):
         (), description="Multiaddrs announced to peers (empty = the bound ones)."
     )
     dht_initial_peers: tuple[str, ...] = Field((), description="Multiaddrs of DHT nodes to join (empty = a new DHT).")
+    dht_relay: bool = Field(
+        True,
+        description="Offer the DHT node as the circuit relay of peers behind NAT (run the coordinator on a public "
+        "address). Relayed traffic crosses this host's link twice.",
+    )
     roster_interval_s: float = Field(5.0, gt=0, description="Seconds between roster publications in the DHT.")
     insecure: bool = Field(
         False, description="Serve gRPC in plaintext (local demos and tests only: credentials then travel in clear)."

@@ -144,7 +144,8 @@ def check_reachability(
         raise invalid(f"cannot tell the caller's IP address from {peer[:64]!r}: nothing to dial")
     targets = probe_targets(ip, req.peer_id, list(req.multiaddrs))
     if not targets:
-        return pb.CheckReachabilityResponse(observed_ip=ip, detail="no TCP multiaddr given: nothing to dial")
+        return pb.CheckReachabilityResponse(observed_ip=ip, detail="no TCP multiaddr given: nothing to dial",
+                                            relays=_relays(ctx))  # fmt: skip
     if not _slots.acquire(blocking=False):
         raise HandlerError(grpc.StatusCode.RESOURCE_EXHAUSTED, "other reachability checks are running; retry soon")
     try:
@@ -152,7 +153,13 @@ def check_reachability(
     finally:
         _slots.release()
     ctx.metrics.reachability_checks.labels(outcome="reached" if reached else "unreached").inc()
-    return pb.CheckReachabilityResponse(observed_ip=ip, reached=reached, tried=targets, detail=why)
+    return pb.CheckReachabilityResponse(observed_ip=ip, reached=reached, tried=targets, detail=why, relays=_relays(ctx))
+
+
+def _relays(ctx: CoordinatorContext) -> list[str]:
+    """The coordinator's DHT node, when it serves as a relay (``dht_relay``): where a peer nobody reaches can
+    reserve a slot (swarm.relays picks one address per relay, public ones first)."""
+    return list(ctx.dht_initial_peers) if ctx.config.dht_relay else []
 
 
 __all__ = ["caller_ip", "check_reachability", "probe_targets"]

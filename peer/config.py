@@ -38,8 +38,24 @@ class PeerConfig(BaseModel):
     host_maddrs: tuple[str, ...] = Field(("/ip4/0.0.0.0/tcp/0",), description="Multiaddrs libp2p listens on.")
     announce_maddrs: tuple[str, ...] = Field((), description="Multiaddrs announced to others (e.g. public IP).")
     identity_path: str = Field("", description="libp2p private key file; created if missing; keeps the peer id.")
-    use_relay: bool = Field(True, description="Let libp2p use relays (hivemind use_relay; --no-relay to forbid).")
-    use_auto_relay: bool = Field(False, description="Find relays automatically when behind NAT (hivemind).")
+    use_relay: bool = Field(
+        True, description="Reach peers behind NAT through relays, and be reached through one (--no-relay: direct only)."
+    )
+    use_auto_relay: bool = Field(
+        False, description="Be reached through a relay from the start, without asking (same as --reachability private)."
+    )
+    reachability: Literal["auto", "public", "private"] = Field(
+        "auto",
+        description="How others reach this peer. auto: with --coordinator, it dials this machine back before libp2p "
+        "starts (about a second): reached = public (direct connections), not reached = "
+        "private (reserve a slot with a relay at once); without a coordinator, libp2p guesses (AutoNAT). "
+        "public / private: skip the question.",
+    )
+    relays: tuple[str, ...] = Field(
+        (),
+        description="Relays to reserve a slot with when private (multiaddrs with /p2p/<id>; default: the relays the "
+        "coordinator offers, its DHT node; without a coordinator, --initial-peers).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the span runs.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Span weights dtype; auto = float32 on CPU, bfloat16 on GPU."
@@ -145,6 +161,22 @@ class PeerConfig(BaseModel):
                 "with --insecure"
             )
         return str(beside)
+
+    @model_validator(mode="after")
+    def _relay_choices_agree(self) -> PeerConfig:
+        if self.use_auto_relay and self.reachability == "public":
+            raise ValueError("--use-auto-relay means --reachability private: drop one of them")
+        if (self.use_auto_relay or self.reachability == "private") and not self.use_relay:
+            raise ValueError("--reachability private (--use-auto-relay) is reached through a relay: drop --no-relay")
+        for maddr in self.relays:
+            if "/p2p/" not in maddr:
+                raise ValueError(f"--relays {maddr}: a relay's multiaddr must end with /p2p/<peer id>")
+        return self
+
+    @property
+    def reach(self) -> Literal["auto", "public", "private"]:
+        """The reachability asked for (``--use-auto-relay`` is ``private``)."""
+        return "private" if self.use_auto_relay else self.reachability
 
     @model_validator(mode="after")
     def _trainer_only_hosts_nothing(self) -> PeerConfig:

@@ -27,7 +27,7 @@ from peer.metrics import MetricsServer, PeerMetrics
 from peer.roster_view import OPEN, Membership, RosterRefresher, RosterView
 from peer.server import SpanServer
 from peer.stats import PeerStats, RoundSignals
-from swarm import __version__
+from swarm import __version__, relays
 from swarm.config import RoundSpec, SpanRange
 from swarm.dht_records import ONLINE, ServerAnnouncement
 from swarm.identity import load_identity
@@ -62,6 +62,15 @@ def resolve_device(device: str, dtype: str) -> tuple[str, torch.dtype]:
     if dtype == "auto":
         return device, torch.float32 if device == "cpu" else torch.bfloat16
     return device, getattr(torch, dtype)
+
+
+def _relay_options(config: PeerConfig) -> dict[str, Any]:
+    """libp2p's reachability options (swarm.relays): ``auto`` leaves them to hivemind; ``private`` reserves a slot
+    with ``--relays``, else the initial peers (the coordinator's DHT node comes first among them)."""
+    reach = config.reach
+    if reach == "auto":
+        return {}
+    return relays.options(reach, tuple(config.relays) or tuple(config.initial_peers))
 
 
 def install_signal_handlers(stop_event: threading.Event) -> None:
@@ -163,8 +172,7 @@ class PeerDaemon:
             host_maddrs=list(config.host_maddrs),
             announce_maddrs=list(config.announce_maddrs) or None,
             identity_path=identity_path,
-            use_relay=config.use_relay,
-            use_auto_relay=config.use_auto_relay,
+            **{"use_relay": config.use_relay, **_relay_options(config)},
             record_validators=record_validators(spec.round_id),
             node_id=stable_node_id(config.identity_path),
             start=True,

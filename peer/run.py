@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +92,15 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event, checks: lis
                 log.info(f"Joined round {spec.round_id} as {peer_id}: span {span.name} ({chosen})")
             link = CoordinatorLink(client, config, peer_id, spec, local_fp)
             initial = link.parent_state()
+            decision = _decide_reachability(config, client, trainer_only=span is None)
             peer_config = config.model_copy(
                 update={
                     "span": span,
                     "identity_path": identity,
                     "initial_peers": tuple(resp.dht_initial_peers) + tuple(config.initial_peers),
+                    "reachability": decision.reach or "auto",
+                    "relays": decision.relays,
+                    "use_auto_relay": False,
                 }
             )
             daemon = PeerDaemon(peer_config, spec, initial_state=initial, stop_event=stop, roster_key=client.public_key,
@@ -114,6 +119,26 @@ def _run_with_coordinator(config: PeerConfig, stop: threading.Event, checks: lis
         client.close()
 
 
+def _decide_reachability(config: PeerConfig, client: CoordinatorClient, trainer_only: bool) -> Any:
+    """How this peer's libp2p starts (peer.reachability.decide): public, private behind a relay, or libp2p's own
+    guess. A trainer-only peer only dials out, so it is not asked about (``--reachability`` still applies)."""
+    from peer.reachability import Decision, decide
+
+    if trainer_only and config.reach == "auto":
+        return Decision(None)
+    try:
+        decision = decide(config, client)
+    except ValueError:
+        raise
+    except Exception as exc:  # the coordinator is busy or old: start as libp2p would, the check runs again later
+        log.warning(f"reachability not asked ({type(exc).__name__}: {str(exc)[:200]}); libp2p decides")
+        return (
+            Decision("private", tuple(config.relays)) if config.reach == "private" and config.relays else Decision(None)
+        )
+    log.info(f"reachability: {decision.summary()}")
+    return decision
+
+
 def _started(link: Any, client: CoordinatorClient, daemon: PeerDaemon) -> None:
     link.start()
     _check_reachability_soon(client, daemon)
@@ -122,12 +147,17 @@ def _started(link: Any, client: CoordinatorClient, daemon: PeerDaemon) -> None:
 def _check_reachability_soon(client: CoordinatorClient, daemon: PeerDaemon) -> None:
     """Let the coordinator dial this peer's libp2p node back (peer.reachability), in the background; the answer
     goes to the log and to /health's self_check. A failed check is logged, never fatal."""
-    from peer.reachability import check_with
+    from peer.reachability import CIRCUIT_WAIT_S, check_with
     from peer.selfcheck import CheckResult
+    from swarm.relays import circuit_addresses
 
     def run() -> None:
         try:
-            maddrs = [str(m) for m in daemon.dht.get_visible_maddrs()]
+            maddrs = [str(m) for m in daemon.dht.get_visible_maddrs(latest=True)]
+            deadline = time.monotonic() + CIRCUIT_WAIT_S
+            while daemon.config.reach == "private" and not circuit_addresses(maddrs) and time.monotonic() < deadline:
+                time.sleep(0.25)  # the relay reservation comes within a second
+                maddrs = [str(m) for m in daemon.dht.get_visible_maddrs(latest=True)]
             found = check_with(client, daemon.peer_id, maddrs, daemon.config.host_maddrs)
             detail = f"{found.reach}: {found.detail}"
             result = CheckResult("reachability", "ok" if found.reach == "direct" else "warn", detail, found.advice)

@@ -364,34 +364,26 @@ def _clock(config: PeerConfig, timeout: float) -> str:
 
 
 def _reachability(config: PeerConfig, timeout: float) -> str:
-    """Start libp2p as the daemon would (same listen, announce and relay options) and let the coordinator dial it."""
-    import asyncio
-
+    """Decide as the daemon would (peer.reachability.decide: the coordinator dials a node of this machine back),
+    then, when that means a relay, start a node with its relay slot and ask again: ``relayed``."""
     import grpc
-    from hivemind.p2p import P2P
 
-    from peer.reachability import check_with
+    from peer.reachability import decide, probe
 
-    async def listen_and_ask() -> Any:
-        p2p = await P2P.create(host_maddrs=list(config.host_maddrs), announce_maddrs=list(config.announce_maddrs) or None,
-                               initial_peers=list(config.initial_peers), use_relay=config.use_relay,
-                               use_auto_relay=config.use_auto_relay, startup_timeout=timeout)  # fmt: skip
-        try:
-            maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
-            client = _client(config, timeout)
-            try:
-                return await asyncio.get_running_loop().run_in_executor(
-                    None, check_with, client, str(p2p.peer_id), maddrs, config.host_maddrs
-                )
-            finally:
-                client.close()
-        finally:
-            await p2p.shutdown()
-
+    client = _client(config, timeout)
     try:
-        found = asyncio.run(listen_and_ask())
+        decision = decide(config, client, timeout)
+        found = decision.answer
+        if decision.reach == "private":
+            found = probe(config, client, "private", decision.relays, timeout)
     except grpc.RpcError as exc:
         raise _Failed(f"the coordinator could not check ({exc.code().name}: {exc.details()})", status="skip") from None
+    except ValueError as exc:
+        raise _Failed(str(exc)) from None
+    finally:
+        client.close()
+    if found is None:
+        return f"public (--reachability {config.reach}): not asked"
     if found.reach == "direct":
         return f"direct: {found.detail}"
     raise _Failed(f"{found.reach}: {found.detail}", found.advice, status="warn")

@@ -334,21 +334,24 @@ class CheckReachabilityRequest(_message.Message):
     def __init__(self, peer_id: str | None = ..., multiaddrs: _Iterable[str] | None = ...) -> None: ...
 
 class CheckReachabilityResponse(_message.Message):
-    __slots__ = ("observed_ip", "reached", "tried", "detail")
+    __slots__ = ("observed_ip", "reached", "tried", "detail", "relays")
     OBSERVED_IP_FIELD_NUMBER: _ClassVar[int]
     REACHED_FIELD_NUMBER: _ClassVar[int]
     TRIED_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RELAYS_FIELD_NUMBER: _ClassVar[int]
     observed_ip: str
     reached: _containers.RepeatedScalarFieldContainer[str]
     tried: _containers.RepeatedScalarFieldContainer[str]
     detail: str
+    relays: _containers.RepeatedScalarFieldContainer[str]
     def __init__(
         self,
         observed_ip: str | None = ...,
         reached: _Iterable[str] | None = ...,
         tried: _Iterable[str] | None = ...,
         detail: str | None = ...,
+        relays: _Iterable[str] | None = ...,
     ) -> None: ...
 
 class ListAdaptersRequest(_message.Message):

@@ -2,9 +2,9 @@
 
 Layout (every name starts with the testbed's random prefix, so parallel testbeds never collide)::
 
-    <p>-inet   namespace holding the bridge "br0" (the internet, 198.51.100.0/24, TEST-NET-2)
-    <p>-<pub>  a public host: one veth on the bridge, address 198.51.100.<n>
-    <p>-<r>    a home's NAT router: WAN veth on the bridge (198.51.100.<n>), LAN veth to the home host;
+    <p>-inet   namespace holding the bridge "br0" (the internet, 20.0.0.0/24)
+    <p>-<pub>  a public host: one veth on the bridge, address 20.0.0.<n>
+    <p>-<r>    a home's NAT router: WAN veth on the bridge (20.0.0.<n>), LAN veth to the home host;
                nftables masquerade on the WAN side, no port forwarding, and the forward chain drops new inbound
                connections (only replies to connections the home opened come back)
     <p>-<h>    the home host behind it: 10.<k>.0.2/24, default route via the router (10.<k>.0.1)
@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-INTERNET = "198.51.100"  # TEST-NET-2: never routed on the real internet
+# The "internet" must look public to libp2p: it builds no relay (/p2p-circuit) address over a relay whose only
+# address is special-purpose (TEST-NET-2 198.51.100.0/24 was used first: no home ever became reachable through a
+# relay). The prefix is routed only inside this testbed's namespaces; the host's own routes never see it.
+INTERNET = "20.0.0"
 REQUIRED_TOOLS = ("ip", "nft", "tc")
 
 
