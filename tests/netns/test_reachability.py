@@ -1,4 +1,5 @@
-"""``swarm peer --check`` on the namespace testbed: the coordinator dials each peer back (direct / unreachable)."""
+"""``swarm peer --check`` on the namespace testbed: the coordinator dials each peer back (direct / relayed /
+unreachable)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ pytestmark = [pytest.mark.netns, pytest.mark.integration, pytest.mark.slow, pyte
 PORT = 31337  # the peers' fixed libp2p port (what a volunteer forwards)
 
 
-def check(testbed: Testbed, ns: str, coordinator: str, key: Path) -> dict[str, dict[str, str]]:
+def check(testbed: Testbed, ns: str, coordinator: str, key: Path, *flags: str) -> dict[str, dict[str, str]]:
     """``swarm peer --check --json`` run inside ``ns``; its checks by name."""
     argv = [sys.executable, "-m", "swarm.cli", "peer", "--check", "--json", "--coordinator", coordinator,
             "--coordinator-public-key", str(key), "--coordinator-insecure",
-            "--host-maddrs", f"/ip4/0.0.0.0/tcp/{PORT}"]  # fmt: skip
+            "--host-maddrs", f"/ip4/0.0.0.0/tcp/{PORT}", *flags]  # fmt: skip
     started = time.monotonic()
     out = run(*argv, ns=ns, check=False, timeout=120)
     report = json.loads(out)
@@ -43,7 +44,7 @@ def test_self_check_tells_direct_from_unreachable_and_names_the_port_to_forward(
         coord_ns,
         [sys.executable, "-m", "swarm.cli", "coordinator", "--host", "0.0.0.0", "--port", "50051",
          "--metrics-port", "-1", "--workdir", str(workdir), "--store", "memory", "--round-spec", str(spec_path),
-         "--insecure", "--no-dht"],
+         "--insecure"],  # with its DHT node: the relay it offers to peers nobody reaches
     )  # fmt: skip
     try:
         key = workdir / "coordinator" / "public_key.pem"
@@ -54,8 +55,9 @@ def test_self_check_tells_direct_from_unreachable_and_names_the_port_to_forward(
             return key.exists() and json.loads(out or "{}").get("connected", False)
 
         wait_for(listening, 90, "the coordinator's gRPC port", period=1.0)
-        results = {name: check(testbed, ns, f"{coord_ip}:50051", key)
-                   for name, ns in (("public", pub), ("home", home.host), ("forwarded", forwarded.host))}  # fmt: skip
+        runs = (("public", pub, ()), ("home", home.host, ("--no-relay",)), ("forwarded", forwarded.host, ()),
+                ("relayed", home.host, ("--use-auto-relay",)), ("home-auto", home.host, ()))  # fmt: skip
+        results = {name: check(testbed, ns, f"{coord_ip}:50051", key, *flags) for name, ns, flags in runs}
     finally:
         coordinator.terminate()
         coordinator.wait(timeout=30)
@@ -73,6 +75,14 @@ def test_self_check_tells_direct_from_unreachable_and_names_the_port_to_forward(
     assert behind_nat["detail"].startswith(f"unreachable: the coordinator could not dial this peer at its public "
                                            f"address {home.wan_ip}")  # fmt: skip
     assert f"forward TCP port {PORT} on the router to this machine" in behind_nat["advice"]
+
+    # --use-auto-relay, and the default (auto: the coordinator did not reach it, so the daemon takes a relay slot)
+    for name in ("relayed", "home-auto"):
+        relayed = results[name]["reachability"]
+        assert relayed["status"] == "warn", (name, relayed)
+        assert relayed["detail"].startswith(f"relayed: not reachable at {home.wan_ip} directly"), (name, relayed)
+        assert f"others reach it through a relay: /ip4/{coord_ip}/tcp/" in relayed["detail"], (name, relayed)
+        assert "/p2p-circuit" in relayed["detail"] and "forward a TCP port" in relayed["advice"], (name, relayed)
 
     through_forward = results["forwarded"]["reachability"]
     assert through_forward["status"] == "ok"

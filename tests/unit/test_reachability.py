@@ -157,3 +157,55 @@ def test_peers_starting_together_wait_for_a_free_prober(tmp_path: Path, listenin
         release.join()
         client.close()
         server.stop(grace=0)
+
+
+def test_the_coordinator_offers_its_dht_node_as_relay_unless_told_not_to(tmp_path: Path) -> None:
+    relay = f"/ip4/20.0.0.2/tcp/4001/p2p/{PID}"
+    for offer, expected in ((True, [relay]), (False, [])):
+        config = CoordinatorConfig(workdir=tmp_path, store="memory", rate_limit_per_s=0, dht_relay=offer)
+        ctx = CoordinatorContext.from_config(config)
+        ctx.dht_initial_peers = (relay,)
+        reply = call(CoordinatorServicer(ctx), "ipv4:127.0.0.1:5555", PID, [])  # nothing to dial: answered at once
+        assert list(reply.relays) == expected
+        assert classify(reply, []).relays == tuple(expected)
+
+
+def test_static_relays_reserve_at_once_and_each_relay_is_listed_once() -> None:
+    from swarm import relays
+
+    other = "12D3KooWQTgcddri2NoBFLAoEK8Wdc12aTBCyJvXiGPvk35zgycn"
+    given = [f"/ip4/127.0.0.1/tcp/1/p2p/{PID}", f"/ip4/10.0.0.2/tcp/1/p2p/{PID}", f"/ip4/20.0.0.2/tcp/1/p2p/{PID}",
+             f"/dns4/relay.example/tcp/2/p2p/{other}"]  # fmt: skip
+    # the same node twice would hold p2pd's reservation back (it waits for as many relays as it was given)
+    assert relays.one_address_per_relay(given) == [f"/ip4/20.0.0.2/tcp/1/p2p/{PID}", given[3]]
+    with pytest.raises(ValueError, match="no /p2p/<peer id>"):
+        relays.one_address_per_relay(["/ip4/20.0.0.2/tcp/1"])
+    with pytest.raises(ValueError, match="no relay to reserve a slot with"):
+        relays.options("private", ())
+    assert relays.options("public") == {} and relays.options(None) == {}  # never forced public (module doc)
+
+    kwargs = relays.options("private", given)
+    assert kwargs["force_reachability"] == "private" and kwargs["use_auto_relay"] is True
+    # hivemind's own argument list, as P2P.create builds it: static relays only, no 3-minute discovery
+    args = P2P._make_process_args("p2pd", autoRelay=True, trustedRelays=",".join(kwargs["trusted_relays"]))
+    assert "-relayDiscovery=0" in args and "-autoRelay=1" in args
+    assert "-relayDiscovery=0" not in P2P._make_process_args("p2pd", autoRelay=True)  # only with trusted relays
+
+
+def test_relay_flags_that_contradict_each_other_are_refused() -> None:
+    from pydantic import ValidationError
+
+    from peer.config import PeerConfig
+    from peer.reachability import decide
+
+    assert PeerConfig(use_auto_relay=True).reach == "private" and PeerConfig().reach == "auto"
+    with pytest.raises(ValidationError, match="drop --no-relay"):
+        PeerConfig(use_auto_relay=True, use_relay=False)
+    with pytest.raises(ValidationError, match="means --reachability private"):
+        PeerConfig(use_auto_relay=True, reachability="public")
+    with pytest.raises(ValidationError, match=r"must end with /p2p/<peer id>"):
+        PeerConfig(relays=("/ip4/20.0.0.2/tcp/1",))
+    # told, nothing is asked of the coordinator (no client needed)
+    assert decide(PeerConfig(reachability="public"), client=None).reach == "public"
+    forced = decide(PeerConfig(use_auto_relay=True, relays=(f"/ip4/20.0.0.2/tcp/1/p2p/{PID}",)), client=None)
+    assert forced.reach == "private" and forced.relays == (f"/ip4/20.0.0.2/tcp/1/p2p/{PID}",) and forced.answer is None
