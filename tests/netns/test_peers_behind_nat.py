@@ -86,7 +86,8 @@ def test_two_homes_behind_their_own_nats_train_a_round_through_the_coordinators_
     from swarm.keys import load_public_key
 
     coord_ns, pub = testbed.add_public("coord"), testbed.add_public("pub")
-    home_a, home_b = testbed.add_home("homea"), testbed.add_home("homeb")
+    # both homes on a volunteer's uplink: 20 Mbit/s up, 100 Mbit/s down (tbf on their routers)
+    home_a, home_b = (testbed.add_home(name, up_mbit=20, down_mbit=100) for name in ("homea", "homeb"))
     spec_path = save_spec(tmp_path, make_spec(demo_base, demo_data, "twonat", [0, 2, 4], epochs=2, tbs=16))
     coord_ip, workdir = testbed.public_ips[coord_ns], tmp_path / "coord"
     coordinator = testbed.popen(
@@ -128,23 +129,35 @@ def test_two_homes_behind_their_own_nats_train_a_round_through_the_coordinators_
         while not adapter.is_dir() and time.monotonic() < deadline:
             for name, ns, port in (("A", home_a.host, port_a), ("B", home_b.host, port_b)):
                 with contextlib.suppress(RuntimeError):
+                    text = _get(ns, port, "/metrics")
                     seen[name] = {
                         "served": served(ns, port),
                         "averaging": served(ns, port, "averaging_rounds", "outcome"),
+                        "bytes": served(ns, port, "bytes", "direction"),
+                        "tokens": float(re.findall(r"^swarm_peer_tokens_total ([0-9.e+]+)$", text, re.M)[0]),
                     }
                     health[name] = json.loads(_get(ns, port, "/health"))  # the last one read while it ran
             if seen["B"].get("served", {}).get("forward", 0) > 0:
                 first.setdefault("B", time.monotonic() - started)
             if seen["A"].get("averaging", {}).get("success", 0) > 0:
                 first.setdefault("A", time.monotonic() - started)
+            if seen["A"].get("tokens", 0) > first.get("tokens", 0):  # A's trainer made progress since the last read
+                first.setdefault("training", time.monotonic())
+                first["tokens"], first["trained"] = seen["A"]["tokens"], time.monotonic()
             time.sleep(0.5)
         assert adapter.is_dir(), "no adapter published"
         manifest = verify_adapter(adapter, load_public_key(key))
         counts_b, averaging_a = seen["B"]["served"], seen["A"]["averaging"]
         first_b, first_a = first["B"], first["A"]
-        print(f"two NATs: home B first served request {first_b:.1f} s after the homes started, home A's first "
-              f"all-reduce {first_a:.1f} s; B served {counts_b}; A averaging {averaging_a}; held-out "
-              f"{manifest.eval_loss_before:.4f} -> {manifest.eval_loss_after:.4f}")  # fmt: skip
+        tokens, wire = seen["A"]["tokens"], seen["A"]["bytes"]
+        tokens_per_s = tokens / max(first["trained"] - first["training"], 1e-9)
+        sent, received = wire.get("sent", 0) / tokens, wire.get("received", 0) / tokens
+        link_allows = min(20e6 / 8 / max(sent, 1e-9), 100e6 / 8 / max(received, 1e-9))
+        print(f"two NATs (20/100 Mbit/s homes): home B first served request {first_b:.1f} s after the homes "
+              f"started, home A's first all-reduce {first_a:.1f} s; B served {counts_b}; A averaging {averaging_a}; "
+              f"A's trainer: {tokens:.0f} tokens at ~{tokens_per_s:.0f} tokens/s (polled), {sent:.0f} B/token sent "
+              f"and {received:.0f} B/token received over its remote hops (the link allows ~{link_allows:.0f} "
+              f"tokens/s); held-out {manifest.eval_loss_before:.4f} -> {manifest.eval_loss_after:.4f}")  # fmt: skip
         assert manifest.eval_loss_after < manifest.eval_loss_before
         assert counts_b["forward"] > 0 and counts_b["backward"] > 0
         assert first_b <= 30  # the bound from start to first served request
