@@ -67,7 +67,9 @@ def test_when_every_all_reduce_failed_every_replica_skips_the_update_alike(repli
         t.join(timeout=60)
     assert not any(t.is_alive() for t in threads), "repair did not finish"
     after = [_weights(s) for s in replicas]
-    assert [s.epoch for s in replicas] == [1, 1] and [s.group.skipped_epochs for s in replicas] == [1, 1]
+    # Each replica skips the update, or (when the other skipped first and announced epoch 1 while it was still
+    # deciding) copies that replica's state: the same unchanged parameters either way (checked below).
+    assert [s.epoch for s in replicas] == [1, 1] and sum(s.group.skipped_epochs for s in replicas) >= 1
     assert all(s.group.version % 2 == 0 for s in replicas), "parameters look mid-change: requests would be refused"
     # nobody's local gradients were applied (a hostile replica's would be copied by all): the state is unchanged
     for i in range(2):
