@@ -153,6 +153,11 @@ add rule inet filter forward iifname "wan0" oifname "lan0" ip daddr {home.lan_ip
         run("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst", "32kb",
             "latency", "200ms", ns=ns)  # fmt: skip
 
+    @staticmethod
+    def unlimit(ns: str, dev: str) -> None:
+        """Lift ``dev``'s rate limit in ``ns`` (back to the host's speed)."""
+        run("tc", "qdisc", "del", "dev", dev, "root", ns=ns)
+
     def popen(self, ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
         """Start a process inside ``ns`` (environment inherited, so PYTHONPATH reaches Python children)."""
         return subprocess.Popen(["ip", "netns", "exec", ns, *argv], text=True, **kwargs)
