@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import make_spec, save_spec, wait_for
+from tests.integration.harness import make_spec, save_spec
+from tests.netns.round import netns_coordinator
 from tests.netns.testbed import Testbed, run
 
 pytestmark = [pytest.mark.netns, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -39,28 +40,11 @@ def test_self_check_tells_direct_from_unreachable_and_names_the_port_to_forward(
     testbed.forward(forwarded, PORT)
     spec_path = save_spec(tmp_path, make_spec(demo_base, demo_data, "reach", [0, 2, 4]))
     coord_ip = testbed.public_ips[coord_ns]
-    workdir = tmp_path / "coord"
-    coordinator = testbed.popen(
-        coord_ns,
-        [sys.executable, "-m", "swarm.cli", "coordinator", "--host", "0.0.0.0", "--port", "50051",
-         "--metrics-port", "-1", "--workdir", str(workdir), "--store", "memory", "--round-spec", str(spec_path),
-         "--insecure"],  # with its DHT node: the relay it offers to peers nobody reaches
-    )  # fmt: skip
-    try:
-        key = workdir / "coordinator" / "public_key.pem"
-        node = str(Path(__file__).with_name("node.py"))
-
-        def listening() -> bool:
-            out = run(sys.executable, node, "connect", coord_ip, "50051", ns=pub, check=False, timeout=10)
-            return key.exists() and json.loads(out or "{}").get("connected", False)
-
-        wait_for(listening, 90, "the coordinator's gRPC port", period=1.0)
+    # with its DHT node: the relay it offers to peers nobody reaches
+    with netns_coordinator(testbed, coord_ns, spec_path, tmp_path / "coord", probe_from=pub) as coordinator:
         runs = (("public", pub, ()), ("home", home.host, ("--no-relay",)), ("forwarded", forwarded.host, ()),
                 ("relayed", home.host, ("--use-auto-relay",)), ("home-auto", home.host, ()))  # fmt: skip
-        results = {name: check(testbed, ns, f"{coord_ip}:50051", key, *flags) for name, ns, flags in runs}
-    finally:
-        coordinator.terminate()
-        coordinator.wait(timeout=30)
+        results = {name: check(testbed, ns, coordinator.address, coordinator.key, *flags) for name, ns, flags in runs}
     for name, checks in results.items():
         print(f"{name}: {checks['reachability']}")
         assert checks["coordinator"]["status"] == "ok", checks["coordinator"]
