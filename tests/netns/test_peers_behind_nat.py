@@ -162,6 +162,8 @@ def test_two_homes_behind_their_own_nats_train_a_round_through_the_coordinators_
                   f"{manifest.eval_loss_after:.4f}")  # fmt: skip
             assert manifest.eval_loss_after < manifest.eval_loss_before
             assert counts_b["forward"] > 0 and counts_b["backward"] > 0
+            # home A averaged with the public replica at every epoch, across its NAT (no local fallback)
+            assert averaging_a == {"success": epochs, "local_fallback": 0}, averaging_a
             assert first_b <= 30  # the bound from start to first served request
             # the bound: at least 70% of what the link allows or of the compute bound, whichever is lower
             assert thin >= 0.7 * min(link_allows, free), (thin, link_allows, free)
