@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -104,13 +105,23 @@ def check_with(
     return classify(client.check_reachability(peer_id, maddrs), maddrs, host_maddrs)
 
 
+def visible_maddrs(latest: Callable[[], list[Any]], private: bool) -> list[str]:
+    """A node's multiaddrs as others see them (``latest()``: what its p2pd reports now). A ``private`` node first
+    waits (at most ``CIRCUIT_WAIT_S``) for its relay reservation, so that the check can answer ``relayed``."""
+    maddrs = [str(m) for m in latest()]
+    deadline = time.monotonic() + CIRCUIT_WAIT_S
+    while private and not relay_options.circuit_addresses(maddrs) and time.monotonic() < deadline:
+        time.sleep(0.25)  # the reservation comes within a second
+        maddrs = [str(m) for m in latest()]
+    return maddrs
+
+
 def probe(
     config: PeerConfig, client: Any, reach: relay_options.Reach | None = None, relays: tuple[str, ...] = (),
     timeout: float = 5.0,
 ) -> Reachability:  # fmt: skip
     """Start a libp2p node as the daemon would (its listen and announce addresses; ``reach`` and ``relays`` as
-    swarm.relays.options), let the coordinator dial it back, stop it. A ``private`` node first waits (at most
-    ``CIRCUIT_WAIT_S``) for its relay reservation, so that the answer can be ``relayed``."""
+    swarm.relays.options), let the coordinator dial it back (:func:`visible_maddrs`, :func:`check_with`), stop it."""
     import asyncio
 
     from hivemind.p2p import P2P
@@ -119,14 +130,17 @@ def probe(
         options = {"use_relay": config.use_relay, **relay_options.options(reach, relays)}
         p2p = await P2P.create(host_maddrs=list(config.host_maddrs), announce_maddrs=list(config.announce_maddrs) or None,
                                startup_timeout=timeout, **options)  # fmt: skip
+        loop = asyncio.get_running_loop()
+
+        def latest() -> list[Any]:  # from the executor thread, on this loop
+            return asyncio.run_coroutine_threadsafe(p2p.get_visible_maddrs(latest=True), loop).result()
+
+        def ask() -> Reachability:
+            maddrs = visible_maddrs(latest, private=reach == "private")
+            return check_with(client, str(p2p.peer_id), maddrs, config.host_maddrs)
+
         try:
-            maddrs = [str(m) for m in await p2p.get_visible_maddrs(latest=True)]
-            deadline = time.monotonic() + CIRCUIT_WAIT_S
-            while reach == "private" and not relay_options.circuit_addresses(maddrs) and time.monotonic() < deadline:
-                await asyncio.sleep(0.25)
-                maddrs = [str(m) for m in await p2p.get_visible_maddrs(latest=True)]
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, check_with, client, str(p2p.peer_id), maddrs, config.host_maddrs)
+            return await loop.run_in_executor(None, ask)
         finally:
             await p2p.shutdown()
 
@@ -172,4 +186,4 @@ def decide(config: PeerConfig, client: Any, timeout: float = 5.0) -> Decision:
     return Decision(None, (), first)
 
 
-__all__ = ["Decision", "Reachability", "check_with", "classify", "decide", "probe"]
+__all__ = ["Decision", "Reachability", "check_with", "classify", "decide", "probe", "visible_maddrs"]

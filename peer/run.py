@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +130,9 @@ def _decide_reachability(config: PeerConfig, client: CoordinatorClient, trainer_
     except ValueError:
         raise
     except Exception as exc:  # the coordinator is busy or old: start as libp2p would, the check runs again later
+        # (decide asks only when it must: "private" with --relays, or "public", never get here)
         log.warning(f"reachability not asked ({type(exc).__name__}: {str(exc)[:200]}); libp2p decides")
-        return (
-            Decision("private", tuple(config.relays)) if config.reach == "private" and config.relays else Decision(None)
-        )
+        return Decision(None)
     log.info(f"reachability: {decision.summary()}")
     return decision
 
@@ -147,17 +145,14 @@ def _started(link: Any, client: CoordinatorClient, daemon: PeerDaemon) -> None:
 def _check_reachability_soon(client: CoordinatorClient, daemon: PeerDaemon) -> None:
     """Let the coordinator dial this peer's libp2p node back (peer.reachability), in the background; the answer
     goes to the log and to /health's self_check. A failed check is logged, never fatal."""
-    from peer.reachability import CIRCUIT_WAIT_S, check_with
+    from peer.reachability import check_with, visible_maddrs
     from peer.selfcheck import CheckResult
-    from swarm.relays import circuit_addresses
 
     def run() -> None:
         try:
-            maddrs = [str(m) for m in daemon.dht.get_visible_maddrs(latest=True)]
-            deadline = time.monotonic() + CIRCUIT_WAIT_S
-            while daemon.config.reach == "private" and not circuit_addresses(maddrs) and time.monotonic() < deadline:
-                time.sleep(0.25)  # the relay reservation comes within a second
-                maddrs = [str(m) for m in daemon.dht.get_visible_maddrs(latest=True)]
+            maddrs = visible_maddrs(
+                lambda: daemon.dht.get_visible_maddrs(latest=True), daemon.config.reach == "private"
+            )
             found = check_with(client, daemon.peer_id, maddrs, daemon.config.host_maddrs)
             detail = f"{found.reach}: {found.detail}"
             result = CheckResult("reachability", "ok" if found.reach == "direct" else "warn", detail, found.advice)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -25,12 +24,20 @@ def _get(ns: str, port: int, path: str) -> str:
     return run("python3", "-c", code, ns=ns)
 
 
-def served(ns: str, port: int, counter: str = "requests_served", label: str = "kind") -> dict[str, float]:
-    """A labelled counter of the peer's /metrics (default: served requests by kind), read inside its namespace."""
-    found = re.findall(
-        rf'^swarm_peer_{counter}_total\{{{label}="(\w+)"\}} ([0-9.e+]+)$', _get(ns, port, "/metrics"), re.M
-    )
-    return {kind: float(v) for kind, v in found}
+def metrics(ns: str, port: int) -> dict[str, dict[str, float]]:
+    """The peer's /metrics, read once inside its namespace: sample name -> {its (first) label's value, or "": value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(_get(ns, port, "/metrics")):
+        for sample in family.samples:
+            found.setdefault(sample.name, {})[next(iter(sample.labels.values()), "")] = sample.value
+    return found
+
+
+def served(ns: str, port: int) -> dict[str, float]:
+    """The peer's served requests by kind (forward, backward, ...)."""
+    return metrics(ns, port).get("swarm_peer_requests_served_total", {})
 
 
 def test_public_trainer_uses_a_span_server_behind_nat(
@@ -119,12 +126,12 @@ def test_two_homes_behind_their_own_nats_train_a_round_through_the_coordinators_
             while not adapter.is_dir() and time.monotonic() < deadline:
                 for name, ns, port in (("A", home_a.host, port_a), ("B", home_b.host, port_b)):
                     with contextlib.suppress(RuntimeError):
-                        text = _get(ns, port, "/metrics")
+                        found = metrics(ns, port)
                         seen[name] = {
-                            "served": served(ns, port),
-                            "averaging": served(ns, port, "averaging_rounds", "outcome"),
-                            "bytes": served(ns, port, "bytes", "direction"),
-                            "tokens": float(re.findall(r"^swarm_peer_tokens_total ([0-9.e+]+)$", text, re.M)[0]),
+                            "served": found.get("swarm_peer_requests_served_total", {}),
+                            "averaging": found.get("swarm_peer_averaging_rounds_total", {}),
+                            "bytes": found.get("swarm_peer_bytes_total", {}),
+                            "tokens": found["swarm_peer_tokens_total"][""],
                         }
                         health[name] = json.loads(_get(ns, port, "/health"))  # the last one read while it ran
                 if seen["B"].get("served", {}).get("forward", 0) > 0:
@@ -223,8 +230,7 @@ def test_a_public_span_server_killed_mid_round_costs_the_home_trainer_seconds(
                 return max(reached, default=0)
 
             def failovers() -> float:
-                text = _get(home.host, port, "/metrics")
-                return float(re.findall(r"^swarm_peer_failovers_total ([0-9.e+]+)$", text, re.M)[0])
+                return metrics(home.host, port)["swarm_peer_failovers_total"][""]
 
             wait_for(lambda: note_epochs() >= 2, 180, "two epochs before the fault", period=0.2)
             failovers_before = failovers()
