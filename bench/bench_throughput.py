@@ -69,10 +69,10 @@ def _ddp_worker(
         AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa"), peft_lora_config(spec.lora)
     )
     init_lora_(lora_parameters(model), spec.lora.init_seed)
-    ddp = DistributedDataParallel(model)
+    ddp = DistributedDataParallel(model, broadcast_buffers=False)  # the buffers (rotary tables) never change
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
     per_step = spec.optimizer.target_batch_size // spec.data.micro_batch_size
-    mine = [data[i] for i in range(rank, len(data), 2)]
+    mine = data[rank::2]  # the caller passes an even number of micro-batches: both ranks make the same calls
     local_steps = per_step // 2
     started = time.perf_counter()
     for i, ids in enumerate(mine):
@@ -100,6 +100,8 @@ def bench_ddp(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    data = data[: len(data) // 2 * 2]
+    warmup = warmup // 2 * 2
     out = Path(tempfile.mkdtemp()) / "ddp_seconds"
     tmp.start_processes(
         _ddp_worker,
