@@ -111,9 +111,11 @@ class InProcessSwarm:
         """One swarm-wide step: the trainer's whole share (every slot), published like a daemon's trainer does."""
         assert self.recorder is not None
         slots = slots_per_step(self.spec.optimizer.target_batch_size, self.spec.data.micro_batch_size)
-        self.recorder.open(step)
+        self.recorder.open(step)  # already open when the previous step's close opened it
         done = trainer.run_step(step, slots, batches, depth)
-        self.recorder.close(step, [mb.index for mb in done], sum(len(mb.input_ids) for mb in done))
+        samples = sum(len(mb.input_ids) for mb in done)
+        self.recorder.close(step, [mb.index for mb in done], samples, next_step=step + 1)  # one store, as a daemon
+        trainer.router.notify_closed()
 
     def stop(self) -> None:
         if self.recorder is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -142,6 +143,20 @@ class RemoteSpan:
             return int(MSGPackSerializer.loads(answers[0].metadata)["epoch"])
 
         return self._with_one_retry(call, f"rpc_info on {self.peer_id}")  # type: ignore[no-any-return]
+
+    def notify_closed(self) -> None:
+        """Tell the replica that this trainer closed a step (``rpc_closed``), without waiting: a lost notice costs
+        the replica a poll period, nothing else."""
+
+        async def request() -> AsyncIterator[Any]:
+            yield runtime_pb2.ExpertRequest()
+
+        async def call() -> None:
+            async for _ in await self.stub.rpc_closed(request()):
+                pass
+
+        future = RemoteExpertWorker.run_coroutine(asyncio.wait_for(call(), self.timeout), return_future=True)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # failures are not reported
 
     def state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """The replica's training state (for a replica of the same span that catches up)."""

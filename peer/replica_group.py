@@ -53,6 +53,10 @@ from swarm.steps import Behind, StepContents
 
 log = get_logger(__name__)
 EPOCH_BITS = 32
+#: how often the step records are read while no trainer's notice arrives: soon after this replica served a
+#: backward (a step may close), and otherwise; and the least time between two reads (a flood of notices costs no
+#: more DHT lookups than this)
+FAST_POLL_S, SLOW_POLL_S, READ_GAP_S = 0.05, 0.1, 0.005
 
 
 class _PartialResults(logging.Handler):
@@ -232,6 +236,7 @@ class ReplicaGroup:
 
     def run(self) -> None:
         while not self._stop.is_set():
+            read = time.monotonic()
             try:
                 contents = self.step_contents(self.epoch)
             except Behind as exc:
@@ -244,11 +249,12 @@ class ReplicaGroup:
                 self._stop.wait(0.5)
                 continue
             if contents is None:
-                # poll often right after this replica served a backward (a trainer is about to close the step),
-                # rarely otherwise: every poll is a DHT read
+                # Trainers say when they closed a step (wake); polling is the fallback for a lost notice: every
+                # read is a DHT lookup. At most one read per READ_GAP_S, however often we are woken.
                 fast = time.monotonic() - self._poked < 0.5
-                self._wake.wait(0.01 if fast else 0.1)
+                self._wake.wait(FAST_POLL_S if fast else SLOW_POLL_S)
                 self._wake.clear()
+                self._stop.wait(max(0.0, read + READ_GAP_S - time.monotonic()))
                 continue
             try:
                 self.end_epoch(contents)
@@ -258,8 +264,12 @@ class ReplicaGroup:
                     self._stop.wait(0.5)
 
     def poke(self) -> None:
-        """A micro-batch of the current step was served: the step may close soon, read the records often."""
+        """A micro-batch of the current step was served: the step may close soon, read the records more often."""
         self._poked = time.monotonic()
+
+    def wake(self) -> None:
+        """A trainer closed a step (its notice): read the step records now."""
+        self._wake.set()
 
     def replica_epochs(self) -> dict[str, int]:
         """Peer id -> announced epoch of this span's replicas (this one included)."""

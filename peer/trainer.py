@@ -119,6 +119,19 @@ class Router:
                 self.stop.wait(min(1.0, max(0.05, deadline - now)))
                 self.refresh(force=True)
 
+    def notify_closed(self) -> None:
+        """This trainer closed a step: wake its own spans' replica groups, and tell every announced replica of the
+        other spans (they end the epoch once every trainer closed it, without waiting for their next poll)."""
+        for server in self.local.values():
+            server.group.wake()
+        mine = str(self.dht.peer_id)
+        with self._lock:
+            targets = [(r.peer_id, span) for span in self.spec.spans if span not in self.local
+                       for r in self._replicas.get((span.start, span.end), []) if r.peer_id != mine]  # fmt: skip
+            handles = [self._handle(peer_id, span) for peer_id, span in targets]
+        for handle in handles:
+            handle.notify_closed()
+
     def checkers(self, span: SpanRange, primary: str, n: int, timeout: float) -> list[RemoteSpan]:
         """Up to ``n`` other replicas of ``span`` that store the base like ``primary`` (not banned, random),
         with their own ``timeout``: a spot check must not hold a micro-batch for long."""

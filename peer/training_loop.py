@@ -224,6 +224,7 @@ class TrainingLoop:
             samples = sum(int(mb.input_ids.shape[0]) for mb in done)
             more = not self.done_after(next_step)
             self.recorder.close(self.step, [mb.index for mb in done], samples, next_step if more else None)
+            self.router.notify_closed()
             self.daemon.events.write(
                 "step",
                 step=self.step,

@@ -179,10 +179,11 @@ class SpanServicer(ServicerBase):
                 raise BadRequestError(f"metadata trainer {meta['trainer']!r} is not the caller {caller}")
             key = (meta["trainer"], meta["mb"])
             # Wait for the request's step outside the one compute thread: a request for the next step must not
-            # hold up the current step's requests queued behind it.
-            await asyncio.get_running_loop().run_in_executor(
-                None, server.group.wait_for, meta["step"], server.request_wait
-            )
+            # hold up the current step's requests queued behind it (no thread hop when the step is current).
+            if server.group.epoch < meta["step"]:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, server.group.wait_for, meta["step"], server.request_wait
+                )
             if kind == "forward":
                 _expect(tensors, 1)
                 out = await self._compute(server.forward, meta["step"], key, tensors[0])
@@ -231,6 +232,20 @@ class SpanServicer(ServicerBase):
         async for _ in requests:
             pass
         yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps({"epoch": self.server.epoch}))
+
+    async def rpc_closed(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A trainer's notice that it closed a step: the replica reads the step records now instead of at its next
+        poll. It carries nothing to trust (the records in the DHT decide); where a roster decides, only members
+        wake the replica, and a flood costs at most one DHT read per ``READ_GAP_S``."""
+        async for _ in requests:
+            pass
+        server, caller = self.server, str(context.remote_id)
+        members = server.members
+        if not members.enforced or await asyncio.get_running_loop().run_in_executor(None, members.allows, caller):
+            server.group.wake()
+        yield runtime_pb2.ExpertResponse()
 
     async def rpc_state(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
