@@ -53,10 +53,11 @@ from swarm.steps import Behind, StepContents
 
 log = get_logger(__name__)
 EPOCH_BITS = 32
-#: how often the step records are read while no trainer's notice arrives: soon after this replica served a
-#: backward (a step may close), and otherwise; and the least time between two reads (a flood of notices costs no
-#: more DHT lookups than this)
-FAST_POLL_S, SLOW_POLL_S, READ_GAP_S = 0.05, 0.1, 0.005
+#: how often the step records are read while no trainer's notice arrives (the fallback for a lost notice, and how
+#: a step ends whose last trainer died): soon after this replica served a backward, and otherwise; and the least
+#: time between two reads (a flood of notices costs no more DHT lookups than this). Every read is a DHT lookup on
+#: the nodes that hold the trainers' records, so the polls of every replica of a large swarm add up.
+FAST_POLL_S, SLOW_POLL_S, READ_GAP_S = 0.25, 0.5, 0.005
 
 
 class _PartialResults(logging.Handler):
