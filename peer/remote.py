@@ -43,6 +43,10 @@ async def _messages(meta: dict[str, Any], parts: list[runtime_pb2.Tensor]) -> As
         yield runtime_pb2.ExpertRequest(metadata=raw if i == 0 else b"", tensors=[part])
 
 
+async def _empty_request() -> AsyncIterator[Any]:
+    yield runtime_pb2.ExpertRequest()
+
+
 class RemoteSpan:
     """Handle to one replica of a span served by another peer."""
 
@@ -135,11 +139,8 @@ class RemoteSpan:
     def info(self) -> int:
         """The replica's epoch (``rpc_info``); raises RemoteCallError when it does not answer within ``timeout``."""
 
-        async def request() -> AsyncIterator[Any]:
-            yield runtime_pb2.ExpertRequest()
-
         async def call() -> int:
-            answers = [answer async for answer in await self.stub.rpc_info(request())]
+            answers = [answer async for answer in await self.stub.rpc_info(_empty_request())]
             return int(MSGPackSerializer.loads(answers[0].metadata)["epoch"])
 
         return self._with_one_retry(call, f"rpc_info on {self.peer_id}")  # type: ignore[no-any-return]
@@ -148,11 +149,8 @@ class RemoteSpan:
         """Tell the replica that this trainer closed a step (``rpc_closed``), without waiting: a lost notice costs
         the replica a poll period, nothing else."""
 
-        async def request() -> AsyncIterator[Any]:
-            yield runtime_pb2.ExpertRequest()
-
         async def call() -> None:
-            async for _ in await self.stub.rpc_closed(request()):
+            async for _ in await self.stub.rpc_closed(_empty_request()):
                 pass
 
         future = RemoteExpertWorker.run_coroutine(asyncio.wait_for(call(), self.timeout), return_future=True)

@@ -155,6 +155,13 @@ class SpanServicer(ServicerBase):
                 raise BadRequestError(f"{name} has dtype {got}, expected {want}")
         return meta, [t.to(self.server.dtype) for t in tensors]
 
+    async def _admits(self, caller: str, span: tuple[int, int] | None = None) -> bool:
+        """Whether the roster lists ``caller`` (for ``span``, if given); everyone where no roster decides."""
+        members = self.server.members
+        if not members.enforced:
+            return True
+        return bool(await asyncio.get_running_loop().run_in_executor(None, members.allows, caller, span))
+
     async def _compute(self, fn: Any, *args: Any) -> torch.Tensor:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)  # type: ignore[no-any-return]
 
@@ -169,13 +176,12 @@ class SpanServicer(ServicerBase):
 
         server = self.server
         try:
-            members = server.members
-            if members.enforced and not await asyncio.get_running_loop().run_in_executor(None, members.allows, caller):
+            if not await self._admits(caller):
                 server.refused_callers.add(caller)
                 raise NotMemberError(caller)
             names = ("grad_outputs", "hidden_states") if kind == "backward" else ("hidden_states",)
             meta, tensors = await self._gather(requests, names)
-            if members.enforced and kind != "evaluate" and meta["trainer"] != caller:
+            if server.members.enforced and kind != "evaluate" and meta["trainer"] != caller:
                 raise BadRequestError(f"metadata trainer {meta['trainer']!r} is not the caller {caller}")
             key = (meta["trainer"], meta["mb"])
             # Wait for the request's step outside the one compute thread: a request for the next step must not
@@ -241,10 +247,8 @@ class SpanServicer(ServicerBase):
         wake the replica, and a flood costs at most one DHT read per ``READ_GAP_S``."""
         async for _ in requests:
             pass
-        server, caller = self.server, str(context.remote_id)
-        members = server.members
-        if not members.enforced or await asyncio.get_running_loop().run_in_executor(None, members.allows, caller):
-            server.group.wake()
+        if await self._admits(str(context.remote_id)):
+            self.server.group.wake()
         yield runtime_pb2.ExpertResponse()
 
     async def rpc_state(
@@ -259,7 +263,7 @@ class SpanServicer(ServicerBase):
         server, caller = self.server, str(context.remote_id)
         loop = asyncio.get_running_loop()
         span = (server.span.start, server.span.end)
-        if server.members.enforced and not await loop.run_in_executor(None, server.members.allows, caller, span):
+        if not await self._admits(caller, span):
             server.refused_callers.add(caller)
             message = {"error": "NotMemberError", "message": str(NotMemberError(caller)), "epoch": server.epoch}
             yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps(message))

@@ -94,14 +94,15 @@ def save_spec(workdir: Path, spec: RoundSpec) -> Path:
     return path
 
 
-def one_span_spec(checkpoint: Path, round_id: str, layers: int) -> RoundSpec:
-    """A round over a tiny checkpoint with a single span of all its blocks (for in-process SpanServer tests)."""
+def tiny_spec(checkpoint: Path, round_id: str, cuts: list[int], *, tbs: int = 4) -> RoundSpec:
+    """A round over a tiny checkpoint with spans between ``cuts`` (for in-process SpanServer tests): sequences of
+    16 tokens, micro-batches of 2, ``tbs`` samples per step."""
     return RoundSpec(
         round_id=round_id,
-        base=BaseModelRef(path=str(checkpoint), num_layers=layers),
-        spans=(SpanRange(start=0, end=layers),),
+        base=BaseModelRef(path=str(checkpoint), num_layers=cuts[-1]),
+        spans=tuple(SpanRange(start=a, end=b) for a, b in zip(cuts, cuts[1:], strict=False)),
         data=DataSettings(seq_len=16, micro_batch_size=2),
-        optimizer=OptimizerSettings(target_batch_size=4, matchmaking_time=1.0),
+        optimizer=OptimizerSettings(target_batch_size=tbs, matchmaking_time=1.0),
     )
 
 

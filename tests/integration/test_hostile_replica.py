@@ -18,7 +18,7 @@ from peer.inprocess import InProcessNode
 from peer.server import SpanServer
 from swarm.sanity import global_norm
 from swarm.steps import StepContents
-from tests.integration.harness import in_process_server, one_span_spec, wait_for
+from tests.integration.harness import in_process_server, tiny_spec, wait_for
 
 pytestmark = pytest.mark.integration
 SAMPLES = 8
@@ -27,7 +27,7 @@ SAMPLES = 8
 @pytest.fixture(scope="module")
 def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]:
     ckpt = tiny_checkpoint("llama", layers=2)
-    spec = one_span_spec(ckpt, "hostile", layers=2)
+    spec = tiny_spec(ckpt, "hostile", [0, 2])
     nodes: list[InProcessNode] = []
     for _ in range(3):
         nodes.append(InProcessNode.start("hostile", nodes[0].dht.get_visible_maddrs() if nodes else []))

@@ -14,7 +14,7 @@ from peer.inprocess import InProcessNode
 from peer.remote import RemoteCallError, RemoteSpan, RemoteStaleStepError
 from peer.roster_view import Membership
 from swarm.lora import export_lora_state
-from tests.integration.harness import in_process_server, one_span_spec
+from tests.integration.harness import in_process_server, tiny_spec
 
 pytestmark = pytest.mark.integration
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
@@ -35,7 +35,7 @@ class _OnlyListed(Membership):
 @pytest.mark.timeout(120)
 def test_malformed_requests_are_refused(tiny_checkpoint: Callable[..., Path]) -> None:
     ckpt = tiny_checkpoint("llama", layers=4)
-    spec = one_span_spec(ckpt, "bad", layers=4)
+    spec = tiny_spec(ckpt, "bad", [0, 4])
     node = InProcessNode.start("bad")
     dht = node.dht
     client = hivemind.DHT(start=True, host_maddrs=LOCAL, initial_peers=dht.get_visible_maddrs())

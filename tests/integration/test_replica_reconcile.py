@@ -18,7 +18,7 @@ import torch
 from peer.inprocess import InProcessNode
 from peer.server import SpanServer
 from peer.transport import SpanTransport
-from tests.integration.harness import in_process_server, one_span_spec, wait_for
+from tests.integration.harness import in_process_server, tiny_spec, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]:
     ckpt = tiny_checkpoint("llama", layers=2)
-    spec = one_span_spec(ckpt, "repair", layers=2)
+    spec = tiny_spec(ckpt, "repair", [0, 2])
     first = InProcessNode.start("repair")
     second = InProcessNode.start("repair", first.dht.get_visible_maddrs())
     built = [in_process_server(spec, spec.spans[0], node) for node in (first, second)]

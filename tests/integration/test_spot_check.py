@@ -20,9 +20,8 @@ import torch
 from peer.inprocess import InProcessNode, InProcessSwarm
 from peer.server import SpanServer
 from peer.trainer import ChainTrainer, MicroBatch, Router
-from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
 from swarm.span import load_trainer_head
-from tests.integration.harness import in_process_server, wait_for
+from tests.integration.harness import in_process_server, tiny_spec, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +31,7 @@ def test_a_server_with_wrong_activations_is_outvoted_reported_and_failed_over(
     tiny_checkpoint: Callable[..., Path],
 ) -> None:
     ckpt = tiny_checkpoint("llama", layers=4)
-    spec = RoundSpec(
-        round_id="spot",
-        base=BaseModelRef(path=str(ckpt), num_layers=4),
-        spans=(SpanRange(start=0, end=2), SpanRange(start=2, end=4)),
-        data=DataSettings(seq_len=16, micro_batch_size=2),
-        optimizer=OptimizerSettings(target_batch_size=64, matchmaking_time=1.0),
-    )
+    spec = tiny_spec(ckpt, "spot", [0, 2, 4], tbs=64)
     swarm = InProcessSwarm(spec).start()  # span 0-2 (the trainer's) and one honest replica of 2-4
     extra: list[tuple[SpanServer, object, hivemind.DHT]] = []
     try:

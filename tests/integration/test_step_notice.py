@@ -19,9 +19,8 @@ import peer.replica_group
 from peer.inprocess import InProcessSwarm
 from peer.roster_view import OPEN, Membership
 from peer.trainer import ChainTrainer, Router
-from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
 from swarm.span import load_trainer_head
-from tests.integration.harness import wait_for
+from tests.integration.harness import tiny_spec, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +39,7 @@ def test_a_step_notice_ends_the_epoch_and_an_outsiders_is_ignored(
     monkeypatch.setattr(peer.replica_group, "FAST_POLL_S", 3600.0)
     monkeypatch.setattr(peer.replica_group, "SLOW_POLL_S", 3600.0)
     ckpt = tiny_checkpoint("llama", layers=4)
-    spec = RoundSpec(
-        round_id="notice",
-        base=BaseModelRef(path=str(ckpt), num_layers=4),
-        spans=(SpanRange(start=0, end=2), SpanRange(start=2, end=4)),
-        data=DataSettings(seq_len=16, micro_batch_size=2),
-        optimizer=OptimizerSettings(target_batch_size=4, matchmaking_time=1.0),
-    )
+    spec = tiny_spec(ckpt, "notice", [0, 2, 4])
     swarm = InProcessSwarm(spec).start()
     try:
         local, remote = swarm.servers
