@@ -5,22 +5,36 @@
 Both are reported as ratios to plain PEFT at its best on the same cores, model, data, micro-batches and steps: the
 better of one process with --baseline-threads intra-op threads and two one-thread processes with torch DDP (gloo).
 
+Two references say what bounds (a) and (b) on the machine that runs the bench (they are not baselines):
+- plain PEFT as two one-thread micro-batch streams in one process (Python threads): what any one-process peer can
+  reach against DDP's two interpreters;
+- the transport's floor: CPU time (this process and both p2pd daemons) of one call through hivemind's p2p layer
+  that carries a micro-batch's activations each way, decoded and encoded as the span transport does, no compute.
+  A micro-batch of (b) makes two such calls (forward, backward), so on C cores (b) can reach at most
+  compute / (compute + 2 x floor) of DDP, even with every core busy and nothing else to do.
+
     python bench/bench_throughput.py [--steps 40] [--threads 2] [--layers 4] [--hidden 64] [--pipeline-depth 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import AsyncIterator  # noqa: UP035 (hivemind's ServicerBase reads typing's hints)
 
 import torch
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peer.inprocess import InProcessSwarm
 from peer.trainer import ChainTrainer, Router
+from peer.transport import decode_parts, encode
 from swarm.basemodel import make_base
 from swarm.config import BaseModelRef, DataSettings, OptimizerSettings, RoundSpec, SpanRange
 from swarm.lora import init_lora_, lora_parameters, peft_lora_config
@@ -51,6 +65,85 @@ def bench_peft(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: in
             opt.zero_grad()
             accumulated = 0
     return sum(x.numel() for x in data[warmup:]) / (time.perf_counter() - started)
+
+
+def bench_peft_threads(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int) -> float:
+    """Plain PEFT as two one-thread micro-batch streams in one process (Python threads, one shared model): what a
+    one-process peer can reach at best (the threads share one interpreter lock)."""
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa"), peft_lora_config(spec.lora)
+    )
+    init_lora_(lora_parameters(model), spec.lora.init_seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
+    per_step = max(1, spec.optimizer.target_batch_size // spec.data.micro_batch_size)
+
+    def stream(mbs: list[torch.Tensor]) -> None:
+        for ids in mbs:
+            model(input_ids=ids, labels=ids).loss.backward()  # autograd accumulates into .grad under its own lock
+
+    started = time.perf_counter()
+    warm = warmup // per_step * per_step
+    for s in range(0, len(data) // per_step * per_step, per_step):
+        if s == warm:
+            started = time.perf_counter()
+        chunk = data[s : s + per_step]
+        threads = [threading.Thread(target=stream, args=(chunk[k::2],)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        opt.step()
+        opt.zero_grad()
+    timed = data[warm : len(data) // per_step * per_step]
+    return sum(x.numel() for x in timed) / (time.perf_counter() - started)
+
+
+class _Echo(ServicerBase):
+    """Answers a span-transport-shaped request with its tensor: decode and encode, no compute."""
+
+    async def rpc_echo(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        parts = [part async for request in requests for part in request.tensors]
+        for part in encode(decode_parts(parts)[0], "none"):
+            yield runtime_pb2.ExpertResponse(tensors=[part])
+
+
+def transport_floor(like: torch.Tensor, calls: int = 100) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call through hivemind's p2p layer that sends ``like`` and gets it back, encoded
+    and decoded as the span transport does, with no compute: CPU of this process and both p2pd daemons."""
+    import psutil
+    from hivemind.p2p import P2P
+
+    def cpu() -> float:
+        procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+    async def run() -> tuple[float, float]:
+        server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs())
+        try:
+            await _Echo().add_p2p_handlers(server)
+            stub = _Echo.get_stub(client, server.peer_id)
+
+            async def call() -> None:
+                async def request() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+                    for part in encode(like, "none"):
+                        yield runtime_pb2.ExpertRequest(tensors=[part])
+
+                decode_parts([p async for r in await stub.rpc_echo(request()) for p in r.tensors])
+
+            for _ in range(10):
+                await call()
+            cpu0, wall0 = cpu(), time.perf_counter()
+            for _ in range(calls):
+                await call()
+            return (time.perf_counter() - wall0) / calls, (cpu() - cpu0) / calls
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    return asyncio.run(run())
 
 
 def _ddp_worker(
@@ -173,6 +266,10 @@ def main() -> None:
     single = bench_peft(base, spec([0, args.layers], "b"), data, args.warmup)
     ddp = bench_ddp(base, spec([0, args.layers], "e"), data, args.warmup)
     baseline = max(single, ddp)
+    torch.set_num_threads(1)
+    threads = bench_peft_threads(base, spec([0, args.layers], "t"), data, args.warmup)
+    hidden_like = torch.randn(args.batch, args.seq, args.hidden)
+    floor_wall, floor_cpu = transport_floor(hidden_like)
     torch.set_num_threads(args.threads)
     one_peer = bench_swarm(base, spec([0, args.layers], "a"), data, args.warmup, depth)
     two_peers = bench_swarm(base, spec([0, half, args.layers], "c"), data, args.warmup, depth)
@@ -189,6 +286,20 @@ def main() -> None:
     print(f"(b) two peers, two spans, depth {depth}     : {two_peers:10.0f} tokens/s  {two_peers / baseline:.2f}x")
     if two_serial is not None:
         print(f"    (b) with one micro-batch in flight: {two_serial:10.0f} tokens/s  {two_serial / baseline:.2f}x")
+    # What bounds them (references, not baselines): see the module docstring.
+    tokens = args.batch * args.seq
+    compute = 2 * tokens / ddp  # CPU seconds of one micro-batch, forward + backward, one thread (a DDP rank's pace)
+    ceiling = compute / (compute + 2 * floor_cpu)
+    print("bounds on this machine:")
+    print(
+        f"  plain PEFT, 2 one-thread streams in one process: {threads:10.0f} tokens/s  {threads / baseline:.2f}x "
+        f"(a) is {one_peer / threads:.2f}x of it"
+    )
+    print(
+        f"  transport floor: one p2p call of {hidden_like.numel() * 4 / 1024:.0f} KiB each way: "
+        f"{floor_wall * 1e3:.1f} ms wall, {floor_cpu * 1e3:.1f} ms CPU; one micro-batch computes in "
+        f"{compute * 1e3:.0f} ms, so (b) <= {ceiling:.2f}x at full use of every core"
+    )
 
 
 if __name__ == "__main__":

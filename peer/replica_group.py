@@ -30,6 +30,7 @@ import multiprocessing as mp
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,17 @@ class GroupSettings:
     averaging_timeout: float
 
 
+def _status(read: Future[dict[str, tuple[int, int]]] | None) -> dict[str, tuple[int, int]] | None:
+    """The announcements read beside the step records, or None (not read, or the read failed: read again)."""
+    if read is None:
+        return None
+    try:
+        return read.result()
+    except Exception as exc:
+        log.debug(f"reading the replicas' announcements: {exc!r}")
+        return None
+
+
 class ReplicaGroup:
     """The epoch protocol of one span replica; see the module docstring."""
 
@@ -131,6 +143,8 @@ class ReplicaGroup:
         self._stop = threading.Event()
         self._poked = 0.0  # monotonic time of the last poke (see poke)
         self._wake = threading.Event()
+        self._notified = False  # a trainer's notice since the last read (see run)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix=f"replicas-{settings.run_id}")
         buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in params]
         self._partial = _PartialResults(settings.run_id)
         logging.getLogger("hivemind.averaging.partition").addHandler(self._partial)  # before the averager forks
@@ -238,6 +252,10 @@ class ReplicaGroup:
     def run(self) -> None:
         while not self._stop.is_set():
             read = time.monotonic()
+            # After a trainer's notice the step has most likely closed: read the replicas' announcements beside the
+            # step records (two DHT lookups at once, not one after the other at the epoch end).
+            notified, self._notified = self._notified, False
+            status = self._reader.submit(self.replicas) if notified else None
             try:
                 contents = self.step_contents(self.epoch)
             except Behind as exc:
@@ -258,7 +276,7 @@ class ReplicaGroup:
                 self._stop.wait(max(0.0, read + READ_GAP_S - time.monotonic()))
                 continue
             try:
-                self.end_epoch(contents)
+                self.end_epoch(contents, _status(status))
             except Exception:
                 if not self._stop.is_set():
                     log.exception(f"{self.settings.run_id}: epoch {self.epoch} failed; retrying")
@@ -270,6 +288,7 @@ class ReplicaGroup:
 
     def wake(self) -> None:
         """A trainer closed a step (its notice): read the step records now."""
+        self._notified = True
         self._wake.set()
 
     def replica_epochs(self) -> dict[str, int]:
@@ -287,12 +306,14 @@ class ReplicaGroup:
         status = self.replicas() if status is None else status
         return {p: e for p, (e, _) in status.items() if p != self.peer_id and self.gone.get(p) != e}
 
-    def end_epoch(self, contents: StepContents) -> None:
-        """All-reduce this step's gradients with every live replica, apply them, move to the next epoch."""
+    def end_epoch(self, contents: StepContents, status: dict[str, tuple[int, int]] | None = None) -> None:
+        """All-reduce this step's gradients with every live replica, apply them, move to the next epoch.
+
+        ``status``: the replicas' announcements, if already read (else they are read now)."""
         epoch = self.epoch
         sums, samples = self.take_gradients(contents)
         mean = [s / samples for s in sums] if samples else [torch.zeros_like(s) for s in sums]
-        others = self._others()
+        others = self._others(status)
         if not others:
             if samples == 0:
                 log.warning(f"{self.settings.run_id} epoch {epoch}: no gradients held and no other replica")
@@ -538,4 +559,5 @@ class ReplicaGroup:
             self.changed.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        self._reader.shutdown(wait=False, cancel_futures=True)
         self.averager.shutdown()
