@@ -136,6 +136,37 @@ class RemoteSpan:
             raise RemoteCallError(f"rpc_state on {self.peer_id} refused: {kind}: {message}")
         return meta["state"], parts
 
+    def contribution(self, epoch: int) -> tuple[int, list[torch.Tensor]]:
+        """What the replica brought to the all-reduce of ``epoch`` (samples, mean gradient: ``rpc_contribution``).
+
+        Raises :class:`RemoteCallError` when it does not answer or refuses (it may not list us yet, or no longer
+        keep that epoch), :class:`peer.replica_group.NotShownError` when it answers with something that is not a
+        contribution."""
+        from peer.replica_group import NotShownError
+
+        async def call() -> tuple[Any, list[Any]]:
+            async def request() -> AsyncIterator[Any]:
+                yield runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps({"epoch": epoch}))
+
+            meta: Any = None
+            parts: list[Any] = []
+            async for response in await self.stub.rpc_contribution(request()):
+                if response.metadata and meta is None:
+                    meta = MSGPackSerializer.loads(response.metadata)
+                parts.extend(response.tensors)
+            return meta, parts
+
+        meta, parts = self._with_one_retry(call, f"rpc_contribution on {self.peer_id}")
+        if isinstance(meta, dict) and "error" in meta:
+            raise RemoteCallError(f"rpc_contribution on {self.peer_id} refused: {meta['error']}: {meta.get('message')}")
+        samples = meta.get("samples") if isinstance(meta, dict) else None
+        if not isinstance(samples, int) or isinstance(samples, bool):
+            raise NotShownError(f"answered without a sample count ({meta!r:.200})")
+        try:
+            return samples, decode_parts(parts)
+        except Exception as exc:
+            raise NotShownError(f"undecodable tensors ({exc})") from exc
+
     def info(self) -> int:
         """The replica's epoch (``rpc_info``); raises RemoteCallError when it does not answer within ``timeout``."""
 

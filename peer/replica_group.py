@@ -80,6 +80,19 @@ class _PartialResults(logging.Handler):
 
 
 State = tuple[dict[str, Any], list[torch.Tensor]]
+#: what a replica brought to an epoch's all-reduce: (samples, mean gradient)
+Contribution = tuple[int, list[torch.Tensor]]
+#: epochs whose contribution a replica keeps to show the group (see ReplicaGroup.recompute)
+KEPT_CONTRIBUTIONS = 2
+
+
+class NotShownError(RuntimeError):
+    """A member answered, but not with a contribution (malformed): it is named, as one that contradicts its
+    declaration is."""
+
+
+def _unavailable(peer_id: str, epoch: int) -> Contribution:
+    raise ConnectionError("no transport to ask other replicas")
 
 
 @dataclass
@@ -119,6 +132,7 @@ class ReplicaGroup:
         download: Callable[[str], State],
         admits: Callable[[str], bool] = lambda peer_id: True,
         alive: Callable[[str], bool] = lambda peer_id: True,
+        contribution: Callable[[str, int], Contribution] = _unavailable,
         epoch: int = 0,
     ):
         self.dht, self.settings, self.params, self.optimizer = dht, settings, params, optimizer
@@ -130,6 +144,9 @@ class ReplicaGroup:
         self.admits = admits  # the roster lists this peer id for our span (peer.roster_view)
         self.download = download  # peer id -> that replica's state (SpanServer.download_state: our transport)
         self.alive = alive  # peer id -> it answers now (SpanServer.alive: a quick call over our transport)
+        self.contribution = contribution  # (peer id, epoch) -> what it brought to that all-reduce (see recompute)
+        self._kept: dict[int, Contribution] = {}  # ours, by epoch (shown to the group: see shown)
+        self.recomputed_epochs = 0
         self.gone: dict[str, int] = {}  # replicas found dead -> the epoch they still announced then (see _others)
         self.strangers: set[str] = set()  # peers refused in a group (named in the log and by metrics)
         self.suspects: dict[str, str] = {}  # peer id -> why an all-reduce with it was refused (swarm.sanity)
@@ -332,6 +349,7 @@ class ReplicaGroup:
     ) -> list[torch.Tensor] | None:
         """Weighted average (weight = samples held) with the replicas at this epoch; None if it failed."""
         self.averager.set_group_bits(self._bits(epoch))
+        self._keep(epoch, samples, mean)
         with self.averager.get_tensors() as buffers:
             for b, m in zip(buffers, mean, strict=True):
                 b.copy_(m)
@@ -383,10 +401,9 @@ class ReplicaGroup:
             )
         with self.averager.get_tensors() as buffers:
             averaged = [b.detach().clone() for b in buffers]
-        if not all(torch.isfinite(a).all() for a in averaged):
-            log.warning(f"{self.settings.run_id} epoch {epoch}: the averaged gradients are not finite; refused")
-            return None
-        return averaged if self._consistent(epoch, averaged, seed, declared) else None
+        if self._consistent(epoch, averaged, seed, declared):
+            return averaged
+        return self.recompute(epoch, [str(p) for p in gathered], seed, declared)
 
     def _result_unless_alone(self, epoch: int, control: Any) -> Any:
         """The all-reduce's gathered metadata; None once no other replica is left to average with.
@@ -476,7 +493,9 @@ class ReplicaGroup:
         norms, weights, sketches = declared
         valid = {p: s for p, s in sketches.items() if s is not None}  # all are: _name_outliers refused the rest
         why = ""
-        if exceeds_bound(global_norm(averaged), norms, weights):
+        if not all(torch.isfinite(a).all() for a in averaged):
+            why = "it is not finite"
+        elif exceeds_bound(global_norm(averaged), norms, weights):
             why = f"its norm exceeds what the group declared ({norms})"
         elif (off := sketch_mismatch(sketch(averaged, seed), valid, weights)) > SKETCH_TOLERANCE:
             why = f"its sketch is {off:.2g} (relative) away from what the group declared"
@@ -484,10 +503,95 @@ class ReplicaGroup:
             self.inconsistent_epochs += 1
             log.warning(
                 f"{self.settings.run_id} epoch {epoch}: refused the all-reduce result: {why}: a member sent other "
-                "gradients than it said, or returned a wrong average for its part"
+                "gradients than it said, or returned a wrong average for its part; asking the members for theirs"
             )
             return False
         return True
+
+    # --- an inconsistent all-reduce: the members show what they brought ------------------------------------
+    def _keep(self, epoch: int, samples: int, mean: list[torch.Tensor]) -> None:
+        with self.lock:
+            self._kept[epoch] = (samples, [m.detach().cpu().clone() for m in mean])
+            for old in sorted(self._kept)[:-KEPT_CONTRIBUTIONS]:
+                del self._kept[old]
+
+    def shown(self, epoch: int) -> Contribution | None:
+        """What this replica brought to the all-reduce of ``epoch`` (samples, mean gradient), if still kept."""
+        with self.lock:
+            return self._kept.get(epoch)
+
+    def recompute(
+        self,
+        epoch: int,
+        members: list[str],
+        seed: int,
+        declared: tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor | None]],
+    ) -> list[torch.Tensor] | None:
+        """The epoch's exact weighted average, from what every member that holds samples shows us directly.
+
+        hivemind does not say which member reduced which part, and a sender that lied to a reducer looks the same
+        as a reducer that lied, so a wrong result names nobody. Instead every member shows the gradient it
+        brought (``contribution``: over the span transport, roster members of this span only) and it must be
+        the one it declared before the all-reduce (samples, norm and sketch; exact). A member that answers with
+        anything else is named. If every member shows its declared gradient, each replica computes the average
+        itself, summed in peer-id order, so replicas that recompute agree bitwise, and the epoch is not lost to
+        one wrong part. If a member does not answer or refuses (dead, too slow, its roster view does not list us
+        yet), the result stays refused (repair) and nobody is named."""
+        norms, weights, sketches = declared
+        shown: dict[str, Contribution] = {}
+        named: dict[str, str] = {}
+        for peer in sorted(p for p in members if weights.get(p, 0) > 0):
+            if peer == self.peer_id:
+                mine = self.shown(epoch)
+                if mine is None:
+                    return None
+                shown[peer] = mine
+                continue
+            try:
+                got = self.contribution(peer, epoch)
+                why = self._contradicts(got, norms[peer], weights[peer], sketches[peer], seed)
+            except NotShownError as exc:
+                named[peer] = f"did not show the gradient it brought to epoch {epoch}: {exc}"
+                continue
+            except Exception as exc:
+                log.warning(f"{self.settings.run_id} epoch {epoch}: {peer} did not show its gradient ({exc!r})")
+                return None
+            if why:
+                named[peer] = why
+            else:
+                shown[peer] = got
+        if named:
+            self.suspects.update(named)
+            log.warning(f"{self.settings.run_id} epoch {epoch}: members that did not show what they declared: {named}")
+            return None
+        total = sum(n for n, _ in shown.values())
+        if total == 0:
+            return None
+        sums = [torch.zeros_like(p, dtype=torch.float32, device="cpu") for p in self.params]
+        for peer in sorted(shown):
+            n, grads = shown[peer]
+            for acc, g in zip(sums, grads, strict=True):
+                acc.add_(g, alpha=float(n))
+        self.recomputed_epochs += 1
+        log.info(f"{self.settings.run_id} epoch {epoch}: recomputed the average from what {len(shown)} members showed")
+        return [acc / total for acc in sums]
+
+    def _contradicts(
+        self, got: Contribution, norm: float, weight: float, declared: torch.Tensor | None, seed: int
+    ) -> str:
+        """Why a shown contribution is not the one its member declared ("" if it is)."""
+        samples, grads = got
+        if samples != int(weight):
+            return f"showed {samples} samples, declared {int(weight)}"
+        if len(grads) != len(self.params) or any(g.shape != p.shape for g, p in zip(grads, self.params, strict=True)):
+            return "showed tensors of other shapes than this span's LoRA parameters"
+        if any(g.dtype != torch.float32 for g in grads) or not all(torch.isfinite(g).all() for g in grads):
+            return "showed a gradient that is not finite float32"
+        if abs(global_norm(grads) - norm) > 1e-6 * norm + 1e-12:
+            return f"showed a gradient of norm {global_norm(grads):.6g}, declared {norm:.6g}"
+        if declared is None or sketch_mismatch(sketch(grads, seed), {"it": declared}, {"it": 1.0}) > 1e-6:
+            return "showed a gradient whose sketch is not the one it declared"
+        return ""
 
     def repair(self, epoch: int, mean: list[torch.Tensor]) -> None:
         """After a failed all-reduce, decided over what replicas announce (no settle window).

@@ -225,6 +225,7 @@ class SpanServer:
             admits=lambda peer_id: members.allows(peer_id, (span.start, span.end)),
             download=self.download_state,
             alive=self.alive,
+            contribution=self.contribution_of,
         )
         self._client_p2p: Any = None
         self.transport: Any = None
@@ -370,6 +371,10 @@ class SpanServer:
     def download_state(self, peer_id: str) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """The training state of the replica ``peer_id`` of this span, over its span transport (``rpc_state``)."""
         return self._remote(peer_id, self.spec.optimizer.averaging_timeout).state()  # type: ignore[no-any-return]
+
+    def contribution_of(self, peer_id: str, epoch: int) -> tuple[int, list[torch.Tensor]]:
+        """What the replica ``peer_id`` of this span brought to the all-reduce of ``epoch`` (``rpc_contribution``)."""
+        return self._remote(peer_id, self.spec.optimizer.averaging_timeout).contribution(epoch)  # type: ignore[no-any-return]
 
     def alive(self, peer_id: str) -> bool:
         """The replica ``peer_id`` answers ``rpc_info`` within 2 s."""

@@ -251,6 +251,37 @@ class SpanServicer(ServicerBase):
             self.server.group.wake()
         yield runtime_pb2.ExpertResponse()
 
+    async def rpc_contribution(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """What this replica brought to an epoch's all-reduce, for a replica of the same span whose result was
+        inconsistent (``ReplicaGroup.recompute``): request metadata ``{"epoch": e}``; the first answer's metadata
+        is ``{"samples": n}``, then the mean gradient's tensors (exact)."""
+        from peer.server import NotMemberError
+
+        epoch: Any = None
+        async for request in requests:  # one small message; more is read and dropped
+            if epoch is None and request.metadata and len(request.metadata) <= MAX_METADATA_BYTES:
+                with contextlib.suppress(Exception):
+                    epoch = MSGPackSerializer.loads(request.metadata).get("epoch")
+        server, caller = self.server, str(context.remote_id)
+        kept = None
+        if not await self._admits(caller, (server.span.start, server.span.end)):
+            server.refused_callers.add(caller)
+            error = {"error": "NotMemberError", "message": str(NotMemberError(caller))}
+        elif not isinstance(epoch, int) or isinstance(epoch, bool):
+            error = {"error": "BadRequestError", "message": "metadata must be {'epoch': int}"}
+        elif (kept := server.group.shown(epoch)) is None:
+            error = {"error": "NotKeptError", "message": f"no contribution kept for epoch {epoch}"}
+        if kept is None:
+            yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps({**error, "epoch": server.epoch}))
+            return
+        samples, tensors = kept
+        yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps({"samples": samples}))
+        for t in tensors:
+            for part in encode(t, "none"):
+                yield runtime_pb2.ExpertResponse(tensors=[part])
+
     async def rpc_state(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:

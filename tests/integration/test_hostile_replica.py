@@ -1,8 +1,9 @@
 """A hostile replica in a span's all-reduce (one of three, real hivemind averaging in one process).
 
 The honest replicas must never apply a poisoned average: one that declares an inflated or sign-flipped gradient
-is named, one that sends other gradients than it declares (larger, NaN, or flipped under an honest sketch) makes
-the result refused; an honest group's result is the exact weighted average.
+is named; one that sends other gradients than it declares (larger, or flipped under an honest sketch) makes the
+result inconsistent, and when asked to show what it brought (over the span transport) it shows what it sent, which
+is not what it declared: named, refused. An honest group's result is the exact weighted average.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]
     servers = [s for s, _ in built]
     for server, announcer in built:
         server.group.averager.wait_until_ready()  # no epoch thread: the test drives the groups itself
+        serve(server)  # the transport: replicas show each other what they brought to an inconsistent epoch
         announcer.start()
     try:
         wait_for(lambda: all(len(s.group.replica_epochs()) == 3 for s in servers), 30, "three replicas announced")
@@ -46,6 +48,14 @@ def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]
             server.shutdown()
         for dht in dhts:
             dht.shutdown()
+
+
+def serve(server: SpanServer) -> None:
+    """Start the span transport of a server whose epoch thread does not run."""
+    from peer.transport import SpanTransport
+
+    server.transport = SpanTransport(server)
+    server.transport.start()
 
 
 def _all_reduce(
@@ -109,7 +119,10 @@ def test_the_honest_replicas_never_apply_a_poisoned_average(replicas: list[SpanS
         assert replicas[hostile].peer_id in replicas[i].group.suspects
         assert replicas[i].peer_id not in replicas[1 - i].group.suspects
 
-    # epoch 2: x100 gradients under an honest-looking declared norm: the result is inconsistent, refused
+    # epoch 2: x100 gradients under an honest-looking declared norm: the result is inconsistent; asked, the sender
+    # shows what it sent, not what it declared: named, refused
+    for r in replicas:
+        r.group.suspects.clear()
     means = _honest_means(replicas, 2)
     honest_norm = global_norm(means[hostile])
     means[hostile] = [100 * t for t in means[hostile]]
@@ -118,6 +131,8 @@ def test_the_honest_replicas_never_apply_a_poisoned_average(replicas: list[SpanS
     for i in (0, 1):
         assert results[i] is None, "an honest replica accepted gradients larger than their sender declared"
         assert replicas[i].group.inconsistent_epochs == before[i] + 1
+        assert "showed a gradient of norm" in replicas[i].group.suspects.get(replicas[hostile].peer_id, "")
+        assert replicas[1 - i].peer_id not in replicas[i].group.suspects
 
     # epoch 3: NaN gradients: refused (declared NaN: named; the average is not finite either way)
     means = _honest_means(replicas, 3)
@@ -148,4 +163,6 @@ def test_the_honest_replicas_never_apply_a_poisoned_average(replicas: list[SpanS
     for i in (0, 1):
         assert results[i] is None, "an honest replica accepted gradients other than their sender declared"
         assert replicas[i].group.inconsistent_epochs == before[i] + 1
-        assert replicas[hostile].peer_id not in replicas[i].group.suspects  # its declarations looked honest
+        # its declarations looked honest; what it showed when asked is not what it declared
+        assert "sketch is not the one it declared" in replicas[i].group.suspects.get(replicas[hostile].peer_id, "")
+        assert replicas[1 - i].peer_id not in replicas[i].group.suspects
