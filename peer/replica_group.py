@@ -11,8 +11,9 @@ highest priority.
 
 One thread owns epoch ends (:meth:`ReplicaGroup.run`). ``lock`` covers applying gradients and parameters, never
 network I/O. The averaging group key carries the epoch (``set_group_bits``), so replicas of different epochs
-never average together; gathered metadata (epoch, digest of the step's contents, sample count) is checked before
-the average is used. Catching up and repair after a failed all-reduce are decisions over the epochs replicas
+never average together; gathered metadata (epoch, digest of the step's contents, sample count, gradient norm and
+sketch: :mod:`swarm.sanity`) is checked before the average is used, and a result inconsistent with it is recomputed
+from the gradients the members show directly (:meth:`ReplicaGroup.recompute`). Catching up and repair after a failed all-reduce are decisions over the epochs replicas
 announce: a replica that is behind, or whose all-reduce failed, copies a replica that has the next epoch. A replica
 whose all-reduce failed says so in its announcement and waits until every replica at its epoch has either reached
 the next epoch (an all-reduce can fail on one side only) or said the same; if all failed, every one of them skips

@@ -19,7 +19,9 @@ Two more checks follow:
   average of the declared sketches (up to float rounding). Any other result means a member sent something other
   than what it declared, or returned a wrong average for its part, whatever its size.
 
-Either way the replica does not apply the result. What is not caught here: a gradient of a random direction
+Either way the replica does not apply the result; after an inconsistent one it asks the members to show the
+gradients they brought and recomputes the average itself (``peer.replica_group.ReplicaGroup.recompute``). What
+is not caught here: a gradient of a random direction
 (cosine near 0: not named), and an adaptive attacker that knows the sketch's seed (it is public) and shapes what
 it sends so that its sketch looks honest. The coordinator's per-span replica vote at finalize and the eval gate
 are the next line (SECURITY.md).
