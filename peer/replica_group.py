@@ -25,6 +25,7 @@ out until it announces a new epoch, so the survivors do not wait hivemind's aver
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import multiprocessing as mp
@@ -85,6 +86,8 @@ State = tuple[dict[str, Any], list[torch.Tensor]]
 Contribution = tuple[int, list[torch.Tensor]]
 #: epochs whose contribution a replica keeps to show the group (see ReplicaGroup.recompute)
 KEPT_CONTRIBUTIONS = 2
+#: share of epochs whose all-reduce result is audited against the gradients the members show (ReplicaGroup.audit)
+AUDIT_RATE = 0.125
 
 
 class NotShownError(RuntimeError):
@@ -101,6 +104,7 @@ class GroupSettings:
     run_id: str
     matchmaking_time: float
     averaging_timeout: float
+    audit_rate: float = AUDIT_RATE  # of epochs whose consistent result is checked against what members show
 
 
 def _status(read: Future[dict[str, tuple[int, int]]] | None) -> dict[str, tuple[int, int]] | None:
@@ -148,6 +152,7 @@ class ReplicaGroup:
         self.contribution = contribution  # (peer id, epoch) -> what it brought to that all-reduce (see recompute)
         self._kept: dict[int, Contribution] = {}  # ours, by epoch (shown to the group: see shown)
         self.recomputed_epochs = 0
+        self.audited_epochs = 0
         self.gone: dict[str, int] = {}  # replicas found dead -> the epoch they still announced then (see _others)
         self.strangers: set[str] = set()  # peers refused in a group (named in the log and by metrics)
         self.suspects: dict[str, str] = {}  # peer id -> why an all-reduce with it was refused (swarm.sanity)
@@ -402,9 +407,12 @@ class ReplicaGroup:
             )
         with self.averager.get_tensors() as buffers:
             averaged = [b.detach().clone() for b in buffers]
-        if self._consistent(epoch, averaged, seed, declared):
-            return averaged
-        return self.recompute(epoch, [str(p) for p in gathered], seed, declared)
+        members = [str(p) for p in gathered]
+        if not self._consistent(epoch, averaged, seed, declared):
+            return self.recompute(epoch, members, seed, declared)
+        if self._audit_due(epoch, averaged):
+            return self.audit(epoch, averaged, members, seed, declared)
+        return averaged
 
     def _result_unless_alone(self, epoch: int, control: Any) -> Any:
         """The all-reduce's gathered metadata; None once no other replica is left to average with.
@@ -538,6 +546,68 @@ class ReplicaGroup:
         itself, summed in peer-id order, so replicas that recompute agree bitwise, and the epoch is not lost to
         one wrong part. If a member does not answer or refuses (dead, too slow, its roster view does not list us
         yet), the result stays refused (repair) and nobody is named."""
+        average, shown = self._shown_average(epoch, members, seed, declared)
+        if average is not None:
+            self.recomputed_epochs += 1
+            log.info(
+                f"{self.settings.run_id} epoch {epoch}: recomputed the average from what {len(shown)} members showed"
+            )
+        return average
+
+    def _audit_due(self, epoch: int, averaged: list[torch.Tensor]) -> bool:
+        """Whether to audit this epoch (``audit_rate`` of epochs): decided from the result, which no member can
+        predict to 4 digits before it sends its gradient, so replicas of a group audit the same epochs."""
+        rate = self.settings.audit_rate
+        if rate <= 0 or rate >= 1:
+            return rate >= 1
+        digest = hashlib.sha256(f"{self.settings.run_id}/{epoch}/{global_norm(averaged):.4g}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < rate
+
+    def audit(
+        self,
+        epoch: int,
+        averaged: list[torch.Tensor],
+        members: list[str],
+        seed: int,
+        declared: tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor | None]],
+    ) -> list[torch.Tensor] | None:
+        """Check a consistent result against the gradients the members show (see :meth:`recompute`).
+
+        The sketch checks can be fooled by a member that knows the sketch's seed (it is public): it can send a
+        gradient flipped everywhere except what the sketch sees. Shown whole, its direction is checked on the full
+        vectors (``against_the_group``): named, refused. A result that is not the average of what the members
+        show (one sent other gradients than it shows, under the same norm and sketch) is replaced by that
+        average."""
+        average, shown = self._shown_average(epoch, members, seed, declared)
+        if average is None:
+            return None
+        self.audited_epochs += 1
+        flat = {p: torch.cat([g.reshape(-1) for g in grads]).double() for p, (_, grads) in shown.items()}
+        named = against_the_group(flat, {p: float(n) for p, (n, _) in shown.items()})
+        if named:
+            self.suspects.update(named)
+            log.warning(f"{self.settings.run_id} epoch {epoch}: audit: refused the all-reduce result: {named}")
+            return None
+        off = global_norm([a - b for a, b in zip(averaged, average, strict=True)]) / max(global_norm(average), 1e-12)
+        if off > 1e-5:
+            log.warning(
+                f"{self.settings.run_id} epoch {epoch}: audit: the all-reduce result is {off:.2g} (relative) away "
+                "from the average of what the members showed; using theirs"
+            )
+            return average
+        log.info(f"{self.settings.run_id} epoch {epoch}: audit: {len(shown)} members showed what they sent")
+        return averaged
+
+    def _shown_average(
+        self,
+        epoch: int,
+        members: list[str],
+        seed: int,
+        declared: tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor | None]],
+    ) -> tuple[list[torch.Tensor] | None, dict[str, Contribution]]:
+        """Ask every member that holds samples for the gradient it brought; name those whose answer contradicts
+        their declaration. The samples-weighted average of what they showed (summed in peer-id order), or None
+        when a member was named or did not answer."""
         norms, weights, sketches = declared
         shown: dict[str, Contribution] = {}
         named: dict[str, str] = {}
@@ -545,7 +615,7 @@ class ReplicaGroup:
             if peer == self.peer_id:
                 mine = self.shown(epoch)
                 if mine is None:
-                    return None
+                    return None, shown
                 shown[peer] = mine
                 continue
             try:
@@ -556,7 +626,7 @@ class ReplicaGroup:
                 continue
             except Exception as exc:
                 log.warning(f"{self.settings.run_id} epoch {epoch}: {peer} did not show its gradient ({exc!r})")
-                return None
+                return None, shown
             if why:
                 named[peer] = why
             else:
@@ -564,18 +634,16 @@ class ReplicaGroup:
         if named:
             self.suspects.update(named)
             log.warning(f"{self.settings.run_id} epoch {epoch}: members that did not show what they declared: {named}")
-            return None
+            return None, shown
         total = sum(n for n, _ in shown.values())
         if total == 0:
-            return None
+            return None, shown
         sums = [torch.zeros_like(p, dtype=torch.float32, device="cpu") for p in self.params]
         for peer in sorted(shown):
             n, grads = shown[peer]
             for acc, g in zip(sums, grads, strict=True):
                 acc.add_(g, alpha=float(n))
-        self.recomputed_epochs += 1
-        log.info(f"{self.settings.run_id} epoch {epoch}: recomputed the average from what {len(shown)} members showed")
-        return [acc / total for acc in sums]
+        return [acc / total for acc in sums], shown
 
     def _contradicts(
         self, got: Contribution, norm: float, weight: float, declared: torch.Tensor | None, seed: int

@@ -17,7 +17,7 @@ import torch
 
 from peer.inprocess import InProcessNode
 from peer.server import SpanServer
-from swarm.sanity import global_norm
+from swarm.sanity import global_norm, sketch, sketch_mismatch, sketch_seed
 from swarm.steps import StepContents
 from tests.integration.harness import in_process_server, tiny_spec, wait_for
 
@@ -166,3 +166,56 @@ def test_the_honest_replicas_never_apply_a_poisoned_average(replicas: list[SpanS
         # its declarations looked honest; what it showed when asked is not what it declared
         assert "sketch is not the one it declared" in replicas[i].group.suspects.get(replicas[hostile].peer_id, "")
         assert replicas[1 - i].peer_id not in replicas[i].group.suspects
+
+
+def _flipped_under_the_sketch(tensors: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """A member that knows the sketch's seed (it is public): ``-tensors`` plus the small correction that gives it
+    the sketch of ``tensors`` (spread evenly over each bucket's coordinates). Its norm and sketch are what it
+    declares, so the result is consistent; only its direction outside the sketch is flipped."""
+    from swarm.sanity import SKETCH_SIZE
+
+    placed = []
+    for k, t in enumerate(tensors):  # the buckets and signs swarm.sanity.sketch draws for tensor k
+        g = torch.Generator().manual_seed((seed + k * 0x9E3779B97F4A7C15) % (1 << 63))
+        buckets = torch.randint(SKETCH_SIZE, (t.numel(),), generator=g)
+        signs = torch.randint(2, (t.numel(),), generator=g, dtype=torch.int8).to(torch.float64) * 2 - 1
+        placed.append((buckets, signs))
+    counts = torch.zeros(SKETCH_SIZE, dtype=torch.float64)
+    for buckets, _ in placed:
+        counts.index_add_(0, buckets, torch.ones(len(buckets), dtype=torch.float64))
+    target = 2 * sketch(tensors, seed) / counts.clamp(min=1)  # what the correction adds to each bucket, per coordinate
+    return [
+        (-t.double().reshape(-1) + signs * target[buckets]).reshape(t.shape).float()
+        for t, (buckets, signs) in zip(tensors, placed, strict=True)
+    ]
+
+
+@pytest.mark.timeout(300)
+def test_an_audit_names_a_member_that_flips_its_gradient_under_an_honest_sketch(replicas: list[SpanServer]) -> None:
+    """The sketch checks alone accept it (epoch 10); audited, the members show their gradients whole and the
+    flipped one is named for its direction, the result refused (epoch 11)."""
+    hostile = 2
+    for r in replicas:
+        r.group.suspects.clear()
+    try:
+        for epoch, rate in ((10, 0.0), (11, 1.0)):
+            for r in replicas:
+                r.group.settings.audit_rate = rate
+            means = _honest_means(replicas, epoch)
+            seed = sketch_seed(replicas[0].group.settings.run_id, epoch)
+            means[hostile] = _flipped_under_the_sketch(means[hostile], seed)
+            honest = sketch(_honest_means(replicas, epoch)[hostile], seed)
+            assert sketch_mismatch(sketch(means[hostile], seed), {"h": honest}, {"h": 1.0}) < 1e-6
+            audited = [r.group.audited_epochs for r in replicas]
+            results = _all_reduce(replicas, epoch, means, [None, None, None])
+            for i in (0, 1):
+                if rate == 0:  # nothing in what it declared or in the result gives it away
+                    assert results[i] is not None and not replicas[i].group.suspects
+                else:
+                    assert results[i] is None, "an audited replica accepted a gradient flipped under its sketch"
+                    assert "against the group" in replicas[i].group.suspects.get(replicas[hostile].peer_id, "")
+                    assert replicas[1 - i].peer_id not in replicas[i].group.suspects
+                    assert replicas[i].group.audited_epochs == audited[i] + 1
+    finally:
+        for r in replicas:
+            r.group.settings.audit_rate = 0.125
