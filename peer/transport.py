@@ -260,10 +260,11 @@ class SpanServicer(ServicerBase):
         from peer.server import NotMemberError
 
         epoch: Any = None
-        async for request in requests:  # one small message; more is read and dropped
-            if epoch is None and request.metadata and len(request.metadata) <= MAX_METADATA_BYTES:
+        async for request in requests:  # one small message: nothing after it is read
+            if len(request.metadata) <= MAX_METADATA_BYTES:
                 with contextlib.suppress(Exception):
                     epoch = MSGPackSerializer.loads(request.metadata).get("epoch")
+            break
         server, caller = self.server, str(context.remote_id)
         kept = None
         if not await self._admits(caller, (server.span.start, server.span.end)):

@@ -73,3 +73,20 @@ def test_a_wrong_average_for_one_part_is_recomputed_from_what_the_members_show(r
             assert all(torch.equal(a, b) for a, b in zip(r, results[0], strict=True)), "replicas disagree"
         # a wrong part cannot be pinned on its reducer (a sender may have lied to it): nobody is named
         assert all(not r.group.suspects for r in replicas), [r.group.suspects for r in replicas]
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_shows_only_what_it_kept_and_refuses_junk(replicas: list[SpanServer]) -> None:
+    from peer.remote import RemoteCallError
+
+    asker, shower = replicas[0], replicas[1]
+    kept = sorted(e for e in range(100) if shower.group.shown(e) is not None)
+    assert kept == [0, 1], kept  # its last two all-reduces (the test above)
+    samples, tensors = asker.contribution_of(shower.peer_id, 1)
+    held = shower.group.shown(1)
+    assert held is not None and samples == held[0]
+    assert all(torch.equal(a, b) for a, b in zip(tensors, held[1], strict=True))
+    with pytest.raises(RemoteCallError, match="NotKeptError"):
+        asker.contribution_of(shower.peer_id, 7)
+    with pytest.raises(RemoteCallError, match="BadRequestError"):
+        asker.contribution_of(shower.peer_id, "1")  # type: ignore[arg-type]
