@@ -13,14 +13,15 @@ One thread owns epoch ends (:meth:`ReplicaGroup.run`). ``lock`` covers applying 
 network I/O. The averaging group key carries the epoch (``set_group_bits``), so replicas of different epochs
 never average together; gathered metadata (epoch, digest of the step's contents, sample count, gradient norm and
 sketch: :mod:`swarm.sanity`) is checked before the average is used, and a result inconsistent with it is recomputed
-from the gradients the members show directly (:meth:`ReplicaGroup.recompute`). Catching up and repair after a failed all-reduce are decisions over the epochs replicas
-announce: a replica that is behind, or whose all-reduce failed, copies a replica that has the next epoch. A replica
-whose all-reduce failed says so in its announcement and waits until every replica at its epoch has either reached
-the next epoch (an all-reduce can fail on one side only) or said the same; if all failed, every one of them skips
-the epoch's update alike (its gradients are dropped), so they stay identical without trusting any one replica's
-local gradients. A replica that stops answering (killed: its
-announcement outlives it) is found by asking it directly (``alive``) while an all-reduce waits for it, and is left
-out until it announces a new epoch, so the survivors do not wait hivemind's averaging timeout for it.
+from the gradients the members show directly (:meth:`ReplicaGroup.recompute`; an eighth of the consistent ones are
+audited the same way: :meth:`ReplicaGroup.audit`). Catching up and repair after a failed all-reduce are decisions
+over the epochs replicas announce: a replica that is behind, or whose all-reduce failed, copies a replica that has
+the next epoch. A replica whose all-reduce failed says so in its announcement and waits until every replica at its
+epoch has either reached the next epoch (an all-reduce can fail on one side only) or said the same; if all failed,
+every one of them skips the epoch's update alike (its gradients are dropped), so they stay identical without
+trusting any one replica's local gradients. A replica that stops answering (killed: its announcement outlives it)
+is found by asking it directly (``alive``) while an all-reduce waits for it, and is left out until it announces a
+new epoch, so the survivors do not wait hivemind's averaging timeout for it.
 """
 
 from __future__ import annotations
