@@ -89,6 +89,9 @@ Contribution = tuple[int, list[torch.Tensor]]
 KEPT_CONTRIBUTIONS = 2
 #: share of epochs whose all-reduce result is audited against the gradients the members show (ReplicaGroup.audit)
 AUDIT_RATE = 0.125
+#: the largest group whose members average again in every pair to find who made a result wrong (quadratic), and
+#: the length of a pair's group bits (an epoch's are EPOCH_BITS long: the keys never meet)
+MAX_PAIR_AUDIT, PAIR_BITS = 6, 48
 
 
 class NotShownError(RuntimeError):
@@ -553,7 +556,68 @@ class ReplicaGroup:
             log.info(
                 f"{self.settings.run_id} epoch {epoch}: recomputed the average from what {len(shown)} members showed"
             )
+            self._audit_in_pairs(epoch, shown)
         return average
+
+    def _audit_in_pairs(self, epoch: int, shown: dict[str, Contribution]) -> None:
+        """Name the member that made the group's result wrong although every member showed what it declared.
+
+        In the group, a sender that lied to a reducer looks the same as a reducer that lied. In a pair it does
+        not: this replica knows both gradients (its own and the one shown) and reduces half of the vector itself,
+        so a pair result other than their weighted average was made by the other member, as sender or as
+        reducer. The group's members average again in every pair (hivemind, group bits of the pair), in one
+        order on every member (sorted pairs: no member waits on a cycle); this replica names each partner whose
+        pair result is wrong. A pair that does not form or fails names nobody. A group of two was a pair already.
+        """
+        holding = sorted(shown)
+        if self.peer_id not in shown or not 2 <= len(holding) <= MAX_PAIR_AUDIT:
+            return
+        named: dict[str, str] = {}
+        for a, b in [(a, b) for i, a in enumerate(holding) for b in holding[i + 1 :] if self.peer_id in (a, b)]:
+            other = b if a == self.peer_id else a
+            mine, theirs = shown[self.peer_id], shown[other]
+            got = self._pair_average(epoch, (a, b), mine) if len(holding) > 2 else self._last_result()
+            if got is None:
+                continue
+            total = mine[0] + theirs[0]
+            expected = [(m * mine[0] + t * theirs[0]) / total for m, t in zip(mine[1], theirs[1], strict=True)]
+            off = global_norm([g - e for g, e in zip(got, expected, strict=True)]) / max(global_norm(expected), 1e-12)
+            if off > 1e-5:
+                named[other] = (
+                    f"made the pair average of epoch {epoch} wrong ({off:.2g} relative): it sent or returned other "
+                    "values than the gradient it showed"
+                )
+        if named:
+            self.suspects.update(named)
+            log.warning(f"{self.settings.run_id} epoch {epoch}: audit in pairs: {named}")
+
+    def _last_result(self) -> list[torch.Tensor]:
+        """The group's result still in the averager's buffers (a group of two: it was the pair's average)."""
+        with self.averager.get_tensors() as buffers:
+            return [b.detach().clone() for b in buffers]
+
+    def _pair_average(self, epoch: int, pair: tuple[str, str], mine: Contribution) -> list[torch.Tensor] | None:
+        """Average ``mine`` with the other member of ``pair`` alone (None if the pair did not form or failed)."""
+        digest = hashlib.sha256(f"{self.settings.run_id}/{epoch}/{pair[0]}/{pair[1]}".encode()).digest()
+        self.averager.set_group_bits(format(int.from_bytes(digest[:6], "big"), f"0{PAIR_BITS}b"))
+        with self.averager.get_tensors() as buffers:
+            for b, m in zip(buffers, mine[1], strict=True):
+                b.copy_(m)
+        partial_before = self._partial.count.value
+        timeout = min(self.settings.averaging_timeout, 3 * self.settings.matchmaking_time + 5)
+        try:
+            control = self.averager.step(
+                weight=float(mine[0]), gather={"pair": list(pair), "epoch": epoch}, timeout=timeout,
+                allow_retries=True, wait=False,
+            )  # fmt: skip
+            gathered = control.result(timeout=timeout + 5)
+        except Exception as exc:
+            log.info(f"{self.settings.run_id} epoch {epoch}: the pair {pair} did not average ({exc!r})")
+            return None
+        if not gathered or {str(p) for p in gathered} != set(pair) or self._partial.count.value != partial_before:
+            return None
+        with self.averager.get_tensors() as buffers:
+            return [b.detach().clone() for b in buffers]
 
     def _audit_due(self, epoch: int, averaged: list[torch.Tensor]) -> bool:
         """Whether to audit this epoch (``audit_rate`` of epochs): decided from the result, which no member can

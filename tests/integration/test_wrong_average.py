@@ -3,9 +3,9 @@ averaging, its averager process forked with a lying ``TensorPartReducer``: it re
 
 Every replica finds the result inconsistent with what the group declared; each then asks every member to show
 the gradient it brought (over the span transport), checks it against that member's declaration, and computes the
-exact weighted average itself: the epoch is neither poisoned nor lost, and the three replicas agree bitwise. Which
-member lied cannot be told (a sender that lied to a reducer looks the same as a reducer that lied), so nobody is
-named; in particular no honest replica is.
+exact weighted average itself: the epoch is neither poisoned nor lost, and the three replicas agree bitwise. In the
+group, a sender that lied to a reducer looks the same as a reducer that lied; so the members average again in
+every pair, where each knows both gradients: the honest replicas name the liar, and neither names the other.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]
             node.dht.shutdown()
 
 
-@pytest.mark.timeout(240)
-def test_a_wrong_average_for_one_part_is_recomputed_from_what_the_members_show(replicas: list[SpanServer]) -> None:
+@pytest.mark.timeout(300)
+def test_a_wrong_average_for_one_part_is_recomputed_and_its_reducer_named_in_pairs(replicas: list[SpanServer]) -> None:
     for epoch in (0, 1):
         means = _honest_means(replicas, 10 + epoch)
         before = [r.group.recomputed_epochs for r in replicas]
@@ -71,8 +71,10 @@ def test_a_wrong_average_for_one_part_is_recomputed_from_what_the_members_show(r
             assert max((a - b).abs().max().item() for a, b in zip(r, expected, strict=True)) < 1e-6
             assert replicas[i].group.recomputed_epochs == before[i] + 1, "the all-reduce's own result was not wrong"
             assert all(torch.equal(a, b) for a, b in zip(r, results[0], strict=True)), "replicas disagree"
-        # a wrong part cannot be pinned on its reducer (a sender may have lied to it): nobody is named
-        assert all(not r.group.suspects for r in replicas), [r.group.suspects for r in replicas]
+        liar = replicas[HOSTILE].peer_id
+        for i in (0, 1):  # the pair audits: each honest replica names the liar, and only the liar
+            assert "pair average" in replicas[i].group.suspects.get(liar, ""), replicas[i].group.suspects
+            assert set(replicas[i].group.suspects) == {liar}, replicas[i].group.suspects
 
 
 @pytest.mark.timeout(120)
