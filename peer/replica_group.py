@@ -573,10 +573,15 @@ class ReplicaGroup:
         if self.peer_id not in shown or not 2 <= len(holding) <= MAX_PAIR_AUDIT:
             return
         named: dict[str, str] = {}
-        for a, b in [(a, b) for i, a in enumerate(holding) for b in holding[i + 1 :] if self.peer_id in (a, b)]:
+        # pair k forms once both members are done with their earlier pairs: give it until its turn has passed
+        started, turn = time.monotonic(), self.settings.matchmaking_time + 2.0
+        for k, (a, b) in enumerate((a, b) for i, a in enumerate(holding) for b in holding[i + 1 :]):
+            if self.peer_id not in (a, b):
+                continue
             other = b if a == self.peer_id else a
             mine, theirs = shown[self.peer_id], shown[other]
-            got = self._pair_average(epoch, (a, b), mine) if len(holding) > 2 else self._last_result()
+            timeout = max(started + (k + 1) * turn - time.monotonic(), turn)
+            got = self._pair_average(epoch, (a, b), mine, timeout) if len(holding) > 2 else self._last_result()
             if got is None:
                 continue
             total = mine[0] + theirs[0]
@@ -596,15 +601,18 @@ class ReplicaGroup:
         with self.averager.get_tensors() as buffers:
             return [b.detach().clone() for b in buffers]
 
-    def _pair_average(self, epoch: int, pair: tuple[str, str], mine: Contribution) -> list[torch.Tensor] | None:
-        """Average ``mine`` with the other member of ``pair`` alone (None if the pair did not form or failed)."""
+    def _pair_average(
+        self, epoch: int, pair: tuple[str, str], mine: Contribution, timeout: float
+    ) -> list[torch.Tensor] | None:
+        """Average ``mine`` with the other member of ``pair`` alone (None if the pair did not form within
+        ``timeout`` or failed)."""
         digest = hashlib.sha256(f"{self.settings.run_id}/{epoch}/{pair[0]}/{pair[1]}".encode()).digest()
         self.averager.set_group_bits(format(int.from_bytes(digest[:6], "big"), f"0{PAIR_BITS}b"))
         with self.averager.get_tensors() as buffers:
             for b, m in zip(buffers, mine[1], strict=True):
                 b.copy_(m)
         partial_before = self._partial.count.value
-        timeout = min(self.settings.averaging_timeout, 3 * self.settings.matchmaking_time + 5)
+        timeout = min(self.settings.averaging_timeout, timeout)
         try:
             control = self.averager.step(
                 weight=float(mine[0]), gather={"pair": list(pair), "epoch": epoch}, timeout=timeout,
@@ -642,7 +650,7 @@ class ReplicaGroup:
         gradient flipped everywhere except what the sketch sees. Shown whole, its direction is checked on the full
         vectors (``against_the_group``): named, refused. A result that is not the average of what the members
         show (one sent other gradients than it shows, under the same norm and sketch) is replaced by that
-        average."""
+        average, and who made it wrong is looked for in pairs (:meth:`_audit_in_pairs`)."""
         average, shown = self._shown_average(epoch, members, seed, declared)
         if average is None:
             return None
@@ -659,6 +667,7 @@ class ReplicaGroup:
                 f"{self.settings.run_id} epoch {epoch}: audit: the all-reduce result is {off:.2g} (relative) away "
                 "from the average of what the members showed; using theirs"
             )
+            self._audit_in_pairs(epoch, shown)
             return average
         log.info(f"{self.settings.run_id} epoch {epoch}: audit: {len(shown)} members showed what they sent")
         return averaged

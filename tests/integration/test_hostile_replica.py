@@ -1,7 +1,7 @@
 """A hostile replica in a span's all-reduce (one of three, real hivemind averaging in one process).
 
 The honest replicas must never apply a poisoned average: one that declares an inflated or sign-flipped gradient
-is named; one that sends other gradients than it declares (larger, or flipped under an honest sketch) makes the
+is named; one that sends other gradients than it declares (larger, NaN, or flipped under an honest sketch) makes the
 result inconsistent, and when asked to show what it brought (over the span transport) it shows what it sent, which
 is not what it declared: named, refused. An honest group's result is the exact weighted average.
 """
@@ -39,6 +39,10 @@ def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]
         server.group.averager.wait_until_ready()  # no epoch thread: the test drives the groups itself
         serve(server)  # the transport: replicas show each other what they brought to an inconsistent epoch
         announcer.start()
+    # The hostile replica (index 2 in the tests) runs this code, but does not ask the others to show their gradients
+    # after an inconsistent result: it would recompute its own poisoned average and then wait for pairs that the
+    # honest replicas, having named it, do not join.
+    servers[2].group.contribution = _asks_nobody
     try:
         wait_for(lambda: all(len(s.group.replica_epochs()) == 3 for s in servers), 30, "three replicas announced")
         yield servers
@@ -48,6 +52,10 @@ def replicas(tiny_checkpoint: Callable[..., Path]) -> Iterator[list[SpanServer]]
             server.shutdown()
         for dht in dhts:
             dht.shutdown()
+
+
+def _asks_nobody(peer_id: str, epoch: int) -> tuple[int, list[torch.Tensor]]:
+    raise ConnectionError("the hostile replica does not ask the others")
 
 
 def serve(server: SpanServer) -> None:
@@ -134,11 +142,16 @@ def test_the_honest_replicas_never_apply_a_poisoned_average(replicas: list[SpanS
         assert "showed a gradient of norm" in replicas[i].group.suspects.get(replicas[hostile].peer_id, "")
         assert replicas[1 - i].peer_id not in replicas[i].group.suspects
 
-    # epoch 3: NaN gradients: refused (declared NaN: named; the average is not finite either way)
+    # epoch 3: NaN gradients, declared as they are: refused, named for the norm it declared
+    for r in replicas:
+        r.group.suspects.clear()
     means = _honest_means(replicas, 3)
     means[hostile] = [torch.full_like(t, float("nan")) for t in means[hostile]]
     results = _all_reduce(replicas, 3, means, [None, None, None])
-    assert results[0] is None and results[1] is None
+    for i in (0, 1):
+        assert results[i] is None
+        assert "declared gradient norm nan" in replicas[i].group.suspects.get(replicas[hostile].peer_id, "")
+        assert replicas[1 - i].peer_id not in replicas[i].group.suspects
 
     # epoch 4: sign-flipped gradients of honest size (the norm checks pass): named for their direction, refused
     for r in replicas:
@@ -165,6 +178,19 @@ def test_the_honest_replicas_never_apply_a_poisoned_average(replicas: list[SpanS
         assert replicas[i].group.inconsistent_epochs == before[i] + 1
         # its declarations looked honest; what it showed when asked is not what it declared
         assert "sketch is not the one it declared" in replicas[i].group.suspects.get(replicas[hostile].peer_id, "")
+        assert replicas[1 - i].peer_id not in replicas[i].group.suspects
+
+    # epoch 6: NaN gradients sent under an honest norm and sketch: the result is not finite; asked, the sender shows
+    # what it sent: named, refused
+    for r in replicas:
+        r.group.suspects.clear()
+    means = _honest_means(replicas, 6)
+    honest = means[hostile]
+    means[hostile] = [torch.full_like(t, float("nan")) for t in honest]
+    results = _all_reduce(replicas, 6, means, [None, None, global_norm(honest)], sketched={hostile: honest})
+    for i in (0, 1):
+        assert results[i] is None, "an honest replica accepted a non-finite average"
+        assert "not finite" in replicas[i].group.suspects.get(replicas[hostile].peer_id, "")
         assert replicas[1 - i].peer_id not in replicas[i].group.suspects
 
 
