@@ -47,13 +47,18 @@ def batches(steps: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor]:
     return [torch.randint(4, vocab, (batch, seq), generator=gen) for _ in range(steps)]
 
 
-def bench_peft(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int) -> float:
-    """Plain PEFT: accumulate micro-batches to the round's target batch, then one AdamW step (what a round does)."""
+def peft_model(base: Path | str, spec: RoundSpec) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Plain PEFT LoRA on the base, initialised as the round initialises its adapter, and its AdamW."""
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa"), peft_lora_config(spec.lora)
     )
     init_lora_(lora_parameters(model), spec.lora.init_seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
+
+
+def bench_peft(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int) -> float:
+    """Plain PEFT: accumulate micro-batches to the round's target batch, then one AdamW step (what a round does)."""
+    model, opt = peft_model(base, spec)
     accumulated = 0
     for i, ids in enumerate(data):
         if i == warmup:
@@ -70,11 +75,7 @@ def bench_peft(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: in
 def bench_peft_threads(base: Path, spec: RoundSpec, data: list[torch.Tensor], warmup: int) -> float:
     """Plain PEFT as two one-thread micro-batch streams in one process (Python threads, one shared model): what a
     one-process peer can reach at best (the threads share one interpreter lock)."""
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa"), peft_lora_config(spec.lora)
-    )
-    init_lora_(lora_parameters(model), spec.lora.init_seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
+    model, opt = peft_model(base, spec)
     per_step = max(1, spec.optimizer.target_batch_size // spec.data.micro_batch_size)
 
     def stream(mbs: list[torch.Tensor]) -> None:
@@ -158,12 +159,8 @@ def _ddp_worker(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     spec = RoundSpec.from_json(spec_json)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa"), peft_lora_config(spec.lora)
-    )
-    init_lora_(lora_parameters(model), spec.lora.init_seed)
+    model, opt = peft_model(base, spec)
     ddp = DistributedDataParallel(model, broadcast_buffers=False)  # the buffers (rotary tables) never change
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
     per_step = spec.optimizer.target_batch_size // spec.data.micro_batch_size
     mine = data[rank::2]  # the caller passes an even number of micro-batches: both ranks make the same calls
     local_steps = per_step // 2

@@ -119,17 +119,22 @@ class RemoteSpan:
                     raise RemoteCallError(f"{what} failed: {exc}") from exc
         raise AssertionError("unreachable")
 
-    async def _state_call(self) -> tuple[dict[str, Any], list[Any]]:
-        async def request() -> AsyncIterator[Any]:
-            yield runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps({}))
+    async def _answer(self, method: str, request: dict[str, Any]) -> tuple[Any, list[Any]]:
+        """Call ``method`` with one metadata-only message; its answer's metadata (the last sent) and tensor parts."""
 
-        stream = await self.stub.rpc_state(request())
+        async def messages() -> AsyncIterator[Any]:
+            yield runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps(request))
+
         meta: Any = None
         parts: list[Any] = []
-        async for response in stream:
+        async for response in await getattr(self.stub, method)(messages()):
             if response.metadata:
                 meta = MSGPackSerializer.loads(response.metadata)
             parts.extend(response.tensors)
+        return meta, parts
+
+    async def _state_call(self) -> tuple[dict[str, Any], list[Any]]:
+        meta, parts = await self._answer("rpc_state", {})
         if not isinstance(meta, dict) or not isinstance(meta.get("state"), dict):
             kind = meta.get("error", "") if isinstance(meta, dict) else "no metadata"
             message = meta.get("message", "") if isinstance(meta, dict) else ""
@@ -144,19 +149,9 @@ class RemoteSpan:
         contribution."""
         from peer.replica_group import NotShownError
 
-        async def call() -> tuple[Any, list[Any]]:
-            async def request() -> AsyncIterator[Any]:
-                yield runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps({"epoch": epoch}))
-
-            meta: Any = None
-            parts: list[Any] = []
-            async for response in await self.stub.rpc_contribution(request()):
-                if response.metadata and meta is None:
-                    meta = MSGPackSerializer.loads(response.metadata)
-                parts.extend(response.tensors)
-            return meta, parts
-
-        meta, parts = self._with_one_retry(call, f"rpc_contribution on {self.peer_id}")
+        meta, parts = self._with_one_retry(
+            lambda: self._answer("rpc_contribution", {"epoch": epoch}), f"rpc_contribution on {self.peer_id}"
+        )
         if isinstance(meta, dict) and "error" in meta:
             raise RemoteCallError(f"rpc_contribution on {self.peer_id} refused: {meta['error']}: {meta.get('message')}")
         samples = meta.get("samples") if isinstance(meta, dict) else None

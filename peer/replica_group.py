@@ -360,9 +360,7 @@ class ReplicaGroup:
         """Weighted average (weight = samples held) with the replicas at this epoch; None if it failed."""
         self.averager.set_group_bits(self._bits(epoch))
         self._keep(epoch, samples, mean)
-        with self.averager.get_tensors() as buffers:
-            for b, m in zip(buffers, mean, strict=True):
-                b.copy_(m)
+        self._load_buffers(mean)
         seed = sketch_seed(self.settings.run_id, epoch)
         mine = {"epoch": epoch, "digest": contents.digest(), "samples": samples, "norm": global_norm(mean),
                 "sketch": sketch(mean, seed).tolist()}  # fmt: skip
@@ -409,11 +407,10 @@ class ReplicaGroup:
                 f"{self.settings.run_id} epoch {epoch}: the group held {total} of the step's {contents.samples} "
                 "samples (a replica that served some died or missed the group)"
             )
-        with self.averager.get_tensors() as buffers:
-            averaged = [b.detach().clone() for b in buffers]
+        averaged = self._read_buffers()
         members = [str(p) for p in gathered]
         if not self._consistent(epoch, averaged, seed, declared):
-            return self.recompute(epoch, members, seed, declared)
+            return self.recompute(epoch, averaged, members, seed, declared)
         if self._audit_due(epoch, averaged):
             return self.audit(epoch, averaged, members, seed, declared)
         return averaged
@@ -536,11 +533,13 @@ class ReplicaGroup:
     def recompute(
         self,
         epoch: int,
+        averaged: list[torch.Tensor],
         members: list[str],
         seed: int,
         declared: tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor | None]],
     ) -> list[torch.Tensor] | None:
-        """The epoch's exact weighted average, from what every member that holds samples shows us directly.
+        """The epoch's exact weighted average, from what every member that holds samples shows us directly
+        (``averaged``: the group's result, found inconsistent).
 
         hivemind does not say which member reduced which part, and a sender that lied to a reducer looks the same
         as a reducer that lied, so a wrong result names nobody. Instead every member shows the gradient it
@@ -556,10 +555,10 @@ class ReplicaGroup:
             log.info(
                 f"{self.settings.run_id} epoch {epoch}: recomputed the average from what {len(shown)} members showed"
             )
-            self._audit_in_pairs(epoch, shown)
+            self._audit_in_pairs(epoch, shown, averaged)
         return average
 
-    def _audit_in_pairs(self, epoch: int, shown: dict[str, Contribution]) -> None:
+    def _audit_in_pairs(self, epoch: int, shown: dict[str, Contribution], result: list[torch.Tensor]) -> None:
         """Name the member that made the group's result wrong although every member showed what it declared.
 
         In the group, a sender that lied to a reducer looks the same as a reducer that lied. In a pair it does
@@ -567,7 +566,8 @@ class ReplicaGroup:
         so a pair result other than their weighted average was made by the other member, as sender or as
         reducer. The group's members average again in every pair (hivemind, group bits of the pair), in one
         order on every member (sorted pairs: no member waits on a cycle); this replica names each partner whose
-        pair result is wrong. A pair that does not form or fails names nobody. A group of two was a pair already.
+        pair result is wrong. A pair that does not form or fails names nobody. A group of two was a pair already
+        (``result``, the group's, is the pair's).
         """
         holding = sorted(shown)
         if self.peer_id not in shown or not 2 <= len(holding) <= MAX_PAIR_AUDIT:
@@ -581,7 +581,7 @@ class ReplicaGroup:
             other = b if a == self.peer_id else a
             mine, theirs = shown[self.peer_id], shown[other]
             timeout = max(started + (k + 1) * turn - time.monotonic(), turn)
-            got = self._pair_average(epoch, (a, b), mine, timeout) if len(holding) > 2 else self._last_result()
+            got = self._pair_average(epoch, (a, b), mine, timeout) if len(holding) > 2 else result
             if got is None:
                 continue
             total = mine[0] + theirs[0]
@@ -596,11 +596,6 @@ class ReplicaGroup:
             self.suspects.update(named)
             log.warning(f"{self.settings.run_id} epoch {epoch}: audit in pairs: {named}")
 
-    def _last_result(self) -> list[torch.Tensor]:
-        """The group's result still in the averager's buffers (a group of two: it was the pair's average)."""
-        with self.averager.get_tensors() as buffers:
-            return [b.detach().clone() for b in buffers]
-
     def _pair_average(
         self, epoch: int, pair: tuple[str, str], mine: Contribution, timeout: float
     ) -> list[torch.Tensor] | None:
@@ -608,9 +603,7 @@ class ReplicaGroup:
         ``timeout`` or failed)."""
         digest = hashlib.sha256(f"{self.settings.run_id}/{epoch}/{pair[0]}/{pair[1]}".encode()).digest()
         self.averager.set_group_bits(format(int.from_bytes(digest[:6], "big"), f"0{PAIR_BITS}b"))
-        with self.averager.get_tensors() as buffers:
-            for b, m in zip(buffers, mine[1], strict=True):
-                b.copy_(m)
+        self._load_buffers(mine[1])
         partial_before = self._partial.count.value
         timeout = min(self.settings.averaging_timeout, timeout)
         try:
@@ -624,6 +617,16 @@ class ReplicaGroup:
             return None
         if not gathered or {str(p) for p in gathered} != set(pair) or self._partial.count.value != partial_before:
             return None
+        return self._read_buffers()
+
+    def _load_buffers(self, tensors: list[torch.Tensor]) -> None:
+        """What this replica brings to the next all-reduce (the averager's buffers)."""
+        with self.averager.get_tensors() as buffers:
+            for b, t in zip(buffers, tensors, strict=True):
+                b.copy_(t)
+
+    def _read_buffers(self) -> list[torch.Tensor]:
+        """A copy of the averager's buffers (after an all-reduce: its result)."""
         with self.averager.get_tensors() as buffers:
             return [b.detach().clone() for b in buffers]
 
@@ -667,7 +670,7 @@ class ReplicaGroup:
                 f"{self.settings.run_id} epoch {epoch}: audit: the all-reduce result is {off:.2g} (relative) away "
                 "from the average of what the members showed; using theirs"
             )
-            self._audit_in_pairs(epoch, shown)
+            self._audit_in_pairs(epoch, shown, averaged)
             return average
         log.info(f"{self.settings.run_id} epoch {epoch}: audit: {len(shown)} members showed what they sent")
         return averaged
